@@ -1,0 +1,48 @@
+# The two commands a newcomer needs: `make run` and `make test`.
+# Everything builds in the one workspace target folder, release profile.
+
+CARGO   ?= cargo
+WASM    := wasm32-wasip2
+PLUGINS := notification billing analytics
+GUESTS  := scripted-guest noop-guest wrong-world-guest
+OUT     := target/$(WASM)/release
+
+.PHONY: run test lint fmt plugins guests wasm-target bench clean
+
+## run: build the plugins and the appliance, then run it with router.toml
+run: plugins
+	$(CARGO) build --release -p switchboard
+	./target/release/switchboard test $(OUT)/billing.wasm --events examples/events.jsonl
+	./target/release/switchboard test $(OUT)/notification.wasm --events examples/events.jsonl
+	./target/release/switchboard test $(OUT)/analytics.wasm --events examples/events.jsonl --config forward=true
+
+## test: the whole suite (unit, plugin, sandbox and end-to-end tests)
+test: plugins guests
+	$(CARGO) test --release --workspace
+
+## lint: formatting and clippy, as CI checks them
+lint: wasm-target
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --release --workspace --all-targets -- -D warnings
+	$(CARGO) clippy --release --target $(WASM) $(addprefix -p ,$(PLUGINS) $(GUESTS)) -p switchboard-plugin -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+
+## plugins: the three seed plugins, as components
+plugins: wasm-target
+	$(CARGO) build --release --target $(WASM) $(addprefix -p ,$(PLUGINS))
+
+## guests: test-only components (hostile, no-op, wrong world)
+guests: wasm-target
+	$(CARGO) build --release --target $(WASM) $(addprefix -p ,$(GUESTS))
+
+## bench: runtime benchmarks (results go to BENCHMARKS.md)
+bench: plugins guests
+	$(CARGO) run --release -p switchboard-bench -- runtime
+
+wasm-target:
+	@rustup target list --installed | grep -qx $(WASM) || rustup target add $(WASM)
+
+clean:
+	$(CARGO) clean
