@@ -1,0 +1,323 @@
+//! `switchboard test`: run one plugin offline over recorded events and compare
+//! what it did with a golden file.
+//!
+//! Input: JSONL, one seed envelope per line. Output: JSONL, one line per input
+//! event, `{"input", "kind", "outputs": [envelope…]}` or `{"input", "kind",
+//! "failure": {"kind", "reason"}}`. Inputs without an id get `line-<n>`, so runs
+//! are repeatable; output timestamps are the only volatile field and are never
+//! compared. A golden line matches when every field it names is equal in the
+//! actual line (objects may omit fields; arrays must have the same length), and a
+//! failure matches only a golden line that expects a failure.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use serde_json::{Value, json};
+
+use crate::envelope::{Envelope, output_envelope};
+use crate::kv::EmbeddedStore;
+use crate::runtime::{Event, Limits, PluginSpec, Runtime, RuntimeConfig};
+
+/// What to run.
+#[derive(Debug)]
+pub struct TestArgs {
+    pub plugin: PathBuf,
+    pub events: PathBuf,
+    pub expect: Option<PathBuf>,
+    pub bless: bool,
+    pub config: Vec<(String, String)>,
+    pub state: Option<PathBuf>,
+    pub name: Option<String>,
+    pub exchange: String,
+    pub timeout: Duration,
+    pub memory: u64,
+}
+
+/// Runs the test; the exit code is 0 when everything matched (or, without a
+/// golden file, nothing failed), 1 otherwise. Errors are for unusable input.
+pub fn run(args: &TestArgs, out: &mut dyn Write, err: &mut dyn Write) -> anyhow::Result<i32> {
+    let name = match &args.name {
+        Some(name) => name.clone(),
+        None => args
+            .plugin
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .context("cannot take a plugin name from the file name; pass --name")?
+            .to_string(),
+    };
+    let events = read_events(&args.events, &args.exchange)?;
+    let expected = match (&args.expect, args.bless) {
+        (Some(path), false) => Some(read_jsonl(path)?),
+        _ => None,
+    };
+
+    let temp_state;
+    let state_dir = match &args.state {
+        Some(dir) => dir.as_path(),
+        None => {
+            temp_state = tempfile::tempdir().context("cannot create a temporary state folder")?;
+            temp_state.path()
+        }
+    };
+    let kv = Arc::new(EmbeddedStore::open(&state_dir.join("kv.redb"))?);
+    let runtime = Runtime::new(RuntimeConfig {
+        pooling: false,
+        ..RuntimeConfig::default()
+    })?;
+    let mut spec = PluginSpec::from_file(name.clone(), &args.plugin, kv)?;
+    spec.config = args.config.iter().cloned().collect::<BTreeMap<_, _>>();
+    spec.limits = Limits {
+        timeout: args.timeout,
+        memory: args.memory,
+        ..Limits::default()
+    };
+    let (plugin, _) = runtime.load(spec)?;
+
+    let mut actual = Vec::with_capacity(events.len());
+    for event in &events {
+        let line = match plugin.handle(event) {
+            Ok(outputs) => {
+                let envelopes: Result<Vec<Value>, _> = outputs
+                    .iter()
+                    .enumerate()
+                    .map(|(i, output)| {
+                        let env = output_envelope(&name, event, i, output)?;
+                        let mut value = serde_json::to_value(env).unwrap_or(Value::Null);
+                        if let (Some(obj), Some(exchange)) =
+                            (value.as_object_mut(), &output.exchange)
+                        {
+                            obj.insert("exchange".into(), json!(exchange));
+                        }
+                        Ok::<_, crate::envelope::EnvelopeError>(value)
+                    })
+                    .collect();
+                match envelopes {
+                    Ok(outputs) => {
+                        json!({"input": event.id, "kind": event.kind, "outputs": outputs})
+                    }
+                    Err(e) => json!({"input": event.id, "kind": event.kind,
+                        "failure": {"kind": "invalid_output", "reason": e.to_string()}}),
+                }
+            }
+            Err(failure) => json!({"input": event.id, "kind": event.kind, "failure": failure}),
+        };
+        writeln!(out, "{line}")?;
+        actual.push(line);
+    }
+
+    let failed = actual.iter().filter(|l| l.get("failure").is_some()).count();
+    if args.bless
+        && let Some(path) = &args.expect
+    {
+        write_golden(path, &actual)?;
+        writeln!(
+            err,
+            "wrote {} expected lines to {}",
+            actual.len(),
+            path.display()
+        )?;
+    }
+    writeln!(
+        err,
+        "{} events: {} handled, {} failed",
+        actual.len(),
+        actual.len() - failed,
+        failed
+    )?;
+    let Some(expected) = expected else {
+        return Ok(i32::from(failed > 0 && !args.bless));
+    };
+    let mismatches = compare(&expected, &actual);
+    for m in &mismatches {
+        writeln!(err, "mismatch: {m}")?;
+    }
+    if mismatches.is_empty() {
+        writeln!(
+            err,
+            "all {} lines match {}",
+            actual.len(),
+            args.expect.as_deref().unwrap_or(Path::new("")).display()
+        )?;
+    }
+    Ok(i32::from(!mismatches.is_empty()))
+}
+
+fn read_jsonl(path: &Path) -> anyhow::Result<Vec<Value>> {
+    let file =
+        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut values = Vec::new();
+    for (n, line) in std::io::BufReader::new(file).lines().enumerate() {
+        let line = line.with_context(|| format!("cannot read {}", path.display()))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let value = serde_json::from_str(&line)
+            .with_context(|| format!("{}:{}: not JSON", path.display(), n + 1))?;
+        values.push(value);
+    }
+    Ok(values)
+}
+
+/// Reads the events file; each line must be an envelope. Lines without an id get
+/// `line-<n>` so that output ids are the same on every run.
+fn read_events(path: &Path, exchange: &str) -> anyhow::Result<Vec<Event>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut events = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let mut envelope = Envelope::from_json(line.as_bytes())
+            .with_context(|| format!("{}:{}", path.display(), n + 1))?;
+        envelope.id.get_or_insert_with(|| format!("line-{}", n + 1));
+        events.push(
+            envelope
+                .into_event(exchange, 1)
+                .with_context(|| format!("{}:{}", path.display(), n + 1))?,
+        );
+    }
+    if events.is_empty() {
+        bail!("{} holds no events", path.display());
+    }
+    Ok(events)
+}
+
+fn write_golden(path: &Path, lines: &[Value]) -> anyhow::Result<()> {
+    let mut text = String::new();
+    for line in lines {
+        let mut line = line.clone();
+        strip_volatile(&mut line);
+        text.push_str(&line.to_string());
+        text.push('\n');
+    }
+    std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// Removes what differs between runs: output timestamps.
+fn strip_volatile(line: &mut Value) {
+    if let Some(outputs) = line.get_mut("outputs").and_then(Value::as_array_mut) {
+        for output in outputs {
+            if let Some(obj) = output.as_object_mut() {
+                obj.remove("timestamp");
+            }
+        }
+    }
+}
+
+/// Every difference between the golden lines and the actual ones, as sentences.
+fn compare(expected: &[Value], actual: &[Value]) -> Vec<String> {
+    let mut mismatches = Vec::new();
+    if expected.len() != actual.len() {
+        mismatches.push(format!(
+            "expected {} lines, got {} (one line per input event)",
+            expected.len(),
+            actual.len()
+        ));
+    }
+    for (i, (want, got)) in expected.iter().zip(actual).enumerate() {
+        let mut got = got.clone();
+        strip_volatile(&mut got);
+        let id = got.get("input").and_then(Value::as_str).unwrap_or("?");
+        if got.get("failure").is_some() && want.get("failure").is_none() {
+            mismatches.push(format!(
+                "line {} ({id}): unexpected failure {}",
+                i + 1,
+                got["failure"]
+            ));
+            continue;
+        }
+        if let Err(path) = subset(want, &got, String::new()) {
+            mismatches.push(format!(
+                "line {} ({id}): at {path}: expected {want}, got {got}",
+                i + 1
+            ));
+        }
+    }
+    mismatches
+}
+
+/// Whether `want` is contained in `got`; `Err` names the first differing path.
+fn subset(want: &Value, got: &Value, path: String) -> Result<(), String> {
+    match (want, got) {
+        (Value::Object(w), Value::Object(g)) => {
+            for (k, wv) in w {
+                let p = format!("{path}.{k}");
+                match g.get(k) {
+                    Some(gv) => subset(wv, gv, p)?,
+                    None => return Err(p),
+                }
+            }
+            Ok(())
+        }
+        (Value::Array(w), Value::Array(g)) => {
+            if w.len() != g.len() {
+                return Err(format!("{path} (length {} vs {})", w.len(), g.len()));
+            }
+            for (i, (wv, gv)) in w.iter().zip(g).enumerate() {
+                subset(wv, gv, format!("{path}[{i}]"))?;
+            }
+            Ok(())
+        }
+        _ if want == got => Ok(()),
+        _ => Err(if path.is_empty() { ".".into() } else { path }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn golden_lines_may_name_only_what_matters() {
+        let got = json!({"input": "e1", "outputs": [{"type": "a", "data": {"x": 1, "y": 2}}]});
+        assert!(
+            compare(
+                &[json!({"input": "e1", "outputs": [{"type": "a"}]})],
+                std::slice::from_ref(&got)
+            )
+            .is_empty()
+        );
+        assert!(compare(&[json!({"input": "e1"})], std::slice::from_ref(&got)).is_empty());
+        let wrong = compare(
+            &[json!({"outputs": [{"data": {"x": 2}}]})],
+            std::slice::from_ref(&got),
+        );
+        assert_eq!(wrong.len(), 1);
+        assert!(wrong[0].contains(".outputs[0].data.x"), "{wrong:?}");
+        assert_eq!(
+            compare(&[json!({"outputs": []})], &[got]).len(),
+            1,
+            "lengths must agree"
+        );
+    }
+
+    #[test]
+    fn failures_must_be_expected() {
+        let got = json!({"input": "e1", "failure": {"kind": "retry", "reason": "later"}});
+        assert_eq!(
+            compare(&[json!({"input": "e1"})], std::slice::from_ref(&got)).len(),
+            1
+        );
+        assert!(
+            compare(
+                &[json!({"failure": {"kind": "retry"}})],
+                std::slice::from_ref(&got)
+            )
+            .is_empty()
+        );
+        assert_eq!(
+            compare(&[json!({"failure": {"kind": "reject"}})], &[got]).len(),
+            1
+        );
+        assert_eq!(
+            compare(&[json!({}), json!({})], &[json!({})]).len(),
+            1,
+            "line counts must agree"
+        );
+    }
+}

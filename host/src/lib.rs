@@ -1,0 +1,23 @@
+//! Switchboard: a WebAssembly-plugin event router.
+//!
+//! Events arrive on topic exchanges, are routed to sandboxed WebAssembly handler
+//! plugins, and what the plugins return is published back onto the bus.
+//!
+//! # Layout
+//!
+//! Modules follow the path of one event:
+//!
+//! - [`envelope`]: bytes and headers on the wire ⇄ the [`runtime::Event`] a plugin
+//!   sees, and plugin outputs ⇄ the envelopes published for them.
+//! - [`runtime`]: the wasmtime engine, plugin loading and type-checking, limits,
+//!   failure classification, and the host capabilities plugins import.
+//!
+//! Beside the path:
+//!
+//! - [`kv`]: the stores behind the plugins' key-value capability.
+//! - [`cli`]: the `switchboard` command's subcommands.
+
+pub mod cli;
+pub mod envelope;
+pub mod kv;
+pub mod runtime;

@@ -1,0 +1,127 @@
+//! The `switchboard` command.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use tracing_subscriber::EnvFilter;
+
+use switchboard::cli;
+
+/// WebAssembly-plugin event router.
+#[derive(Debug, Parser)]
+#[command(name = "switchboard", version, about)]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human, env = "SWITCHBOARD_LOG_FORMAT")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a plugin offline over recorded events (JSONL envelopes) and print what
+    /// it produced, one JSON line per event; compare with a golden file.
+    Test {
+        /// The plugin component (.wasm).
+        plugin: PathBuf,
+        /// Events to feed it, one JSON envelope per line.
+        #[arg(long)]
+        events: PathBuf,
+        /// Golden file: the expected lines. Exits 1 on any mismatch.
+        #[arg(long)]
+        expect: Option<PathBuf>,
+        /// Write the actual lines to the --expect file instead of comparing.
+        #[arg(long, requires = "expect")]
+        bless: bool,
+        /// A configuration value for the plugin (repeatable).
+        #[arg(long = "config", value_name = "KEY=VALUE", value_parser = cli::parse_key_value)]
+        config: Vec<(String, String)>,
+        /// Keep plugin state in this folder (default: a temporary one).
+        #[arg(long)]
+        state: Option<PathBuf>,
+        /// Plugin name (default: the file name without extension).
+        #[arg(long)]
+        name: Option<String>,
+        /// Exchange the events are said to come from.
+        #[arg(long, default_value = "events")]
+        exchange: String,
+        /// Wall-time limit per event.
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+        /// Memory limit per instance, e.g. 64MiB.
+        #[arg(long, default_value = "64MiB", value_parser = parse_size)]
+        memory: u64,
+    },
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    s.parse::<bytesize::ByteSize>().map(|b| b.as_u64())
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_env("SWITCHBOARD_LOG")
+        .or_else(|_| EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let result = match cli.command {
+        Command::Test {
+            plugin,
+            events,
+            expect,
+            bless,
+            config,
+            state,
+            name,
+            exchange,
+            timeout,
+            memory,
+        } => {
+            let args = cli::test::TestArgs {
+                plugin,
+                events,
+                expect,
+                bless,
+                config,
+                state,
+                name,
+                exchange,
+                timeout,
+                memory,
+            };
+            cli::test::run(
+                &args,
+                &mut std::io::stdout().lock(),
+                &mut std::io::stderr().lock(),
+            )
+        }
+    };
+    match result {
+        Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+        Err(e) => {
+            eprintln!("switchboard: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

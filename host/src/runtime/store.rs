@@ -1,0 +1,41 @@
+//! What a wasmtime `Store` holds for one plugin instance: the sandboxed WASI
+//! context, the memory limiter, and each capability's state. A store lives as long
+//! as its instance: one event when instances are fresh, up to `instance_reuse`
+//! events otherwise, and never past a trap.
+
+use std::sync::Arc;
+
+use super::capability::config::PluginConfig;
+use super::capability::kv::KvState;
+use super::capability::logging::LogState;
+use super::capability::wasi::WasiState;
+use super::limits::MemoryLimiter;
+
+/// What every instance of one plugin version shares.
+pub(crate) struct PluginContext {
+    pub(crate) name: Arc<str>,
+    pub(crate) config: PluginConfig,
+    pub(crate) kv: KvState,
+}
+
+/// The data of one instance's `Store`.
+pub(crate) struct InstanceState {
+    pub(crate) wasi: WasiState,
+    pub(crate) limiter: MemoryLimiter,
+    pub(crate) log: LogState,
+    pub(crate) plugin: Arc<PluginContext>,
+    /// The event being handled, for log lines.
+    pub(crate) event_id: String,
+}
+
+impl InstanceState {
+    pub(crate) fn new(plugin: Arc<PluginContext>, memory_limit: u64) -> Self {
+        Self {
+            wasi: WasiState::sandboxed(),
+            limiter: MemoryLimiter::new(memory_limit),
+            log: LogState::default(),
+            plugin,
+            event_id: String::new(),
+        }
+    }
+}
