@@ -1,0 +1,99 @@
+//! Shared pieces of the end-to-end tests: where the built components are, a
+//! runtime with a throwaway state folder, and events in the services' envelope.
+//!
+//! Components are built by `make test` (`cargo build --target wasm32-wasip2`)
+//! before the suite runs; a missing one fails the test with that instruction.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use serde_json::Value;
+use switchboard::envelope::Envelope;
+use switchboard::kv::EmbeddedStore;
+use switchboard::runtime::{Event, Limits, Plugin, PluginSpec, Runtime, RuntimeConfig};
+
+/// The workspace's target folder.
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"))
+}
+
+/// Path of a built component, e.g. `wasm("billing")` or `wasm("scripted_guest")`.
+pub fn wasm(name: &str) -> PathBuf {
+    let path = target_dir()
+        .join("wasm32-wasip2/release")
+        .join(format!("{name}.wasm"));
+    assert!(
+        path.exists(),
+        "{} is missing: build the components first (`make test` does)",
+        path.display()
+    );
+    path
+}
+
+/// A runtime and a state folder that lives as long as this value.
+pub struct Harness {
+    pub runtime: Runtime,
+    pub kv: Arc<EmbeddedStore>,
+    pub dir: tempfile::TempDir,
+}
+
+impl Harness {
+    pub fn new() -> Self {
+        Self::with_config(RuntimeConfig::default())
+    }
+
+    pub fn with_config(config: RuntimeConfig) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let kv = Arc::new(EmbeddedStore::open(&dir.path().join("kv.redb")).unwrap());
+        let runtime = Runtime::new(config).unwrap();
+        Self { runtime, kv, dir }
+    }
+
+    pub fn spec(&self, name: &str, component: &str) -> PluginSpec {
+        PluginSpec::from_file(name, &wasm(component), self.kv.clone()).unwrap()
+    }
+
+    /// Loads `component` as plugin `name` with `config` and `limits`.
+    pub fn load(
+        &self,
+        name: &str,
+        component: &str,
+        config: &[(&str, &str)],
+        limits: Limits,
+    ) -> Plugin {
+        let mut spec = self.spec(name, component);
+        spec.config = config
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        spec.limits = limits;
+        self.runtime.load(spec).unwrap().0
+    }
+}
+
+impl Default for Harness {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// An event as services publish it: `{id, type, source, timestamp, tenant_id,
+/// correlation_id, data}`.
+pub fn event(id: &str, kind: &str, data: Value) -> Event {
+    let envelope = serde_json::json!({
+        "id": id, "type": kind, "source": "test-service",
+        "timestamp": "2026-11-22T10:00:00.000Z", "tenant_id": "acme",
+        "correlation_id": "flow-1", "data": data,
+    });
+    Envelope::from_json(envelope.to_string().as_bytes())
+        .unwrap()
+        .into_event("events", 1)
+        .unwrap()
+}
+
+/// The JSON data of an output.
+pub fn data(output: &switchboard::runtime::Output) -> Value {
+    serde_json::from_slice(&output.data).unwrap()
+}
