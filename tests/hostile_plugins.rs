@@ -81,6 +81,12 @@ fn panic_is_classified_and_the_instance_replaced() {
     let failure = plugin.handle(&event("e1", "panic", json!({}))).unwrap_err();
     assert!(matches!(failure, Failure::Panic(_)), "{failure:?}");
     assert_eq!(failure.kind(), "panic");
+    // The reason is the guest's own panic message, with its location.
+    assert!(failure.reason().starts_with("panicked at "), "{failure}");
+    assert!(failure.reason().ends_with("scripted panic"), "{failure}");
+    // The reason is the guest's own panic message, with its location.
+    assert!(failure.reason().starts_with("panicked at "), "{failure}");
+    assert!(failure.reason().ends_with("scripted panic"), "{failure}");
     // Several in a row: each trapped instance is discarded, never re-entered.
     for i in 0..3 {
         let f = plugin

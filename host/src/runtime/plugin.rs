@@ -164,6 +164,7 @@ impl Plugin {
         instance.handled += 1;
         let state = instance.store.data_mut();
         state.limiter.refused = None;
+        state.wasi.stderr.clear();
         state.event_id.clone_from(&event.id);
         instance.store.set_epoch_deadline(self.deadline_ticks);
         let result = instance.handler.call_handle(&mut instance.store, event);
@@ -185,9 +186,11 @@ impl Plugin {
                 "the guest exhausted its {}-byte stack",
                 self.max_stack
             )),
-            Some(Trap::UnreachableCodeReached) => Failure::Panic(
-                "the guest aborted (a panic, abort() or unreachable was reached)".into(),
-            ),
+            Some(Trap::UnreachableCodeReached) => {
+                Failure::Panic(state.wasi.stderr.panic_message().unwrap_or_else(|| {
+                    "the guest aborted (a panic, abort() or unreachable was reached)".into()
+                }))
+            }
             // Rust and C guests keep their own stack in linear memory: when it
             // overflows, this is what the host sees.
             Some(Trap::MemoryOutOfBounds) => Failure::Trap(

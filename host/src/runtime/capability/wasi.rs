@@ -1,13 +1,30 @@
 //! WASI preview 2, linked because every wasip2 guest imports it (Rust's standard
 //! library does, even when unused), and granted nothing: no preopened directories,
-//! no environment, no arguments, no stdin, stdout or stderr (they read empty and
-//! write nowhere), no network (TCP, UDP and name lookup all refused). Clocks and
-//! random numbers are WASI's defaults: they reveal nothing about the host.
+//! no environment, no arguments, no stdin or stdout (they read empty and write
+//! nowhere), no network (TCP, UDP and name lookup all refused). Clocks and random
+//! numbers are WASI's defaults: they reveal nothing about the host.
+//!
+//! Stderr goes nowhere either, except that its last few KiB per event are kept in
+//! host memory: that is where a guest writes its panic message, and the host puts
+//! it in the failure's reason. The guest cannot read any of it back.
 
+use std::collections::VecDeque;
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use tokio::io::AsyncWrite;
 use wasmtime::component::{Linker, ResourceTable};
+use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
+use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use crate::runtime::store::InstanceState;
+
+/// Bytes of stderr kept per event.
+const STDERR_TAIL: usize = 4096;
 
 pub(crate) fn link(linker: &mut Linker<InstanceState>) -> wasmtime::Result<()> {
     wasmtime_wasi::p2::add_to_linker_sync(linker)
@@ -17,11 +34,14 @@ pub(crate) fn link(linker: &mut Linker<InstanceState>) -> wasmtime::Result<()> {
 pub(crate) struct WasiState {
     ctx: WasiCtx,
     table: ResourceTable,
+    pub(crate) stderr: StderrTail,
 }
 
 impl WasiState {
     pub(crate) fn sandboxed() -> Self {
+        let stderr = StderrTail::default();
         let ctx = WasiCtx::builder()
+            .stderr(stderr.clone())
             .allow_tcp(false)
             .allow_udp(false)
             .allow_ip_name_lookup(false)
@@ -29,6 +49,7 @@ impl WasiState {
         Self {
             ctx,
             table: ResourceTable::new(),
+            stderr,
         }
     }
 }
@@ -39,5 +60,127 @@ impl WasiView for InstanceState {
             ctx: &mut self.wasi.ctx,
             table: &mut self.wasi.table,
         }
+    }
+}
+
+/// The last [`STDERR_TAIL`] bytes a guest wrote to stderr.
+#[derive(Clone, Default)]
+pub(crate) struct StderrTail(Arc<Mutex<VecDeque<u8>>>);
+
+impl StderrTail {
+    fn push(&self, bytes: &[u8]) {
+        let mut tail = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let keep = &bytes[bytes.len().saturating_sub(STDERR_TAIL)..];
+        let overflow = (tail.len() + keep.len()).saturating_sub(STDERR_TAIL);
+        tail.drain(..overflow);
+        tail.extend(keep);
+    }
+
+    /// Forgets what was written (at the start of each event).
+    pub(crate) fn clear(&self) {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+    }
+
+    /// What a Rust guest said when it panicked: the `panicked at` line and the
+    /// message, on one line; `None` if it said nothing recognisable.
+    pub(crate) fn panic_message(&self) -> Option<String> {
+        let bytes: Vec<u8> = self
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .copied()
+            .collect();
+        let text = String::from_utf8_lossy(&bytes);
+        let start = text.rfind("panicked at ")?;
+        let mut message = text[start..]
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with("note: run with `RUST_BACKTRACE"))
+            .collect::<Vec<_>>()
+            .join(" ");
+        if message.len() > 1024 {
+            let mut end = 1024;
+            while !message.is_char_boundary(end) {
+                end -= 1;
+            }
+            message.truncate(end);
+        }
+        Some(message)
+    }
+}
+
+impl IsTerminal for StderrTail {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl StdoutStream for StderrTail {
+    fn p2_stream(&self) -> Box<dyn OutputStream> {
+        Box::new(self.clone())
+    }
+    fn async_stream(&self) -> Box<dyn AsyncWrite + Send + Sync> {
+        Box::new(self.clone())
+    }
+}
+
+#[wasmtime_wasi::async_trait]
+impl Pollable for StderrTail {
+    async fn ready(&mut self) {}
+}
+
+impl OutputStream for StderrTail {
+    fn write(&mut self, bytes: Bytes) -> StreamResult<()> {
+        self.push(&bytes);
+        Ok(())
+    }
+    fn flush(&mut self) -> StreamResult<()> {
+        Ok(())
+    }
+    fn check_write(&mut self) -> StreamResult<usize> {
+        Ok(1 << 20)
+    }
+}
+
+impl AsyncWrite for StderrTail {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.push(buf);
+        Poll::Ready(Ok(buf.len()))
+    }
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keeps_the_tail_and_finds_the_panic() {
+        let tail = StderrTail::default();
+        tail.push(&vec![b'x'; 10_000]);
+        tail.push(
+            b"\nthread '<unnamed>' panicked at src/lib.rs:10:5:\nscripted panic\n\
+              note: run with `RUST_BACKTRACE=1` environment variable to display a backtrace\n",
+        );
+        assert_eq!(
+            tail.panic_message().as_deref(),
+            Some("panicked at src/lib.rs:10:5: scripted panic")
+        );
+        assert!(tail.0.lock().unwrap().len() <= STDERR_TAIL);
+        tail.clear();
+        assert_eq!(tail.panic_message(), None);
     }
 }
