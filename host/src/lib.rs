@@ -7,6 +7,8 @@
 //!
 //! Modules follow the path of one event:
 //!
+//! - [`bus`]: where messages come from and go to (the [`bus::Message`] both buses
+//!   carry).
 //! - [`envelope`]: bytes and headers on the wire ⇄ the [`runtime::Event`] a plugin
 //!   sees, and plugin outputs ⇄ the envelopes published for them.
 //! - [`runtime`]: the wasmtime engine, plugin loading and type-checking, limits,
@@ -17,6 +19,7 @@
 //! - [`kv`]: the stores behind the plugins' key-value capability.
 //! - [`cli`]: the `switchboard` command's subcommands.
 
+pub mod bus;
 pub mod cli;
 pub mod envelope;
 pub mod kv;
