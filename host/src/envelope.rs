@@ -222,6 +222,60 @@ pub fn output_envelope(
     })
 }
 
+/// Interim wire codec (seed JSON envelope, else raw bytes); the full version
+/// adds CloudEvents.
+pub fn decode(
+    exchange: &str,
+    routing_key: &str,
+    message: &crate::bus::Message,
+    attempt: u32,
+) -> Result<Event, EnvelopeError> {
+    match Envelope::from_json(&message.body) {
+        Ok(envelope) => envelope.into_event(exchange, attempt),
+        Err(_) => Ok(Event {
+            id: message
+                .message_id
+                .clone()
+                .unwrap_or_else(|| Uuid::now_v7().to_string()),
+            kind: routing_key.into(),
+            exchange: exchange.into(),
+            attempt,
+            source: String::new(),
+            time: now_rfc3339(),
+            correlation_id: None,
+            causation_id: None,
+            tenant_id: None,
+            content_type: message
+                .content_type
+                .clone()
+                .unwrap_or_else(|| "application/octet-stream".into()),
+            data: message.body.to_vec(),
+            headers: message.headers.clone(),
+        }),
+    }
+}
+
+/// The message to publish for output `index` of `plugin` (seed JSON envelope).
+pub fn encode_output(
+    plugin: &str,
+    input: &Event,
+    index: usize,
+    output: &Output,
+) -> Result<crate::bus::Message, EnvelopeError> {
+    let envelope = output_envelope(plugin, input, index, output)?;
+    let hops = envelope.hops.unwrap_or(1);
+    let mut headers = vec![(HOPS_HEADER.to_string(), hops.to_string())];
+    headers.extend(output.headers.iter().cloned());
+    Ok(crate::bus::Message {
+        message_id: envelope.id.clone(),
+        body: serde_json::to_vec(&envelope)
+            .map_err(|e| EnvelopeError::Malformed(e.to_string()))?
+            .into(),
+        content_type: Some(JSON.into()),
+        headers,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,8 +9,11 @@
 //!
 //! - [`bus`]: where messages come from and go to (the [`bus::Message`] both buses
 //!   carry).
+//! - [`route`]: which plugins an event goes to (AMQP topic/direct/fanout, as RabbitMQ).
 //! - [`envelope`]: bytes and headers on the wire ⇄ the [`runtime::Event`] a plugin
 //!   sees, and plugin outputs ⇄ the envelopes published for them.
+//! - [`dispatch`]: per-plugin workers: run the plugin, publish its outputs, ack;
+//!   retry with backoff or dead-letter on failure.
 //! - [`runtime`]: the wasmtime engine, plugin loading and type-checking, limits,
 //!   failure classification, and the host capabilities plugins import.
 //!
@@ -21,6 +24,8 @@
 
 pub mod bus;
 pub mod cli;
+pub mod dispatch;
 pub mod envelope;
 pub mod kv;
+pub mod route;
 pub mod runtime;

@@ -46,6 +46,14 @@ impl Guest for Scripted {
                 exchange: None,
                 headers: vec![("echo-of".into(), event.id.clone())],
             }]),
+            // Same kind out as in: a plugin feeding itself, for the loop guard.
+            "bounce" => Ok(vec![Output {
+                kind: "bounce".into(),
+                content_type: Some(event.content_type.clone()),
+                data: event.data.clone(),
+                exchange: None,
+                headers: vec![],
+            }]),
             "emit" => Ok(emit(&params()?)),
             "retry" => Err(Failure::Retry("asked to retry".into())),
             "reject" => Err(Failure::Reject("asked to reject".into())),

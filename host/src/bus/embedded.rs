@@ -1,0 +1,601 @@
+//! The embedded bus: exchanges, bindings and one bounded queue per plugin, all in
+//! this process. It is what `switchboard run` uses when no broker is configured.
+//!
+//! - Publishing is all-or-nothing: under one lock, every destination queue is
+//!   checked for room before anything is enqueued. A full queue refuses the whole
+//!   batch ([`BusError::Full`]); the HTTP ingress turns that into 503, plugin
+//!   workers wait and try again. Nothing is ever dropped for lack of room.
+//! - Retries wait in a timer heap and go back to the one plugin's queue when due.
+//! - Dead letters are kept per plugin, with the reason, for inspection and
+//!   re-drive.
+//! - Every published message is also offered to stream watchers (SSE), who may
+//!   lag and miss some; the queues never do.
+//!
+//! Everything lives in memory: [`EmbeddedBus::drain`] waits for queues and
+//! in-flight deliveries to empty on shutdown, and [`EmbeddedBus::pending`] hands
+//! over what could not be delivered before the deadline (waiting retries).
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+use serde::Serialize;
+
+use super::{
+    Bus, BusError, Delivered, Delivery, FailureInfo, Message, Outgoing, Settle, Settlement,
+    Topology,
+};
+use crate::route::{ExchangeKind, RouteTable};
+
+/// Dead letters kept per plugin; past this the oldest are dropped, loudly.
+const MAX_DEAD_LETTERS: usize = 100_000;
+
+/// A message as stream watchers see it.
+#[derive(Debug, Clone)]
+pub struct Published {
+    pub exchange: String,
+    pub routing_key: String,
+    pub message: Message,
+}
+
+/// A dead-lettered message and why.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    pub delivered: Delivered,
+    pub failure: FailureInfo,
+    /// When it was dead-lettered, RFC 3339.
+    pub at: String,
+}
+
+/// Counters of one plugin queue. `received = acked + dead_lettered + depth +
+/// in_flight + waiting_retries` at every quiet moment.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct QueueStats {
+    /// Messages enqueued from publishes (not counting retries or re-drives).
+    pub received: u64,
+    pub acked: u64,
+    pub retried: u64,
+    pub dead_lettered: u64,
+    pub redriven: u64,
+    /// Messages waiting in the queue.
+    pub depth: usize,
+    /// Delivered to a worker, not settled yet.
+    pub in_flight: u64,
+    /// Waiting for their retry delay.
+    pub waiting_retries: usize,
+    /// Dead letters kept now.
+    pub dead_letters: usize,
+}
+
+#[derive(Default)]
+struct Counters {
+    received: AtomicU64,
+    acked: AtomicU64,
+    retried: AtomicU64,
+    dead_lettered: AtomicU64,
+    redriven: AtomicU64,
+    /// Every enqueue: publishes, retries and re-drives.
+    enqueued: AtomicU64,
+    settled: AtomicU64,
+}
+
+struct Queue {
+    tx: Sender<Delivery>,
+    rx: Receiver<Delivery>,
+    counters: Arc<Counters>,
+}
+
+struct Topo {
+    exchanges: HashMap<String, ExchangeKind>,
+    queues: HashMap<String, Queue>,
+    routes: RouteTable,
+}
+
+struct Retry {
+    due: Instant,
+    plugin: String,
+    delivered: Delivered,
+}
+
+impl PartialEq for Retry {
+    fn eq(&self, other: &Self) -> bool {
+        self.due == other.due
+    }
+}
+impl Eq for Retry {}
+impl PartialOrd for Retry {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Retry {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.due.cmp(&other.due)
+    }
+}
+
+struct Inner {
+    topo: Mutex<Topo>,
+    retries: Mutex<BinaryHeap<Reverse<Retry>>>,
+    retry_wake: Condvar,
+    dead: Mutex<HashMap<String, VecDeque<DeadLetter>>>,
+    stream: tokio::sync::broadcast::Sender<Arc<Published>>,
+    unroutable: AtomicU64,
+    closed: AtomicBool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The in-process bus. Cheap to clone.
+#[derive(Clone)]
+pub struct EmbeddedBus {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for EmbeddedBus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedBus").finish_non_exhaustive()
+    }
+}
+
+impl Default for EmbeddedBus {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl EmbeddedBus {
+    /// An empty bus; starts its retry timer thread (it stops when the last clone
+    /// of the bus is dropped).
+    pub fn new() -> Self {
+        let (stream, _) = tokio::sync::broadcast::channel(4096);
+        let inner = Arc::new(Inner {
+            topo: Mutex::new(Topo {
+                exchanges: HashMap::new(),
+                queues: HashMap::new(),
+                routes: RouteTable::default(),
+            }),
+            retries: Mutex::new(BinaryHeap::new()),
+            retry_wake: Condvar::new(),
+            dead: Mutex::new(HashMap::new()),
+            stream,
+            unroutable: AtomicU64::new(0),
+            closed: AtomicBool::new(false),
+        });
+        let weak = Arc::downgrade(&inner);
+        let spawned = std::thread::Builder::new()
+            .name("switchboard-retries".into())
+            .spawn(move || retry_timer(&weak));
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start the retry timer; retries will wait for shutdown");
+        }
+        Self { inner }
+    }
+
+    /// Watch every published message (outputs and ingress alike).
+    pub fn subscribe_stream(&self) -> tokio::sync::broadcast::Receiver<Arc<Published>> {
+        self.inner.stream.subscribe()
+    }
+
+    /// Refuses further publishes (ingress); settling and retries go on.
+    pub fn close(&self) {
+        self.inner.closed.store(true, Ordering::SeqCst);
+    }
+
+    /// Counters per plugin queue.
+    pub fn stats(&self) -> HashMap<String, QueueStats> {
+        let topo = lock(&self.inner.topo);
+        let retries = lock(&self.inner.retries);
+        let dead = lock(&self.inner.dead);
+        topo.queues
+            .iter()
+            .map(|(plugin, q)| {
+                let c = &q.counters;
+                let outstanding = c
+                    .enqueued
+                    .load(Ordering::SeqCst)
+                    .saturating_sub(c.settled.load(Ordering::SeqCst));
+                let stats = QueueStats {
+                    received: c.received.load(Ordering::SeqCst),
+                    acked: c.acked.load(Ordering::SeqCst),
+                    retried: c.retried.load(Ordering::SeqCst),
+                    dead_lettered: c.dead_lettered.load(Ordering::SeqCst),
+                    redriven: c.redriven.load(Ordering::SeqCst),
+                    depth: q.rx.len(),
+                    in_flight: outstanding.saturating_sub(q.rx.len() as u64),
+                    waiting_retries: retries.iter().filter(|r| &r.0.plugin == plugin).count(),
+                    dead_letters: dead.get(plugin).map_or(0, VecDeque::len),
+                };
+                (plugin.clone(), stats)
+            })
+            .collect()
+    }
+
+    /// Messages published that no binding matched.
+    pub fn unroutable(&self) -> u64 {
+        self.inner.unroutable.load(Ordering::SeqCst)
+    }
+
+    /// The dead letters of `plugin`, oldest first.
+    pub fn dead_letters(&self, plugin: &str) -> Vec<DeadLetter> {
+        lock(&self.inner.dead)
+            .get(plugin)
+            .map(|q| q.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Moves up to `limit` dead letters of `plugin` back to its queue as first
+    /// attempts; returns how many. Stops early when the queue is full.
+    pub fn redrive(&self, plugin: &str, limit: usize) -> Result<usize, BusError> {
+        let topo = lock(&self.inner.topo);
+        let queue = topo
+            .queues
+            .get(plugin)
+            .ok_or_else(|| BusError::NoSuchQueue(plugin.into()))?;
+        let mut dead = lock(&self.inner.dead);
+        let Some(letters) = dead.get_mut(plugin) else {
+            return Ok(0);
+        };
+        let mut moved = 0;
+        while moved < limit {
+            let Some(letter) = letters.pop_front() else {
+                break;
+            };
+            let delivered = Delivered {
+                attempt: 1,
+                first_failure: None,
+                ..letter.delivered.clone()
+            };
+            match self.enqueue(queue, plugin, delivered) {
+                Ok(()) => {
+                    moved += 1;
+                    queue.counters.redriven.fetch_add(1, Ordering::SeqCst);
+                }
+                Err(_) => {
+                    letters.push_front(letter);
+                    break;
+                }
+            }
+        }
+        Ok(moved)
+    }
+
+    /// Whether every queue is empty, nothing is in flight and no retry waits.
+    pub fn is_idle(&self) -> bool {
+        let topo = lock(&self.inner.topo);
+        let queues_idle = topo.queues.values().all(|q| {
+            q.counters.enqueued.load(Ordering::SeqCst) == q.counters.settled.load(Ordering::SeqCst)
+        });
+        queues_idle && lock(&self.inner.retries).is_empty()
+    }
+
+    /// Waits until queues are empty and nothing is in flight (retries excluded),
+    /// at most `deadline`; true if that happened.
+    pub fn drain(&self, deadline: Duration) -> bool {
+        let until = Instant::now() + deadline;
+        loop {
+            let busy = {
+                let topo = lock(&self.inner.topo);
+                topo.queues.values().any(|q| {
+                    q.counters.enqueued.load(Ordering::SeqCst)
+                        != q.counters.settled.load(Ordering::SeqCst)
+                })
+            };
+            if !busy {
+                return true;
+            }
+            if Instant::now() >= until {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Retries still waiting for their delay (for a shutdown report).
+    pub fn pending(&self) -> usize {
+        lock(&self.inner.retries).len()
+    }
+
+    fn enqueue(&self, queue: &Queue, plugin: &str, delivered: Delivered) -> Result<(), BusError> {
+        let settle = Box::new(EmbeddedSettle {
+            bus: Arc::downgrade(&self.inner),
+            plugin: plugin.into(),
+            counters: queue.counters.clone(),
+        });
+        match queue.tx.try_send(Delivery { delivered, settle }) {
+            Ok(()) => {
+                queue.counters.enqueued.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            }
+            Err(TrySendError::Full(_)) => Err(BusError::Full {
+                plugin: plugin.into(),
+            }),
+            Err(TrySendError::Disconnected(_)) => Err(BusError::NoSuchQueue(plugin.into())),
+        }
+    }
+
+    /// One attempt at publishing the whole batch.
+    fn try_publish(&self, batch: &[Outgoing]) -> Result<(), BusError> {
+        let topo = lock(&self.inner.topo);
+        let mut plan: Vec<(usize, Vec<Arc<str>>)> = Vec::with_capacity(batch.len());
+        let mut needed: HashMap<Arc<str>, usize> = HashMap::new();
+        for (i, out) in batch.iter().enumerate() {
+            if !topo.exchanges.contains_key(&out.exchange) {
+                return Err(BusError::NoSuchExchange(out.exchange.clone()));
+            }
+            let destinations = topo.routes.destinations(&out.exchange, &out.routing_key);
+            for d in &destinations {
+                *needed.entry(d.clone()).or_default() += 1;
+            }
+            plan.push((i, destinations));
+        }
+        for (plugin, n) in &needed {
+            if let Some(q) = topo.queues.get(&**plugin) {
+                let capacity = q.tx.capacity().unwrap_or(usize::MAX);
+                if q.tx.len() + n > capacity {
+                    return Err(BusError::Full {
+                        plugin: plugin.to_string(),
+                    });
+                }
+            }
+        }
+        for (i, destinations) in plan {
+            let out = &batch[i];
+            if destinations.is_empty() {
+                self.inner.unroutable.fetch_add(1, Ordering::Relaxed);
+            }
+            for plugin in destinations {
+                let Some(queue) = topo.queues.get(&*plugin) else {
+                    continue;
+                };
+                let delivered = Delivered {
+                    exchange: out.exchange.clone(),
+                    routing_key: out.routing_key.clone(),
+                    message: out.message.clone(),
+                    attempt: 1,
+                    first_failure: None,
+                };
+                // Room was checked under this same lock; consumers only make more.
+                self.enqueue(queue, &plugin, delivered)?;
+                queue.counters.received.fetch_add(1, Ordering::Relaxed);
+            }
+            if self.inner.stream.receiver_count() > 0 {
+                let _ = self.inner.stream.send(Arc::new(Published {
+                    exchange: out.exchange.clone(),
+                    routing_key: out.routing_key.clone(),
+                    message: out.message.clone(),
+                }));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Bus for EmbeddedBus {
+    fn apply(&self, topology: &Topology) -> Result<(), BusError> {
+        let routes = RouteTable::new(topology.bindings.iter().cloned())
+            .map_err(|e| BusError::Unavailable(e.to_string()))?;
+        let mut topo = lock(&self.inner.topo);
+        topo.exchanges = topology
+            .exchanges
+            .iter()
+            .map(|e| (e.name.clone(), e.kind))
+            .collect();
+        for spec in &topology.queues {
+            let resize = topo
+                .queues
+                .get(&spec.plugin)
+                .is_some_and(|q| q.tx.capacity() != Some(spec.capacity));
+            if resize {
+                // A new capacity needs a new channel: move what waits into it.
+                // Consumers of the old one see it close and ask for the new one.
+                if let Some(old) = topo.queues.remove(&spec.plugin) {
+                    let (tx, rx) = crossbeam_channel::bounded(spec.capacity.max(old.rx.len()));
+                    while let Ok(d) = old.rx.try_recv() {
+                        let _ = tx.try_send(d);
+                    }
+                    topo.queues.insert(
+                        spec.plugin.clone(),
+                        Queue {
+                            tx,
+                            rx,
+                            counters: old.counters,
+                        },
+                    );
+                }
+            } else if !topo.queues.contains_key(&spec.plugin) {
+                let (tx, rx) = crossbeam_channel::bounded(spec.capacity);
+                topo.queues.insert(
+                    spec.plugin.clone(),
+                    Queue {
+                        tx,
+                        rx,
+                        counters: Arc::default(),
+                    },
+                );
+            }
+        }
+        topo.routes = routes;
+        Ok(())
+    }
+
+    fn consume(&self, plugin: &str) -> Result<Receiver<Delivery>, BusError> {
+        let topo = lock(&self.inner.topo);
+        let queue = topo
+            .queues
+            .get(plugin)
+            .ok_or_else(|| BusError::NoSuchQueue(plugin.into()))?;
+        Ok(queue.rx.clone())
+    }
+
+    fn publish(&self, batch: Vec<Outgoing>, timeout: Duration) -> Result<(), BusError> {
+        if self.inner.closed.load(Ordering::SeqCst) && timeout.is_zero() {
+            return Err(BusError::Closed);
+        }
+        let until = Instant::now() + timeout;
+        let mut pause = Duration::from_micros(200);
+        loop {
+            match self.try_publish(&batch) {
+                Err(BusError::Full { plugin }) => {
+                    if Instant::now() + pause > until {
+                        return Err(BusError::Full { plugin });
+                    }
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_millis(20));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn has_exchange(&self, name: &str) -> bool {
+        lock(&self.inner.topo).exchanges.contains_key(name)
+    }
+
+    fn delete_queue(&self, plugin: &str, force: bool) -> Result<(), BusError> {
+        let mut topo = lock(&self.inner.topo);
+        let Some(queue) = topo.queues.get(plugin) else {
+            return Ok(());
+        };
+        if !force && !queue.rx.is_empty() {
+            return Err(BusError::Unavailable(format!(
+                "queue of plugin {plugin:?} still holds {} messages",
+                queue.rx.len()
+            )));
+        }
+        topo.queues.remove(plugin);
+        Ok(())
+    }
+}
+
+/// Settles an embedded delivery; holds the bus weakly so that a delivery left
+/// in a worker's hands never keeps a dropped bus alive.
+struct EmbeddedSettle {
+    bus: std::sync::Weak<Inner>,
+    plugin: String,
+    counters: Arc<Counters>,
+}
+
+impl Settle for EmbeddedSettle {
+    fn settle(
+        self: Box<Self>,
+        delivered: Delivered,
+        settlement: Settlement,
+    ) -> Result<(), BusError> {
+        let inner = self.bus.upgrade().ok_or(BusError::Closed)?;
+        match settlement {
+            Settlement::Ack => {
+                self.counters.acked.fetch_add(1, Ordering::Relaxed);
+            }
+            Settlement::Retry { delay, failure } => {
+                let retry = Retry {
+                    due: Instant::now() + delay,
+                    plugin: self.plugin.clone(),
+                    delivered: Delivered {
+                        attempt: delivered.attempt.saturating_add(1),
+                        first_failure: Some(failure.first_failure),
+                        ..delivered
+                    },
+                };
+                lock(&inner.retries).push(Reverse(retry));
+                inner.retry_wake.notify_one();
+                self.counters.retried.fetch_add(1, Ordering::Relaxed);
+            }
+            Settlement::DeadLetter { failure } => {
+                dead_letter(&inner, &self.plugin, delivered, failure);
+                self.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.counters.settled.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+fn dead_letter(inner: &Inner, plugin: &str, delivered: Delivered, failure: FailureInfo) {
+    tracing::warn!(
+        plugin,
+        kind = %failure.kind,
+        attempts = failure.attempts,
+        reason = %failure.reason,
+        "event dead-lettered"
+    );
+    let mut dead = lock(&inner.dead);
+    let letters = dead.entry(plugin.to_string()).or_default();
+    if letters.len() >= MAX_DEAD_LETTERS {
+        letters.pop_front();
+        tracing::error!(
+            plugin,
+            "dead-letter queue full: the oldest dead letter was dropped"
+        );
+    }
+    letters.push_back(DeadLetter {
+        delivered,
+        failure,
+        at: crate::envelope::now_rfc3339(),
+    });
+}
+
+/// Moves due retries back to their queues until the bus is dropped.
+fn retry_timer(bus: &std::sync::Weak<Inner>) {
+    loop {
+        let Some(inner) = bus.upgrade() else { return };
+        let bus = EmbeddedBus { inner };
+        let mut retries = lock(&bus.inner.retries);
+        let now = Instant::now();
+        let mut wait = Duration::from_millis(100);
+        let mut blocked = Vec::new();
+        while let Some(Reverse(next)) = retries.peek() {
+            if next.due > now {
+                wait = wait.min(next.due - now);
+                break;
+            }
+            let Some(Reverse(due)) = retries.pop() else {
+                break;
+            };
+            drop(retries);
+            let outcome = {
+                let topo = lock(&bus.inner.topo);
+                match topo.queues.get(&due.plugin) {
+                    Some(queue) => bus.enqueue(queue, &due.plugin, due.delivered.clone()),
+                    None => Err(BusError::NoSuchQueue(due.plugin.clone())),
+                }
+            };
+            match outcome {
+                Ok(()) => {}
+                Err(BusError::NoSuchQueue(plugin)) => {
+                    let failure = FailureInfo {
+                        kind: "plugin_removed".into(),
+                        reason: format!(
+                            "plugin {plugin:?} was removed while the event waited for a retry"
+                        ),
+                        attempts: due.delivered.attempt.saturating_sub(1),
+                        plugin_version: String::new(),
+                        first_failure: due.delivered.first_failure.clone().unwrap_or_default(),
+                    };
+                    dead_letter(&bus.inner, &plugin, due.delivered, failure);
+                }
+                Err(_) => blocked.push(Retry {
+                    due: now + Duration::from_millis(10),
+                    ..due
+                }),
+            }
+            retries = lock(&bus.inner.retries);
+        }
+        for retry in blocked {
+            retries.push(Reverse(retry));
+            wait = wait.min(Duration::from_millis(10));
+        }
+        // Wake on new retries, or when the next one is due; the timeout also
+        // lets the thread notice the bus being dropped.
+        let _unused = bus
+            .inner
+            .retry_wake
+            .wait_timeout(retries, wait)
+            .unwrap_or_else(PoisonError::into_inner);
+    }
+}

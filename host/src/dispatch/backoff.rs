@@ -1,0 +1,71 @@
+//! Retry delays: exponential, capped, with jitter so that events that failed
+//! together do not all come back together.
+
+use std::time::Duration;
+
+use rand::RngExt as _;
+
+/// Delay before attempt `n + 1`: `initial × multiplier^(n-1)`, at most `max`,
+/// then spread by ± `jitter` (a fraction).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Backoff {
+    pub initial: Duration,
+    pub max: Duration,
+    pub multiplier: f64,
+    pub jitter: f64,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self {
+            initial: Duration::from_millis(500),
+            max: Duration::from_secs(60),
+            multiplier: 2.0,
+            jitter: 0.2,
+        }
+    }
+}
+
+impl Backoff {
+    /// The delay after failed attempt `attempt` (1-based).
+    pub fn delay(&self, attempt: u32) -> Duration {
+        let exponent = i32::try_from(attempt.saturating_sub(1)).unwrap_or(i32::MAX);
+        let base = self.initial.as_secs_f64() * self.multiplier.powi(exponent);
+        let capped = base.min(self.max.as_secs_f64());
+        let spread = if self.jitter > 0.0 {
+            rand::rng().random_range(-self.jitter..=self.jitter)
+        } else {
+            0.0
+        };
+        Duration::from_secs_f64((capped * (1.0 + spread)).max(0.0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grows_then_caps() {
+        let b = Backoff {
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(1),
+            multiplier: 2.0,
+            jitter: 0.0,
+        };
+        let delays: Vec<u128> = (1..=6).map(|n| b.delay(n).as_millis()).collect();
+        assert_eq!(delays, [100, 200, 400, 800, 1000, 1000]);
+    }
+
+    #[test]
+    fn jitter_stays_within_bounds() {
+        let b = Backoff {
+            jitter: 0.2,
+            ..Backoff::default()
+        };
+        for _ in 0..1000 {
+            let d = b.delay(1).as_secs_f64();
+            assert!((0.4..=0.6).contains(&d), "{d}");
+        }
+    }
+}

@@ -1,0 +1,411 @@
+//! Dispatch: the workers that take deliveries from a plugin's queue, run the
+//! plugin, publish what it returns and settle the delivery. Knows nothing of
+//! which bus it runs on.
+//!
+//! For one delivery, in order:
+//!
+//! 1. decode the message into an event — undecodable → dead-letter now;
+//! 2. loop guard: an event that has passed through `max_hops` plugins →
+//!    dead-letter (`loop`);
+//! 3. dedupe: an event id handled within the plugin's window → ack, skip;
+//! 4. run the plugin (on this worker thread);
+//! 5. success → publish every output, all or nothing, confirmed → ack. Outputs go
+//!    to the exchange they name, else the plugin's output exchange, else back to
+//!    the exchange the event came from;
+//! 6. failure → retry after a backoff while attempts remain and the failure is
+//!    transient, else dead-letter with kind, reason, attempts, plugin version and
+//!    first-failure time.
+//!
+//! Workers are OS threads (guest code is CPU work; a hand-off per event to a
+//! blocking pool would cost more than the no-op plugin itself). A worker group
+//! lives as long as its plugin is configured; stopping it leaves undelivered
+//! messages in the queue. Hot reload swaps the plugin under running workers:
+//! an event already started finishes on the version it started with.
+
+mod backoff;
+mod dedupe;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use crossbeam_channel::RecvTimeoutError;
+use serde::Serialize;
+
+pub use backoff::Backoff;
+use dedupe::DedupeWindow;
+
+use crate::bus::{Bus, BusError, Delivery, FailureInfo, Outgoing, Settlement};
+use crate::envelope;
+use crate::runtime::{Failure, Plugin};
+
+/// How one plugin's deliveries are handled.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DispatchSettings {
+    /// Worker threads (events in flight at once).
+    pub concurrency: usize,
+    /// Attempts before a transient failure is dead-lettered.
+    pub max_attempts: u32,
+    pub backoff: Backoff,
+    /// Plugin hops after which an event is dead-lettered as a loop.
+    pub max_hops: u32,
+    /// Where outputs go when they name no exchange; `None`: back where the
+    /// input came from.
+    pub output_exchange: Option<String>,
+    /// Drop events whose id was handled within this window.
+    pub dedupe: Option<Duration>,
+    /// How long publishing outputs may wait for room or confirms before the
+    /// input is retried instead.
+    pub publish_timeout: Duration,
+}
+
+impl Default for DispatchSettings {
+    fn default() -> Self {
+        Self {
+            concurrency: 2,
+            max_attempts: 5,
+            backoff: Backoff::default(),
+            max_hops: 10,
+            output_exchange: None,
+            dedupe: None,
+            publish_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// What the workers of one plugin did, for status and metrics.
+#[derive(Debug, Default, Serialize)]
+pub struct DispatchStats {
+    /// Events handled and acked.
+    pub handled: AtomicU64,
+    /// Outputs published.
+    pub outputs: AtomicU64,
+    /// Deliveries scheduled for a retry.
+    pub retried: AtomicU64,
+    /// Deliveries dead-lettered.
+    pub dead_lettered: AtomicU64,
+    /// Duplicates dropped by the dedupe window.
+    pub deduplicated: AtomicU64,
+    /// Settlements the bus refused (the bus redelivers those).
+    pub settle_errors: AtomicU64,
+}
+
+/// A failed delivery: what kind of failure, why, and whether a retry may help.
+struct Failed {
+    kind: String,
+    reason: String,
+    retryable: bool,
+}
+
+impl Failed {
+    fn permanent(kind: &str, reason: String) -> Self {
+        Self {
+            kind: kind.into(),
+            reason,
+            retryable: false,
+        }
+    }
+}
+
+struct Shared {
+    name: String,
+    bus: Arc<dyn Bus>,
+    plugin: ArcSwap<Plugin>,
+    settings: ArcSwap<DispatchSettings>,
+    dedupe: Option<DedupeWindow>,
+    stats: Arc<DispatchStats>,
+    stop: AtomicBool,
+}
+
+/// The worker threads of one plugin.
+pub struct PluginWorkers {
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for PluginWorkers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PluginWorkers")
+            .field("plugin", &self.shared.name)
+            .field("threads", &self.threads.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Wasm runs on the worker's own stack: leave room above the engine's limit.
+const WORKER_STACK: usize = 8 << 20;
+
+impl PluginWorkers {
+    /// Starts `settings.concurrency` workers consuming `plugin`'s queue.
+    pub fn start(
+        bus: Arc<dyn Bus>,
+        plugin: Arc<Plugin>,
+        settings: DispatchSettings,
+    ) -> Result<Self, BusError> {
+        let name = plugin.name().to_string();
+        let shared = Arc::new(Shared {
+            dedupe: settings.dedupe.map(DedupeWindow::new),
+            name: name.clone(),
+            bus,
+            plugin: ArcSwap::new(plugin),
+            settings: ArcSwap::from_pointee(settings.clone()),
+            stats: Arc::default(),
+            stop: AtomicBool::new(false),
+        });
+        let mut threads = Vec::with_capacity(settings.concurrency);
+        for i in 0..settings.concurrency.max(1) {
+            let rx = shared.bus.consume(&name)?;
+            let worker = shared.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("{name}-{i}"))
+                .stack_size(WORKER_STACK)
+                .spawn(move || worker.run(rx))
+                .map_err(|e| BusError::Unavailable(format!("cannot start a worker: {e}")))?;
+            threads.push(thread);
+        }
+        Ok(Self { shared, threads })
+    }
+
+    /// The plugin name.
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    /// The version now serving.
+    pub fn plugin(&self) -> Arc<Plugin> {
+        self.shared.plugin.load_full()
+    }
+
+    /// Serves new events with `plugin`; events already running finish on the
+    /// old version.
+    pub fn swap_plugin(&self, plugin: Arc<Plugin>) {
+        self.shared.plugin.store(plugin);
+    }
+
+    /// Applies new settings that need no new threads (everything but
+    /// concurrency and the dedupe window).
+    pub fn update_settings(&self, settings: DispatchSettings) {
+        self.shared.settings.store(Arc::new(settings));
+    }
+
+    /// The settings in force.
+    pub fn settings(&self) -> Arc<DispatchSettings> {
+        self.shared.settings.load_full()
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> Arc<DispatchStats> {
+        self.shared.stats.clone()
+    }
+
+    /// Stops the workers after their current event and waits for them. What is
+    /// still queued stays in the queue.
+    pub fn stop(self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        for thread in self.threads {
+            if thread.join().is_err() {
+                tracing::error!(plugin = %self.shared.name, "a worker thread panicked");
+            }
+        }
+    }
+}
+
+impl Shared {
+    fn run(&self, mut rx: crossbeam_channel::Receiver<Delivery>) {
+        while !self.stop.load(Ordering::Relaxed) {
+            match rx.recv_timeout(Duration::from_millis(50)) {
+                Ok(delivery) => self.process(delivery),
+                Err(RecvTimeoutError::Timeout) => {}
+                // The queue was replaced (resized) or deleted: follow it or end.
+                Err(RecvTimeoutError::Disconnected) => match self.bus.consume(&self.name) {
+                    Ok(next) => rx = next,
+                    Err(_) => std::thread::sleep(Duration::from_millis(50)),
+                },
+            }
+        }
+    }
+
+    fn settle(&self, delivery: Delivery, settlement: Settlement) {
+        let counter = match &settlement {
+            Settlement::Ack => &self.stats.handled,
+            Settlement::Retry { .. } => &self.stats.retried,
+            Settlement::DeadLetter { .. } => &self.stats.dead_lettered,
+        };
+        match delivery.finish(settlement) {
+            Ok(()) => {
+                counter.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                self.stats.settle_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(plugin = %self.name, error = %e, "could not settle a delivery; the bus will redeliver it");
+            }
+        }
+    }
+
+    fn failure_info(
+        &self,
+        delivery: &Delivery,
+        plugin: &Plugin,
+        kind: &str,
+        reason: String,
+    ) -> FailureInfo {
+        FailureInfo {
+            kind: kind.into(),
+            reason,
+            attempts: delivery.delivered.attempt,
+            plugin_version: plugin.version().into(),
+            first_failure: delivery
+                .delivered
+                .first_failure
+                .clone()
+                .unwrap_or_else(envelope::now_rfc3339),
+        }
+    }
+
+    /// Retry while attempts remain (and the failure allows it), else dead-letter.
+    /// Either way the event may come back (retry, re-drive): its dedupe claim,
+    /// if it made one, goes.
+    fn fail(
+        &self,
+        delivery: Delivery,
+        plugin: &Plugin,
+        settings: &DispatchSettings,
+        claimed: Option<&str>,
+        failed: Failed,
+    ) {
+        if let (Some(window), Some(id)) = (&self.dedupe, claimed) {
+            window.release(id);
+        }
+        let Failed {
+            kind,
+            reason,
+            retryable,
+        } = failed;
+        let kind = kind.as_str();
+        let info = self.failure_info(&delivery, plugin, kind, reason);
+        let attempt = delivery.delivered.attempt;
+        let settlement = if retryable && attempt < settings.max_attempts {
+            tracing::debug!(plugin = %self.name, attempt, kind, reason = %info.reason, "event will be retried");
+            Settlement::Retry {
+                delay: settings.backoff.delay(attempt),
+                failure: info,
+            }
+        } else {
+            Settlement::DeadLetter { failure: info }
+        };
+        self.settle(delivery, settlement);
+    }
+
+    fn process(&self, delivery: Delivery) {
+        let plugin = self.plugin.load_full();
+        let settings = self.settings.load();
+        let d = &delivery.delivered;
+        let event = match envelope::decode(&d.exchange, &d.routing_key, &d.message, d.attempt) {
+            Ok(event) => event,
+            Err(e) => {
+                let reason = format!("cannot decode the message: {e}");
+                return self.fail(
+                    delivery,
+                    &plugin,
+                    &settings,
+                    None,
+                    Failed::permanent("undecodable", reason),
+                );
+            }
+        };
+        let span = tracing::info_span!(
+            "event",
+            plugin = %self.name,
+            kind = %event.kind,
+            id = %event.id,
+            correlation_id = event.correlation_id.as_deref().unwrap_or(""),
+            attempt = event.attempt,
+        );
+        let _entered = span.enter();
+
+        let hops = envelope::hops(&event);
+        if hops >= settings.max_hops {
+            let reason = format!(
+                "the event has passed through {hops} plugins (max_hops = {})",
+                settings.max_hops
+            );
+            return self.fail(
+                delivery,
+                &plugin,
+                &settings,
+                None,
+                Failed::permanent("loop", reason),
+            );
+        }
+        if let Some(window) = &self.dedupe
+            && !window.claim(&event.id)
+        {
+            self.stats.deduplicated.fetch_add(1, Ordering::Relaxed);
+            return self.settle(delivery, Settlement::Ack);
+        }
+
+        let outputs = match plugin.handle(&event) {
+            Ok(outputs) => outputs,
+            Err(failure) => {
+                let failed = Failed {
+                    kind: failure.kind().into(),
+                    reason: failure.reason().into(),
+                    retryable: failure.is_retryable(),
+                };
+                return self.fail(delivery, &plugin, &settings, Some(&event.id), failed);
+            }
+        };
+
+        let default_exchange = settings
+            .output_exchange
+            .as_deref()
+            .unwrap_or(&event.exchange);
+        let mut batch = Vec::with_capacity(outputs.len());
+        for (i, output) in outputs.iter().enumerate() {
+            match envelope::encode_output(&self.name, &event, i, output) {
+                Ok(message) => batch.push(Outgoing {
+                    exchange: output
+                        .exchange
+                        .clone()
+                        .unwrap_or_else(|| default_exchange.to_string()),
+                    routing_key: output.kind.clone(),
+                    message,
+                }),
+                Err(e) => {
+                    let failed = Failed::permanent(
+                        Failure::InvalidOutput(String::new()).kind(),
+                        e.to_string(),
+                    );
+                    return self.fail(delivery, &plugin, &settings, Some(&event.id), failed);
+                }
+            }
+        }
+        let published = batch.len();
+        if !batch.is_empty() {
+            match self.bus.publish(batch, settings.publish_timeout) {
+                Ok(()) => {}
+                Err(BusError::NoSuchExchange(exchange)) => {
+                    let reason =
+                        format!("an output names exchange {exchange:?}, which is not declared");
+                    let failed = Failed::permanent("invalid_output", reason);
+                    return self.fail(delivery, &plugin, &settings, Some(&event.id), failed);
+                }
+                Err(e) => {
+                    let reason = format!("could not publish the outputs: {e}");
+                    let failed = Failed {
+                        kind: "publish".into(),
+                        reason,
+                        retryable: true,
+                    };
+                    return self.fail(delivery, &plugin, &settings, Some(&event.id), failed);
+                }
+            }
+        }
+        self.stats
+            .outputs
+            .fetch_add(published as u64, Ordering::Relaxed);
+        self.settle(delivery, Settlement::Ack);
+    }
+}
