@@ -1,28 +1,24 @@
-//! Events on the wire ⇄ the [`Event`] a plugin sees, and plugin outputs ⇄ the
-//! envelopes published for them.
+//! The seed envelope: the JSON shape services already publish,
+//! `{id, type, source, timestamp, tenant_id, correlation_id, causation_id, hops,
+//! data, metadata}`, and the shape every plugin output is published in.
 //!
-//! The wire format here is the envelope services already publish:
-//! `{id, type, source, timestamp, tenant_id, correlation_id, data, metadata}`,
-//! with `data` any JSON value. Outputs get the same shape, with the fields the host
-//! owns filled in: an id derived from (input id, plugin, output index) so that a
-//! redelivered input yields the same output ids, the plugin as `source`, the time,
-//! the input's tenant and correlation ids, `causation_id` = the input's id, and a
-//! hop count that the loop guard reads.
+//! Outputs get the fields the host owns filled in: an id derived from (input id,
+//! plugin, output index) so that a redelivered input yields the same output ids, the
+//! plugin as `source`, the time, the input's tenant and correlation ids,
+//! `causation_id` = the input's id, and a hop count that the loop guard reads.
 
 use std::collections::BTreeMap;
 
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::{Map, Value};
 use uuid::Uuid;
 
+use super::{
+    Decoded, EnvelopeError, HOPS_HEADER, JSON, OCTET_STREAM, SOURCE_HEADER, hops, is_json,
+    now_rfc3339, output_id,
+};
 use crate::runtime::{Event, Output};
-
-/// Content type of JSON payloads.
-pub const JSON: &str = "application/json";
-
-/// Namespace of the name-based (v5) UUIDs given to outputs.
-const OUTPUT_ID_NAMESPACE: Uuid = Uuid::from_u128(0x8f6c_2d1e_5b3a_4c7d_9e0f_1a2b_3c4d_5e6f);
 
 /// The JSON envelope, as services publish it and as outputs are published.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -39,10 +35,13 @@ pub struct Envelope {
     /// When, RFC 3339.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timestamp: Option<String>,
+    /// The tenant the event belongs to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tenant_id: Option<String>,
+    /// Ties together every event of one business flow.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub correlation_id: Option<String>,
+    /// The id of the event that caused this one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub causation_id: Option<String>,
     /// Plugin hops behind this event (0 or absent for events from services).
@@ -62,32 +61,26 @@ pub struct Envelope {
     pub metadata: BTreeMap<String, Value>,
 }
 
-/// Why bytes or an output could not become an envelope or event.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum EnvelopeError {
-    #[error("not a JSON envelope: {0}")]
-    Malformed(String),
-    #[error("envelope has an empty \"type\"")]
-    EmptyKind,
-    #[error("\"data_base64\" is not base64: {0}")]
-    BadBase64(String),
-    #[error("output {index} ({kind}) is declared JSON but its data is not: {error}")]
-    OutputNotJson {
-        index: usize,
-        kind: String,
-        error: String,
-    },
-}
-
 impl Envelope {
     /// Parses one envelope from JSON bytes.
     pub fn from_json(bytes: &[u8]) -> Result<Self, EnvelopeError> {
         let envelope: Self =
             serde_json::from_slice(bytes).map_err(|e| EnvelopeError::Malformed(e.to_string()))?;
-        if envelope.kind.is_empty() {
+        envelope.checked()
+    }
+
+    /// Parses one envelope from an already parsed JSON value.
+    fn from_value(value: Value) -> Result<Self, EnvelopeError> {
+        let envelope: Self =
+            serde_json::from_value(value).map_err(|e| EnvelopeError::Malformed(e.to_string()))?;
+        envelope.checked()
+    }
+
+    fn checked(self) -> Result<Self, EnvelopeError> {
+        if self.kind.is_empty() {
             return Err(EnvelopeError::EmptyKind);
         }
-        Ok(envelope)
+        Ok(self)
     }
 
     /// The event a plugin sees for this envelope, published to `exchange`, on
@@ -95,7 +88,7 @@ impl Envelope {
     pub fn into_event(self, exchange: &str, attempt: u32) -> Result<Event, EnvelopeError> {
         let (content_type, data) = match (self.data_base64, self.content_type) {
             (Some(b64), content_type) => (
-                content_type.unwrap_or_else(|| "application/octet-stream".into()),
+                content_type.unwrap_or_else(|| OCTET_STREAM.into()),
                 base64::engine::general_purpose::STANDARD
                     .decode(b64)
                     .map_err(|e| EnvelopeError::BadBase64(e.to_string()))?,
@@ -140,37 +133,80 @@ impl Envelope {
     }
 }
 
-/// Header carrying the hop count on events that plugins produced.
-pub const HOPS_HEADER: &str = "switchboard-hops";
-
-/// Hops behind an event (0 for events that came from services).
-pub fn hops(event: &Event) -> u32 {
-    event
-        .headers
-        .iter()
-        .find(|(k, _)| k == HOPS_HEADER)
-        .and_then(|(_, v)| v.parse().ok())
-        .unwrap_or(0)
+/// Whether a JSON object is (meant to be) a seed envelope: it has a string `type`.
+pub(super) fn is_envelope(object: &Map<String, Value>) -> bool {
+    object.get("type").is_some_and(Value::is_string)
 }
 
-/// The id of output `index` of `plugin` for input `input_id`: the same inputs
-/// always give the same id, so consumers can drop duplicates of a redelivery.
-pub fn output_id(input_id: &str, plugin: &str, index: usize) -> String {
-    let name = format!("{input_id}\u{1f}{plugin}\u{1f}{index}");
-    Uuid::new_v5(&OUTPUT_ID_NAMESPACE, name.as_bytes()).to_string()
+/// The object of a body that looks like a seed envelope, without parsing bodies
+/// that cannot be one (the first byte that is not white space must be `{`).
+pub(super) fn probe(body: &[u8]) -> Option<Map<String, Value>> {
+    let first = body.iter().find(|b| !b.is_ascii_whitespace())?;
+    if *first != b'{' {
+        return None;
+    }
+    match serde_json::from_slice(body) {
+        Ok(Value::Object(object)) if is_envelope(&object) => Some(object),
+        _ => None,
+    }
 }
 
-/// The current time, RFC 3339 in UTC with milliseconds.
-pub fn now_rfc3339() -> String {
-    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+/// The event for a seed envelope delivered on a bus. The envelope's `hops` is
+/// handed back apart so that a `switchboard-hops` message header can override it.
+pub(super) fn decode(
+    object: Map<String, Value>,
+    exchange: &str,
+    attempt: u32,
+) -> Result<Decoded, EnvelopeError> {
+    let mut envelope = Envelope::from_value(Value::Object(object))?;
+    let hops = envelope.hops.take();
+    Ok(Decoded {
+        event: envelope.into_event(exchange, attempt)?,
+        hops,
+    })
 }
 
-fn is_json(content_type: &str) -> bool {
-    let essence = content_type.split(';').next().unwrap_or_default().trim();
-    essence.eq_ignore_ascii_case(JSON) || essence.to_ascii_lowercase().ends_with("+json")
+/// A seed envelope posted to the ingress, given an id and a timestamp when it has
+/// none (or an empty one). Fields this module does not know are kept.
+pub(super) fn complete(mut object: Map<String, Value>) -> Result<Vec<u8>, EnvelopeError> {
+    let envelope = Envelope::from_value(Value::Object(object.clone()))?;
+    if envelope.id.is_none_or(|id| id.is_empty()) {
+        object.insert("id".into(), Value::String(Uuid::now_v7().to_string()));
+    }
+    if envelope.timestamp.is_none() {
+        object.insert("timestamp".into(), Value::String(now_rfc3339()));
+    }
+    serde_json::to_vec(&object).map_err(|e| EnvelopeError::Unserializable(e.to_string()))
+}
+
+/// A JSON value posted to the ingress that is not an envelope, wrapped as the `data`
+/// of a new one of type `kind`.
+pub(super) fn wrap(kind: &str, data: Value) -> Result<Vec<u8>, EnvelopeError> {
+    if kind.is_empty() {
+        return Err(EnvelopeError::EmptyRoutingKey);
+    }
+    let envelope = Envelope {
+        id: Some(Uuid::now_v7().to_string()),
+        kind: kind.into(),
+        source: None,
+        timestamp: Some(now_rfc3339()),
+        tenant_id: None,
+        correlation_id: None,
+        causation_id: None,
+        hops: None,
+        content_type: None,
+        data,
+        data_base64: None,
+        metadata: BTreeMap::new(),
+    };
+    serde_json::to_vec(&envelope).map_err(|e| EnvelopeError::Unserializable(e.to_string()))
 }
 
 /// The envelope to publish for output `index` that `plugin` produced from `input`.
+///
+/// The output's headers become `metadata`, except the ones the host owns
+/// (`switchboard-hops`, `switchboard-source`): a plugin that copies its input's
+/// headers onto an output must not carry a stale hop count or source along.
 pub fn output_envelope(
     plugin: &str,
     input: &Event,
@@ -217,62 +253,9 @@ pub fn output_envelope(
         metadata: output
             .headers
             .iter()
+            .filter(|(k, _)| k != HOPS_HEADER && k != SOURCE_HEADER)
             .map(|(k, v)| (k.clone(), Value::String(v.clone())))
             .collect(),
-    })
-}
-
-/// Interim wire codec (seed JSON envelope, else raw bytes); the full version
-/// adds CloudEvents.
-pub fn decode(
-    exchange: &str,
-    routing_key: &str,
-    message: &crate::bus::Message,
-    attempt: u32,
-) -> Result<Event, EnvelopeError> {
-    match Envelope::from_json(&message.body) {
-        Ok(envelope) => envelope.into_event(exchange, attempt),
-        Err(_) => Ok(Event {
-            id: message
-                .message_id
-                .clone()
-                .unwrap_or_else(|| Uuid::now_v7().to_string()),
-            kind: routing_key.into(),
-            exchange: exchange.into(),
-            attempt,
-            source: String::new(),
-            time: now_rfc3339(),
-            correlation_id: None,
-            causation_id: None,
-            tenant_id: None,
-            content_type: message
-                .content_type
-                .clone()
-                .unwrap_or_else(|| "application/octet-stream".into()),
-            data: message.body.to_vec(),
-            headers: message.headers.clone(),
-        }),
-    }
-}
-
-/// The message to publish for output `index` of `plugin` (seed JSON envelope).
-pub fn encode_output(
-    plugin: &str,
-    input: &Event,
-    index: usize,
-    output: &Output,
-) -> Result<crate::bus::Message, EnvelopeError> {
-    let envelope = output_envelope(plugin, input, index, output)?;
-    let hops = envelope.hops.unwrap_or(1);
-    let mut headers = vec![(HOPS_HEADER.to_string(), hops.to_string())];
-    headers.extend(output.headers.iter().cloned());
-    Ok(crate::bus::Message {
-        message_id: envelope.id.clone(),
-        body: serde_json::to_vec(&envelope)
-            .map_err(|e| EnvelopeError::Malformed(e.to_string()))?
-            .into(),
-        content_type: Some(JSON.into()),
-        headers,
     })
 }
 
@@ -383,6 +366,32 @@ mod tests {
     }
 
     #[test]
+    fn outputs_do_not_carry_host_owned_headers_as_metadata() {
+        let input = Envelope::from_json(&seed())
+            .unwrap()
+            .into_event("payments", 1)
+            .unwrap();
+        let output = Output {
+            kind: "bill.paid".into(),
+            content_type: None,
+            data: b"{}".to_vec(),
+            exchange: None,
+            headers: vec![
+                (HOPS_HEADER.into(), "0".into()),
+                (SOURCE_HEADER.into(), "payments".into()),
+                ("trace".into(), "abc".into()),
+            ],
+        };
+        let env = output_envelope("billing", &input, 0, &output).unwrap();
+        assert_eq!(
+            env.metadata.keys().collect::<Vec<_>>(),
+            vec!["trace"],
+            "only the plugin's own headers become metadata"
+        );
+        assert_eq!(env.hops, Some(1));
+    }
+
+    #[test]
     fn non_json_outputs_are_text_or_base64() {
         let input = Envelope::from_json(&seed())
             .unwrap()
@@ -409,5 +418,34 @@ mod tests {
             output_envelope("p", &input, 3, &output),
             Err(EnvelopeError::OutputNotJson { index: 3, .. })
         ));
+    }
+
+    #[test]
+    fn probe_only_takes_objects_with_a_string_type() {
+        assert!(probe(br#"  {"type":"a.b","data":1}"#).is_some());
+        assert!(probe(br#"{"type":1}"#).is_none());
+        assert!(probe(br#"{"kind":"a.b"}"#).is_none());
+        assert!(probe(br#"[{"type":"a.b"}]"#).is_none());
+        assert!(probe(b"{not json").is_none());
+        assert!(probe(b"").is_none());
+    }
+
+    #[test]
+    fn ingress_completion_keeps_unknown_fields_and_fills_id_and_time() {
+        let object = |value: Value| value.as_object().unwrap().clone();
+        let body = complete(object(json!({"type": "a.b", "data": 1, "extra": true}))).unwrap();
+        let value: Value = serde_json::from_slice(&body).unwrap();
+        let id = value["id"].as_str().unwrap();
+        assert_eq!(Uuid::parse_str(id).unwrap().get_version_num(), 7);
+        assert_eq!(value["extra"], json!(true));
+        assert!(chrono::DateTime::parse_from_rfc3339(value["timestamp"].as_str().unwrap()).is_ok());
+
+        let body = complete(object(
+            json!({"id": "mine", "type": "a.b", "timestamp": "2026-01-01T00:00:00Z"}),
+        ))
+        .unwrap();
+        let value: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(value["id"], json!("mine"));
+        assert_eq!(value["timestamp"], json!("2026-01-01T00:00:00Z"));
     }
 }
