@@ -12,9 +12,7 @@ OUT     := target/$(WASM)/release
 ## run: build the plugins and the appliance, then run it with router.toml
 run: plugins
 	$(CARGO) build --release -p switchboard
-	./target/release/switchboard test $(OUT)/billing.wasm --events examples/events.jsonl
-	./target/release/switchboard test $(OUT)/notification.wasm --events examples/events.jsonl
-	./target/release/switchboard test $(OUT)/analytics.wasm --events examples/events.jsonl --config forward=true
+	./target/release/switchboard run --config router.toml
 
 ## test: the whole suite (unit, plugin, sandbox and end-to-end tests)
 test: plugins guests
@@ -29,9 +27,10 @@ lint: wasm-target
 fmt:
 	$(CARGO) fmt --all
 
-## plugins: the three seed plugins, as components
+## plugins: the three seed plugins, as components, copied into plugins/ (watched)
 plugins: wasm-target
 	$(CARGO) build --release --target $(WASM) $(addprefix -p ,$(PLUGINS))
+	@for p in $(PLUGINS); do cmp -s $(OUT)/$$p.wasm plugins/$$p.wasm || cp $(OUT)/$$p.wasm plugins/$$p.wasm; done
 
 ## guests: test-only components (hostile, no-op, wrong world)
 guests: wasm-target

@@ -7,6 +7,7 @@
 //!
 //! Modules follow the path of one event:
 //!
+//! - [`config`]: `router.toml`: what to declare, run and route, validated whole.
 //! - [`bus`]: where messages come from and go to (the [`bus::Message`] both buses
 //!   carry).
 //! - [`route`]: which plugins an event goes to (AMQP topic/direct/fanout, as RabbitMQ).
@@ -19,13 +20,21 @@
 //!
 //! Beside the path:
 //!
+//! - [`appliance`]: a configuration applied to a runtime, a bus and workers, and
+//!   re-applied live.
+//! - [`watch`]: hot reload of `router.toml` and the plugins folder.
+//! - [`admin`]: the HTTP interface (ingress, stream, health, status).
 //! - [`kv`]: the stores behind the plugins' key-value capability.
 //! - [`cli`]: the `switchboard` command's subcommands.
 
+pub mod admin;
+pub mod appliance;
 pub mod bus;
 pub mod cli;
+pub mod config;
 pub mod dispatch;
 pub mod envelope;
 pub mod kv;
 pub mod route;
 pub mod runtime;
+pub mod watch;

@@ -29,6 +29,24 @@ enum LogFormat {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the appliance with router.toml: consume, route, run plugins, publish,
+    /// with hot reload, until SIGTERM or SIGINT (then drain and exit 0).
+    Run {
+        /// The configuration file.
+        #[arg(long, default_value = "router.toml", env = "SWITCHBOARD_CONFIG")]
+        config: PathBuf,
+        /// How long queued and in-flight events may take to finish at shutdown.
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        drain_timeout: Duration,
+    },
+    /// Validate router.toml, compile every enabled plugin and print the route
+    /// table; exits 0 when all is well, 1 on any problem, 2 when the file cannot
+    /// be read or parsed.
+    Check {
+        /// The configuration file.
+        #[arg(long, default_value = "router.toml", env = "SWITCHBOARD_CONFIG")]
+        config: PathBuf,
+    },
     /// Run a plugin offline over recorded events (JSONL envelopes) and print what
     /// it produced, one JSON line per event; compare with a golden file.
     Test {
@@ -86,6 +104,15 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     let result = match cli.command {
+        Command::Run {
+            config,
+            drain_timeout,
+        } => cli::run::run(&config, drain_timeout).map(|()| 0),
+        Command::Check { config } => cli::check::run(
+            &cli::check::CheckArgs { config },
+            &mut std::io::stdout().lock(),
+            &mut std::io::stderr().lock(),
+        ),
         Command::Test {
             plugin,
             events,

@@ -17,7 +17,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -124,7 +124,6 @@ struct Inner {
     dead: Mutex<HashMap<String, VecDeque<DeadLetter>>>,
     stream: tokio::sync::broadcast::Sender<Arc<Published>>,
     unroutable: AtomicU64,
-    closed: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -165,7 +164,6 @@ impl EmbeddedBus {
             dead: Mutex::new(HashMap::new()),
             stream,
             unroutable: AtomicU64::new(0),
-            closed: AtomicBool::new(false),
         });
         let weak = Arc::downgrade(&inner);
         let spawned = std::thread::Builder::new()
@@ -180,11 +178,6 @@ impl EmbeddedBus {
     /// Watch every published message (outputs and ingress alike).
     pub fn subscribe_stream(&self) -> tokio::sync::broadcast::Receiver<Arc<Published>> {
         self.inner.stream.subscribe()
-    }
-
-    /// Refuses further publishes (ingress); settling and retries go on.
-    pub fn close(&self) {
-        self.inner.closed.store(true, Ordering::SeqCst);
     }
 
     /// Counters per plugin queue.
@@ -299,6 +292,36 @@ impl EmbeddedBus {
     /// Retries still waiting for their delay (for a shutdown report).
     pub fn pending(&self) -> usize {
         lock(&self.inner.retries).len()
+    }
+
+    /// Takes every message still on the bus — waiting retries and, if a drain
+    /// timed out, queued messages — for spooling at shutdown. Call it after the
+    /// workers have stopped.
+    pub fn take_all(&self) -> Vec<(String, Delivered)> {
+        let mut taken: Vec<(String, Delivered)> = lock(&self.inner.retries)
+            .drain()
+            .map(|Reverse(r)| (r.plugin, r.delivered))
+            .collect();
+        let topo = lock(&self.inner.topo);
+        for (plugin, queue) in &topo.queues {
+            while let Ok(delivery) = queue.rx.try_recv() {
+                queue.counters.settled.fetch_add(1, Ordering::SeqCst);
+                taken.push((plugin.clone(), delivery.delivered));
+            }
+        }
+        taken
+    }
+
+    /// Puts a spooled message back: it reaches `plugin`'s queue as soon as there
+    /// is room (through the retry timer), keeping its attempt count.
+    pub fn restore(&self, plugin: &str, delivered: Delivered) {
+        let retry = Retry {
+            due: Instant::now(),
+            plugin: plugin.into(),
+            delivered,
+        };
+        lock(&self.inner.retries).push(Reverse(retry));
+        self.inner.retry_wake.notify_one();
     }
 
     fn enqueue(&self, queue: &Queue, plugin: &str, delivered: Delivered) -> Result<(), BusError> {
@@ -434,9 +457,6 @@ impl Bus for EmbeddedBus {
     }
 
     fn publish(&self, batch: Vec<Outgoing>, timeout: Duration) -> Result<(), BusError> {
-        if self.inner.closed.load(Ordering::SeqCst) && timeout.is_zero() {
-            return Err(BusError::Closed);
-        }
         let until = Instant::now() + timeout;
         let mut pause = Duration::from_micros(200);
         loop {

@@ -1,6 +1,8 @@
 //! The `switchboard` command's subcommands. `main.rs` parses arguments; each
 //! module here does one subcommand's work and returns its exit code.
 
+pub mod check;
+pub mod run;
 pub mod test;
 
 /// Parses `key=value`, for `--config` flags.

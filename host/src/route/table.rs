@@ -18,10 +18,14 @@ use serde::{Deserialize, Serialize};
 use super::pattern::{MAX_PATTERN_LEN, PatternError, TopicPattern};
 
 /// The AMQP exchange types Switchboard routes through.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum ExchangeKind {
-    /// Binding keys are [`TopicPattern`]s: `*` one word, `#` zero or more.
+    /// Binding keys are [`TopicPattern`]s: `*` one word, `#` zero or more. The
+    /// default.
+    #[default]
     Topic,
     /// Every binding receives every message; binding keys are ignored.
     Fanout,

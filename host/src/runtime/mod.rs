@@ -271,6 +271,11 @@ impl Runtime {
     }
 }
 
+/// The version a plugin built from `wasm` reports: a short content hash.
+pub fn content_version(wasm: &[u8]) -> String {
+    cache::sha256_hex(wasm)[..12].to_string()
+}
+
 /// Refuses non-wasm bytes and core modules with a sentence that says which.
 fn check_header(plugin: &str, wasm: &[u8]) -> Result<(), LoadError> {
     if !wasm.starts_with(b"\0asm") || wasm.len() < 8 {

@@ -54,6 +54,18 @@ impl Guest for Scripted {
                 exchange: None,
                 headers: vec![],
             }]),
+            // A slow handler: busy-waits `ms` (WASI's monotonic clock), then ok.
+            "sleep" => {
+                let ms = params()?
+                    .get("ms")
+                    .and_then(serde_json::Value::as_u64)
+                    .unwrap_or(10);
+                let start = std::time::Instant::now();
+                while start.elapsed() < std::time::Duration::from_millis(ms) {
+                    std::hint::spin_loop();
+                }
+                Ok(vec![])
+            }
             "emit" => Ok(emit(&params()?)),
             "retry" => Err(Failure::Retry("asked to retry".into())),
             "reject" => Err(Failure::Reject("asked to reject".into())),

@@ -1,0 +1,176 @@
+//! The HTTP interface: event ingress, a live stream of what is published, health
+//! for Kubernetes probes, plugin status and dead letters.
+//!
+//! | method | path | |
+//! |---|---|---|
+//! | POST | `/events/{exchange}/{routing_key}` | publish an event (envelope, CloudEvent, or any JSON as data) → 202 `{"id"}`; 503 + `Retry-After` when a queue is full |
+//! | GET | `/events/stream?exchange=…&match=…` | server-sent events: every message published (ingress and outputs) matching the exchange and topic pattern |
+//! | GET | `/healthz` | the process is alive |
+//! | GET | `/readyz` | ready for traffic (503 while shutting down) |
+//! | GET | `/plugins` | each plugin's state, version, last load error, queue counters |
+//! | GET | `/dlq/{plugin}` | the plugin's dead letters with their reasons |
+//! | POST | `/dlq/{plugin}/redrive?limit=N` | move dead letters back to the plugin's queue |
+
+use std::convert::Infallible;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::Engine as _;
+use futures::Stream;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio_stream::StreamExt as _;
+use tokio_stream::wrappers::BroadcastStream;
+use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
+
+use crate::appliance::{Appliance, IngressError};
+use crate::route::TopicPattern;
+
+/// The router serving every endpoint.
+pub fn router(appliance: Appliance) -> Router {
+    Router::new()
+        .route("/events/{exchange}/{routing_key}", post(ingress))
+        .route("/events/stream", get(stream))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(ready))
+        .route("/plugins", get(plugins))
+        .route("/dlq/{plugin}", get(dead_letters))
+        .route("/dlq/{plugin}/redrive", post(redrive))
+        .with_state(appliance)
+}
+
+fn error(status: StatusCode, message: impl std::fmt::Display) -> Response {
+    (status, Json(json!({"error": message.to_string()}))).into_response()
+}
+
+async fn ingress(
+    State(appliance): State<Appliance>,
+    Path((exchange, routing_key)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok());
+    match appliance.ingress(&exchange, &routing_key, &body, content_type) {
+        Ok(id) => (StatusCode::ACCEPTED, Json(json!({"id": id}))).into_response(),
+        Err(e @ (IngressError::Full(_) | IngressError::Closed)) => {
+            let mut response = error(StatusCode::SERVICE_UNAVAILABLE, e);
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            response
+        }
+        Err(e @ IngressError::NoSuchExchange(_)) => error(StatusCode::NOT_FOUND, e),
+        Err(e @ IngressError::BadEvent(_)) => error(StatusCode::BAD_REQUEST, e),
+        Err(e @ IngressError::Bus(_)) => error(StatusCode::SERVICE_UNAVAILABLE, e),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct StreamQuery {
+    exchange: Option<String>,
+    #[serde(rename = "match")]
+    pattern: Option<String>,
+}
+
+async fn stream(
+    State(appliance): State<Appliance>,
+    Query(query): Query<StreamQuery>,
+) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>> + use<>>, Response> {
+    let pattern = match &query.pattern {
+        Some(p) => Some(TopicPattern::parse(p).map_err(|e| error(StatusCode::BAD_REQUEST, e))?),
+        None => None,
+    };
+    let exchange = query.exchange;
+    let closed = appliance.closed();
+    let events = BroadcastStream::new(appliance.bus().subscribe_stream()).filter_map(move |item| {
+        match item {
+            Ok(published) => {
+                let wanted = exchange.as_ref().is_none_or(|e| *e == published.exchange)
+                    && pattern.as_ref().is_none_or(|p| p.matches(&published.routing_key));
+                wanted.then(|| {
+                    let body = &published.message.body;
+                    let data = match serde_json::from_slice::<Value>(body) {
+                        Ok(json) => json,
+                        Err(_) => json!({"body_base64": base64::engine::general_purpose::STANDARD.encode(body)}),
+                    };
+                    let line = json!({
+                        "exchange": published.exchange,
+                        "routing_key": published.routing_key,
+                        "message": data,
+                    });
+                    Ok(SseEvent::default().event(published.routing_key.clone()).data(line.to_string()))
+                })
+            }
+            Err(BroadcastStreamRecvError::Lagged(n)) => {
+                Some(Ok(SseEvent::default().comment(format!("lagged: {n} messages skipped"))))
+            }
+        }
+    });
+    // Streams never end by themselves: end them when ingress stops, or a
+    // graceful shutdown would wait for every watcher to hang up.
+    let events = futures::StreamExt::take_until(events, closed);
+    Ok(Sse::new(events).keep_alive(KeepAlive::default()))
+}
+
+async fn ready(State(appliance): State<Appliance>) -> Response {
+    if appliance.accepting() {
+        (StatusCode::OK, "ready").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response()
+    }
+}
+
+async fn plugins(State(appliance): State<Appliance>) -> Response {
+    Json(appliance.statuses()).into_response()
+}
+
+async fn dead_letters(State(appliance): State<Appliance>, Path(plugin): Path<String>) -> Response {
+    let letters: Vec<Value> = appliance
+        .bus()
+        .dead_letters(&plugin)
+        .into_iter()
+        .map(|d| {
+            let body = serde_json::from_slice::<Value>(&d.delivered.message.body).unwrap_or_else(|_| {
+                json!({"body_base64": base64::engine::general_purpose::STANDARD.encode(&d.delivered.message.body)})
+            });
+            json!({
+                "exchange": d.delivered.exchange,
+                "routing_key": d.delivered.routing_key,
+                "kind": d.failure.kind,
+                "reason": d.failure.reason,
+                "attempts": d.failure.attempts,
+                "plugin_version": d.failure.plugin_version,
+                "first_failure": d.failure.first_failure,
+                "dead_lettered_at": d.at,
+                "message": body,
+            })
+        })
+        .collect();
+    Json(letters).into_response()
+}
+
+#[derive(Debug, Deserialize)]
+struct RedriveQuery {
+    limit: Option<usize>,
+}
+
+async fn redrive(
+    State(appliance): State<Appliance>,
+    Path(plugin): Path<String>,
+    Query(query): Query<RedriveQuery>,
+) -> Response {
+    match appliance
+        .bus()
+        .redrive(&plugin, query.limit.unwrap_or(usize::MAX))
+    {
+        Ok(moved) => Json(json!({"redriven": moved})).into_response(),
+        Err(e) => error(StatusCode::NOT_FOUND, e),
+    }
+}

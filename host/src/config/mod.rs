@@ -1,0 +1,380 @@
+//! `router.toml`: everything the appliance does, declared in one file — the
+//! broker, the HTTP listener, the exchanges, the plugins and how they run, and
+//! the routes from (exchange, topic pattern) to plugin.
+//!
+//! The path of a configuration: [`RouterConfig::load`] reads the file, parses it
+//! (unknown keys are errors with line and column), resolves relative paths
+//! against the file's folder, applies the environment ([`RouterConfig::apply_env`]:
+//! secrets such as `RABBITMQ_URL` come from there), and validates everything at
+//! once ([`RouterConfig::validate`] lists every problem, not just the first).
+//! A configuration that fails any step is never used; on reload, the running one
+//! stays. [`RouterConfig::plugin_settings`] then gives each plugin its concrete,
+//! merged settings.
+//!
+//! Every key is documented on the field that declares it; the shipped
+//! `router.toml` is parsed by a unit test so that the example cannot rot.
+
+mod env;
+mod plugin;
+mod secret;
+mod units;
+mod validate;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use bytesize::ByteSize;
+use serde::Deserialize;
+
+use crate::runtime::RuntimeConfig;
+
+pub use plugin::{Backoff, PluginConfig, PluginDefaults, PluginSettings};
+pub use secret::Secret;
+pub use units::{duration_text, size_text};
+pub use validate::{MAX_EXCHANGE_NAME, MAX_PLUGIN_NAME, check_exchange_name, check_plugin_name};
+
+/// The whole `router.toml`. Every key is optional; an empty file is a valid
+/// configuration (embedded bus, no plugins).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RouterConfig {
+    /// Folder watched for plugin components (`*.wasm`). Relative to the folder
+    /// of `router.toml`; absolute once loaded.
+    pub plugins_dir: PathBuf,
+    /// Folder for plugin state (`kv.redb`) and the compiled-plugin cache
+    /// (`cache/`). Relative to the folder of `router.toml`; absolute once loaded.
+    pub state_dir: PathBuf,
+    /// `[broker]`: where events come from; none configured = the embedded bus.
+    pub broker: BrokerConfig,
+    /// `[http]`: ingress, metrics, health and the admin API.
+    pub http: HttpConfig,
+    /// `[runtime]`: the WebAssembly engine shared by all plugins.
+    pub runtime: RuntimeSection,
+    /// `[defaults]`: how every plugin runs unless its own table overrides it.
+    pub defaults: PluginDefaults,
+    /// `[[exchanges]]`: the exchanges the router declares and routes from.
+    pub exchanges: Vec<ExchangeConfig>,
+    /// `[plugins.<name>]`: the plugins, by name.
+    pub plugins: BTreeMap<String, PluginConfig>,
+    /// `[[routes]]`: which events go to which plugin.
+    pub routes: Vec<RouteConfig>,
+    /// Problems found while applying the environment, reported by `validate`.
+    #[serde(skip)]
+    env_errors: Vec<String>,
+}
+
+impl Default for RouterConfig {
+    fn default() -> Self {
+        Self {
+            plugins_dir: PathBuf::from("plugins"),
+            state_dir: PathBuf::from(".switchboard"),
+            broker: BrokerConfig::default(),
+            http: HttpConfig::default(),
+            runtime: RuntimeSection::default(),
+            defaults: PluginDefaults::default(),
+            exchanges: Vec::new(),
+            plugins: BTreeMap::new(),
+            routes: Vec::new(),
+            env_errors: Vec::new(),
+        }
+    }
+}
+
+/// `[broker]`: the RabbitMQ connection.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BrokerConfig {
+    /// `amqp://user:password@host:5672/vhost` (or `amqps://`). Overridden by the
+    /// `RABBITMQ_URL` environment variable, or built from `RABBITMQ_HOST` & co.
+    /// None = the embedded in-process bus. Keep passwords out of this file: set
+    /// them in the environment. Never printed with its credentials.
+    pub url: Option<Secret>,
+    /// Prefix of everything the router declares on the broker: queues
+    /// `<prefix>.<plugin>`, exchanges `<prefix>.retry` and `<prefix>.dlx`.
+    pub prefix: String,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        Self {
+            url: None,
+            prefix: "switchboard".into(),
+        }
+    }
+}
+
+/// `[http]`: the HTTP server.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Address to listen on. Overridden by `SWITCHBOARD_HTTP_LISTEN`; use
+    /// `0.0.0.0:8080` in a container.
+    pub listen: SocketAddr,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 8080)),
+        }
+    }
+}
+
+/// `[runtime]`: the WebAssembly engine.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RuntimeSection {
+    /// Pre-reserve instance slots (wasmtime's pooling allocator): faster
+    /// instantiation, more virtual address space. Falls back to on-demand
+    /// allocation when the machine cannot reserve it.
+    pub pooling: bool,
+    /// Plugin instances that may exist at once across all plugins, with pooling.
+    /// At least 1.
+    pub max_instances: u32,
+    /// WebAssembly stack per call (`"512KiB"`); deeper recursion fails the event
+    /// as a stack overflow. 64KiB to 8MiB: it must fit in the worker thread's
+    /// own stack.
+    #[serde(deserialize_with = "units::size")]
+    pub max_stack: ByteSize,
+    /// Keep compiled plugins in `<state_dir>/cache`, so that restarts skip
+    /// compilation.
+    pub cache: bool,
+}
+
+impl Default for RuntimeSection {
+    fn default() -> Self {
+        Self {
+            pooling: true,
+            max_instances: 256,
+            max_stack: ByteSize::kib(512),
+            cache: true,
+        }
+    }
+}
+
+/// `[[exchanges]]`: an exchange the router declares (on RabbitMQ; the embedded
+/// bus creates it) and that routes may bind to.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExchangeConfig {
+    /// Its name: letters, digits, `-`, `_`, `.`, `:`; not starting with `amq.`.
+    pub name: String,
+    /// How its routes' patterns match routing keys.
+    #[serde(default)]
+    pub kind: ExchangeKind,
+    /// Survives a broker restart. Changing it on an existing exchange is refused
+    /// by RabbitMQ.
+    #[serde(default = "yes")]
+    pub durable: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+pub use crate::route::ExchangeKind;
+
+/// `[[routes]]`: events on `exchange` whose routing key matches one of
+/// `patterns` go to `plugin` (each plugin has its own queue, so one event can go
+/// to several plugins).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "RouteSpelling")]
+pub struct RouteConfig {
+    /// A declared exchange.
+    pub exchange: String,
+    /// AMQP topic patterns: words split on `.`, `*` one word, `#` zero or more.
+    /// In the file, `patterns = [...]` or, for one, `pattern = "..."`.
+    pub patterns: Vec<String>,
+    /// A declared plugin (it may be disabled).
+    pub plugin: String,
+}
+
+/// A route as written: `patterns` or `pattern`, exactly one of them.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RouteSpelling {
+    /// A declared exchange.
+    exchange: String,
+    /// Topic patterns.
+    patterns: Option<Vec<String>>,
+    /// One topic pattern: `pattern = "a.*"` is `patterns = ["a.*"]`.
+    pattern: Option<String>,
+    /// A declared plugin.
+    plugin: String,
+}
+
+impl TryFrom<RouteSpelling> for RouteConfig {
+    type Error = String;
+
+    fn try_from(route: RouteSpelling) -> Result<Self, String> {
+        let patterns = match (route.patterns, route.pattern) {
+            (Some(patterns), None) => patterns,
+            (None, Some(pattern)) => vec![pattern],
+            (Some(_), Some(_)) => {
+                return Err(format!(
+                    "route to plugin {:?} has both `patterns` and `pattern`; keep one",
+                    route.plugin
+                ));
+            }
+            (None, None) => {
+                return Err(format!(
+                    "route to plugin {:?} has no pattern; add `patterns = [\"…\"]` or `pattern = \"…\"`",
+                    route.plugin
+                ));
+            }
+        };
+        Ok(Self {
+            exchange: route.exchange,
+            patterns,
+            plugin: route.plugin,
+        })
+    }
+}
+
+/// Why a configuration cannot be used. Messages name the file, and the line and
+/// column or the key that is wrong; none ever contains a secret.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file cannot be read.
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or does not fit the schema (unknown key, wrong
+    /// type, bad duration…). `line` and `column` are 1-based.
+    #[error("{}:{line}:{column}: {message}", path.display())]
+    Parse {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    /// The file parses but says something impossible; `errors` lists every
+    /// problem, each naming its key (`routes[2].plugin: …`).
+    #[error("{}", invalid_text(path, errors))]
+    Invalid { path: PathBuf, errors: Vec<String> },
+}
+
+fn invalid_text(path: &Path, errors: &[String]) -> String {
+    let mut text = format!(
+        "{} is not valid ({} problem{}):",
+        path.display(),
+        errors.len(),
+        if errors.len() == 1 { "" } else { "s" }
+    );
+    for e in errors {
+        text.push_str("\n  ");
+        text.push_str(e);
+    }
+    text
+}
+
+impl RouterConfig {
+    /// Reads, parses, resolves and validates the file at `path`, with the
+    /// process environment applied.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let config = Self::load_unvalidated(path)?;
+        config.validated(path)
+    }
+
+    /// Like [`load`](Self::load) but without validating, for `switchboard check`,
+    /// which reports validation problems and still goes on to check the plugins.
+    pub fn load_unvalidated(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let base_dir = match path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir,
+            _ => Path::new("."),
+        };
+        let mut config = Self::parse_unvalidated(&text, path, base_dir)?;
+        config.apply_env(|name| std::env::var(name).ok());
+        Ok(config)
+    }
+
+    /// Parses and validates `text` as if it were a `router.toml` in `base_dir`;
+    /// the environment is not applied. Errors call the file `router.toml`.
+    pub fn parse(text: &str, base_dir: &Path) -> Result<Self, ConfigError> {
+        let path = Path::new("router.toml");
+        Self::parse_unvalidated(text, path, base_dir)?.validated(path)
+    }
+
+    fn parse_unvalidated(text: &str, path: &Path, base_dir: &Path) -> Result<Self, ConfigError> {
+        let mut config: Self = toml::from_str(text).map_err(|e| {
+            let (line, column) = e.span().map_or((1, 1), |span| position(text, span.start));
+            ConfigError::Parse {
+                path: path.to_path_buf(),
+                line,
+                column,
+                message: e.message().trim_end().to_string(),
+            }
+        })?;
+        let base_dir = std::path::absolute(base_dir).unwrap_or_else(|_| base_dir.to_path_buf());
+        config.plugins_dir = base_dir.join(&config.plugins_dir);
+        config.state_dir = base_dir.join(&config.state_dir);
+        Ok(config)
+    }
+
+    fn validated(self, path: &Path) -> Result<Self, ConfigError> {
+        match self.validate() {
+            Ok(()) => Ok(self),
+            Err(errors) => Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                errors,
+            }),
+        }
+    }
+
+    /// The declared exchange called `name`.
+    pub fn exchange(&self, name: &str) -> Option<&ExchangeConfig> {
+        self.exchanges.iter().find(|e| e.name == name)
+    }
+
+    /// The concrete settings of the plugin called `name`: `[defaults]` with its
+    /// overrides applied, and the absolute path of its component.
+    pub fn plugin_settings(&self, name: &str) -> Option<PluginSettings> {
+        let plugin = self.plugins.get(name)?;
+        let file = plugin
+            .file
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(format!("{name}.wasm")));
+        let wasm = self.plugins_dir.join(file);
+        Some(PluginSettings::merge(name, wasm, plugin, &self.defaults))
+    }
+
+    /// The engine settings; the artifact cache lives in `<state_dir>/cache`.
+    pub fn runtime_config(&self) -> RuntimeConfig {
+        RuntimeConfig {
+            cache_dir: self.runtime.cache.then(|| self.state_dir.join("cache")),
+            pooling: self.runtime.pooling,
+            max_instances: self.runtime.max_instances,
+            max_stack: usize::try_from(self.runtime.max_stack.as_u64()).unwrap_or(usize::MAX),
+            ..RuntimeConfig::default()
+        }
+    }
+
+    /// The embedded key-value store's file.
+    pub fn kv_path(&self) -> PathBuf {
+        self.state_dir.join("kv.redb")
+    }
+}
+
+/// 1-based line and column (in characters) of byte `offset` in `text`.
+fn position(text: &str, offset: usize) -> (usize, usize) {
+    let mut offset = offset.min(text.len());
+    while !text.is_char_boundary(offset) {
+        offset -= 1;
+    }
+    let before = &text[..offset];
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    (
+        before.matches('\n').count() + 1,
+        before[line_start..].chars().count() + 1,
+    )
+}

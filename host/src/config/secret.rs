@@ -1,0 +1,83 @@
+//! A broker URL, which may carry a password: [`Secret`] keeps it out of `Debug`,
+//! `Display`, logs and error messages; only [`Secret::expose`] hands it out, for
+//! the one place that connects.
+
+use std::fmt;
+
+use serde::Deserialize;
+
+/// A URL whose credentials are never printed: `amqp://app:s3cret@rabbit:5672/%2f`
+/// prints as `amqp://***@rabbit:5672/%2f`.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a value that must not be printed.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The value itself, to connect with. Never log it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// The value with its credentials replaced by `***`. Something that does not
+    /// look like a URL prints as `***` altogether.
+    pub fn redacted(&self) -> String {
+        let Some((scheme, rest)) = self.0.split_once("://") else {
+            return "***".into();
+        };
+        let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+        let (authority, path) = rest.split_at(authority_end);
+        // The last '@': a password with an unescaped '@' is still hidden entirely.
+        match authority.rfind('@') {
+            Some(at) => format!("{scheme}://***@{}{path}", &authority[at + 1..]),
+            None => self.0.clone(),
+        }
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.redacted(), f)
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_are_redacted() {
+        let url = Secret::new("amqp://app:s3cret@rabbit.internal:5672/%2f");
+        assert_eq!(url.to_string(), "amqp://***@rabbit.internal:5672/%2f");
+        assert_eq!(
+            format!("{url:?}"),
+            r#""amqp://***@rabbit.internal:5672/%2f""#
+        );
+        assert_eq!(url.expose(), "amqp://app:s3cret@rabbit.internal:5672/%2f");
+    }
+
+    #[test]
+    fn a_password_with_an_at_sign_is_hidden_whole() {
+        let url = Secret::new("amqps://app:p@ss@rabbit/vhost?heartbeat=10");
+        assert_eq!(url.to_string(), "amqps://***@rabbit/vhost?heartbeat=10");
+    }
+
+    #[test]
+    fn urls_without_credentials_print_as_they_are_and_non_urls_not_at_all() {
+        assert_eq!(
+            Secret::new("amqp://rabbit:5672").to_string(),
+            "amqp://rabbit:5672"
+        );
+        assert_eq!(Secret::new("app:s3cret@rabbit").to_string(), "***");
+    }
+}

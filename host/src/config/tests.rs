@@ -1,0 +1,460 @@
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Duration;
+
+use bytesize::ByteSize;
+
+use super::*;
+
+const SHIPPED: &str = include_str!("../../../router.toml");
+
+fn parse(text: &str) -> Result<RouterConfig, ConfigError> {
+    RouterConfig::parse(text, Path::new("/etc/switchboard"))
+}
+
+fn problems(text: &str) -> Vec<String> {
+    match parse(text) {
+        Err(ConfigError::Invalid { errors, .. }) => errors,
+        other => panic!("expected validation errors, got {other:?}"),
+    }
+}
+
+fn parse_error(text: &str) -> (usize, usize, String) {
+    match parse(text) {
+        Err(ConfigError::Parse {
+            line,
+            column,
+            message,
+            ..
+        }) => (line, column, message),
+        other => panic!("expected a parse error, got {other:?}"),
+    }
+}
+
+#[test]
+fn the_shipped_router_toml_parses_and_routes_to_its_plugins() {
+    let config = parse(SHIPPED).unwrap();
+    assert_eq!(config.plugins_dir, Path::new("/etc/switchboard/plugins"));
+    assert_eq!(config.state_dir, Path::new("/etc/switchboard/.switchboard"));
+    assert!(
+        config.broker.url.is_none(),
+        "runs on the embedded bus as-is"
+    );
+    assert_eq!(
+        config.plugins.keys().collect::<Vec<_>>(),
+        ["analytics", "billing", "notification"]
+    );
+    assert_eq!(config.exchanges.len(), 1);
+    assert_eq!(config.exchanges[0].kind, ExchangeKind::Topic);
+    assert!(config.routes.iter().all(|r| r.exchange == "events"));
+    let notification = config.plugin_settings("notification").unwrap();
+    assert_eq!(
+        notification
+            .config
+            .get("bill.paid.subject")
+            .map(String::as_str),
+        Some("Payment received for bill {{bill_id}}")
+    );
+    assert_eq!(
+        notification.wasm,
+        Path::new("/etc/switchboard/plugins/notification.wasm")
+    );
+    assert_eq!(
+        config.plugin_settings("analytics").unwrap().config["forward"],
+        "false"
+    );
+}
+
+#[test]
+fn an_empty_file_is_the_documented_defaults() {
+    let config = parse("").unwrap();
+    assert_eq!(config.http.listen.to_string(), "127.0.0.1:8080");
+    assert_eq!(config.broker.prefix, "switchboard");
+    assert!(config.runtime.pooling && config.runtime.cache);
+    assert_eq!(config.runtime.max_instances, 256);
+    assert_eq!(config.runtime.max_stack, ByteSize::kib(512));
+    let d = &config.defaults;
+    assert_eq!(
+        (d.prefetch, d.concurrency, d.instance_reuse, d.max_attempts),
+        (64, 2, 1000, 5)
+    );
+    assert_eq!((d.max_hops, d.queue_capacity), (10, 10_000));
+    assert_eq!(d.timeout, Duration::from_secs(5));
+    assert_eq!(d.memory, ByteSize::mib(64));
+    assert_eq!(d.backoff, Backoff::default());
+    assert_eq!(d.backoff.initial, Duration::from_millis(500));
+    assert_eq!(d.backoff.max, Duration::from_secs(60));
+    let runtime = config.runtime_config();
+    assert_eq!(
+        runtime.cache_dir.as_deref(),
+        Some(Path::new("/etc/switchboard/.switchboard/cache"))
+    );
+    assert_eq!(runtime.max_stack, 512 << 10);
+}
+
+#[test]
+fn plugin_overrides_replace_defaults_field_by_field() {
+    let config = parse(
+        r#"
+        [defaults]
+        timeout = "2s"
+        concurrency = 4
+        [plugins.billing]
+        file = "billing-v2.wasm"
+        timeout = "30s"
+        memory = "128MiB"
+        max_attempts = 3
+        dedupe = "10m"
+        output_exchange = "events"
+        backoff = { initial = "1s" }
+        [plugins.audit]
+        enabled = false
+        file = "/opt/audit.wasm"
+        [[exchanges]]
+        name = "events"
+        "#,
+    )
+    .unwrap();
+    let billing = config.plugin_settings("billing").unwrap();
+    assert_eq!(
+        billing.wasm,
+        Path::new("/etc/switchboard/plugins/billing-v2.wasm")
+    );
+    assert_eq!(billing.timeout, Duration::from_secs(30));
+    assert_eq!(billing.memory, ByteSize::mib(128));
+    assert_eq!(billing.max_attempts, 3);
+    assert_eq!(billing.concurrency, 4, "inherited from [defaults]");
+    assert_eq!(billing.prefetch, 64);
+    assert_eq!(billing.dedupe, Some(Duration::from_secs(600)));
+    assert_eq!(billing.output_exchange.as_deref(), Some("events"));
+    assert_eq!(billing.backoff.initial, Duration::from_secs(1));
+    assert_eq!(billing.backoff.max, Duration::from_secs(60));
+    let limits = billing.limits();
+    assert_eq!(limits.timeout, Duration::from_secs(30));
+    assert_eq!(limits.memory, 128 << 20);
+
+    let audit = config.plugin_settings("audit").unwrap();
+    assert!(!audit.enabled);
+    assert_eq!(audit.wasm, Path::new("/opt/audit.wasm"));
+    assert_eq!(audit.timeout, Duration::from_secs(2));
+    assert!(config.plugin_settings("nope").is_none());
+}
+
+#[test]
+fn ordered_plugins_take_one_event_at_a_time() {
+    let config =
+        parse("[plugins.ledger]\nordered = true\nconcurrency = 8\nprefetch = 100\n").unwrap();
+    let ledger = config.plugin_settings("ledger").unwrap();
+    assert!(ledger.ordered);
+    assert_eq!((ledger.concurrency, ledger.prefetch), (1, 1));
+}
+
+#[test]
+fn a_route_takes_one_pattern_or_several_but_not_both() {
+    let config = parse(
+        r#"
+        [[exchanges]]
+        name = "payments"
+        kind = "direct"
+        durable = false
+        [plugins.billing]
+        [[routes]]
+        exchange = "payments"
+        pattern = "payment.success"
+        plugin = "billing"
+        "#,
+    )
+    .unwrap();
+    assert_eq!(config.routes[0].patterns, ["payment.success"]);
+    assert_eq!(config.exchanges[0].kind, ExchangeKind::Direct);
+    assert!(!config.exchanges[0].durable);
+
+    let (line, _, message) = parse_error(
+        "[[routes]]\nexchange = \"e\"\npattern = \"a\"\npatterns = [\"b\"]\nplugin = \"p\"\n",
+    );
+    assert_eq!(line, 1);
+    assert!(
+        message.contains("both `patterns` and `pattern`"),
+        "{message}"
+    );
+    let (_, _, message) = parse_error("[[routes]]\nexchange = \"e\"\nplugin = \"p\"\n");
+    assert!(message.contains("has no pattern"), "{message}");
+}
+
+#[test]
+fn unknown_keys_are_errors_with_line_column_and_key() {
+    let text = "plugins_dir = \"plugins\"\n\n[defaults]\ntimeout = \"5s\"\nconcurency = 2\n";
+    let (line, column, message) = parse_error(text);
+    assert_eq!((line, column), (5, 1));
+    assert!(message.contains("unknown field `concurency`"), "{message}");
+    assert!(
+        message.contains("`concurrency`"),
+        "lists the valid keys: {message}"
+    );
+
+    let (line, column, message) = parse_error("[plugins.billing]\n  colour = \"red\"\n");
+    assert_eq!((line, column), (2, 3));
+    assert!(message.contains("unknown field `colour`"), "{message}");
+
+    let (line, _, message) = parse_error("[defaults.backoff]\nfactor = 3.0\n");
+    assert_eq!(line, 2);
+    assert!(message.contains("unknown field `factor`"), "{message}");
+
+    let error = parse("[brokr]\nurl = \"amqp://localhost\"\n").unwrap_err();
+    assert_eq!(
+        error.to_string().lines().next().unwrap(),
+        error.to_string(),
+        "one line"
+    );
+    assert!(error.to_string().starts_with("router.toml:1:"), "{error}");
+}
+
+#[test]
+fn durations_and_sizes_say_what_is_wrong_with_them() {
+    let (line, column, message) = parse_error("[defaults]\ntimeout = \"5 parsecs\"\n");
+    assert_eq!((line, column), (2, 11));
+    assert!(
+        message.contains("invalid duration \"5 parsecs\""),
+        "{message}"
+    );
+    assert!(message.contains("\"500ms\""), "gives an example: {message}");
+
+    let (_, _, message) = parse_error("[defaults]\ntimeout = 5\n");
+    assert!(message.contains("a duration with a unit"), "{message}");
+
+    let (_, _, message) = parse_error("[plugins.p]\nmemory = \"64 MegaBytes\"\n");
+    assert!(
+        message.contains("invalid size \"64 MegaBytes\""),
+        "{message}"
+    );
+
+    let config = parse("[defaults]\nmemory = 2097152\n").unwrap();
+    assert_eq!(
+        config.defaults.memory,
+        ByteSize::mib(2),
+        "a bare number is bytes"
+    );
+}
+
+#[test]
+fn validation_lists_every_problem_with_its_key() {
+    let errors = problems(
+        r##"
+        [defaults]
+        concurrency = 0
+        timeout = "20m"
+        [defaults.backoff]
+        initial = "2m"
+        max = "1m"
+        jitter = 1.5
+        [[exchanges]]
+        name = "events"
+        [[exchanges]]
+        name = "events"
+        [[exchanges]]
+        name = "amq.topic"
+        [plugins.billing]
+        memory = "512KiB"
+        output_exchange = "invoices"
+        [plugins.notification]
+        [plugins.analytics]
+        enabled = false
+        [plugins.Bad_Name]
+        [[routes]]
+        exchange = "events"
+        patterns = ["bill.*"]
+        plugin = "billing"
+        [[routes]]
+        exchange = "payments"
+        patterns = [""]
+        plugin = "billing"
+        [[routes]]
+        exchange = "events"
+        pattern = "#"
+        plugin = "biling"
+        [[routes]]
+        exchange = "events"
+        pattern = "#"
+        plugin = "analytics"
+        "##,
+    );
+    let expected = [
+        "exchanges[1].name: \"events\" is already declared by exchanges[0]",
+        "exchanges[2].name: invalid name \"amq.topic\": names starting with \"amq.\" are reserved by RabbitMQ",
+        "defaults.concurrency: must be at least 1, got 0",
+        "defaults.timeout: must be between 1ms and 10m, got 20m",
+        "defaults.backoff: initial (2m) is longer than max (1m)",
+        "defaults.backoff.jitter: must be between 0 and 1, got 1.5",
+        "plugins.Bad_Name: invalid plugin name \"Bad_Name\"",
+        "plugins.billing.memory: must be between 1MiB and 4GiB, got 512KiB",
+        "plugins.billing.output_exchange: unknown exchange \"invoices\" (declared: amq.topic, events)",
+        "routes[1].exchange: unknown exchange \"payments\" (declared: amq.topic, events)",
+        "routes[1].patterns[0]: invalid pattern \"\": empty",
+        "routes[2].plugin: unknown plugin \"biling\" (declared: Bad_Name, analytics, billing, notification)",
+    ];
+    for want in expected {
+        assert!(
+            errors.iter().any(|e| e.starts_with(want)),
+            "missing {want:?} in:\n{}",
+            errors.join("\n")
+        );
+    }
+    assert_eq!(errors.len(), expected.len(), "{}", errors.join("\n"));
+}
+
+#[test]
+fn the_invalid_error_prints_one_problem_per_line() {
+    let error =
+        parse("[[routes]]\nexchange = \"x\"\npattern = \"a\"\nplugin = \"p\"\n").unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        "router.toml is not valid (2 problems):\n  \
+         routes[0].exchange: unknown exchange \"x\" (none declared)\n  \
+         routes[0].plugin: unknown plugin \"p\" (none declared)"
+    );
+}
+
+#[test]
+fn names_become_queues_so_they_are_restricted() {
+    assert!(check_plugin_name("billing-v2_eu").is_ok());
+    assert!(check_plugin_name("0day").is_ok());
+    for bad in ["", "-x", "_x", "Billing", "bill.ing", "bill ing", "bïlling"] {
+        assert!(check_plugin_name(bad).is_err(), "{bad:?}");
+    }
+    assert!(check_plugin_name(&"a".repeat(64)).is_ok());
+    assert!(check_plugin_name(&"a".repeat(65)).is_err());
+
+    assert!(check_exchange_name("orders.v1:eu-west_1").is_ok());
+    for bad in ["", "amq.direct", "a b", "a/b"] {
+        assert!(check_exchange_name(bad).is_err(), "{bad:?}");
+    }
+    assert!(check_exchange_name(&"e".repeat(255)).is_ok());
+    assert!(check_exchange_name(&"e".repeat(256)).is_err());
+}
+
+fn env(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+    let vars: HashMap<String, String> = vars
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    move |name| vars.get(name).cloned()
+}
+
+#[test]
+fn rabbitmq_url_from_the_environment_overrides_the_file() {
+    let mut config = parse("[broker]\nurl = \"amqp://localhost\"\n").unwrap();
+    config.apply_env(env(&[
+        ("RABBITMQ_URL", "amqps://app:pw@rabbit:5671/prod"),
+        ("RABBITMQ_HOST", "ignored"),
+        ("SWITCHBOARD_HTTP_LISTEN", "0.0.0.0:9000"),
+    ]));
+    assert_eq!(
+        config.broker.url.as_ref().unwrap().expose(),
+        "amqps://app:pw@rabbit:5671/prod"
+    );
+    assert_eq!(config.http.listen.to_string(), "0.0.0.0:9000");
+    assert!(config.validate().is_ok());
+}
+
+#[test]
+fn rabbitmq_host_and_friends_build_a_url() {
+    let mut config = parse("").unwrap();
+    config.apply_env(env(&[("RABBITMQ_HOST", "rabbit")]));
+    assert_eq!(
+        config.broker.url.as_ref().unwrap().expose(),
+        "amqp://guest:guest@rabbit:5672/%2f"
+    );
+
+    let mut config = parse("").unwrap();
+    config.apply_env(env(&[
+        ("RABBITMQ_HOST", "rabbit.internal"),
+        ("RABBITMQ_PORT", "5673"),
+        ("RABBITMQ_USER", "app"),
+        ("RABBITMQ_PASSWORD", "p@ss/word"),
+        ("RABBITMQ_VHOST", "prod"),
+    ]));
+    assert_eq!(
+        config.broker.url.as_ref().unwrap().expose(),
+        "amqp://app:p%40ss%2fword@rabbit.internal:5673/prod"
+    );
+
+    let mut config = parse("").unwrap();
+    config.apply_env(env(&[("RABBITMQ_URL", ""), ("RABBITMQ_HOST", "")]));
+    assert!(
+        config.broker.url.is_none(),
+        "empty variables count as unset"
+    );
+}
+
+#[test]
+fn malformed_environment_variables_are_validation_errors() {
+    let mut config = parse("").unwrap();
+    config.apply_env(env(&[
+        ("RABBITMQ_HOST", "rabbit"),
+        ("RABBITMQ_PORT", "amqp"),
+        ("SWITCHBOARD_HTTP_LISTEN", "localhost"),
+    ]));
+    assert_eq!(config.http.listen.to_string(), "127.0.0.1:8080", "kept");
+    let errors = config.validate().unwrap_err();
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    assert!(errors[0].starts_with("RABBITMQ_PORT: "), "{errors:?}");
+    assert!(
+        errors[1].starts_with("SWITCHBOARD_HTTP_LISTEN: "),
+        "{errors:?}"
+    );
+}
+
+#[test]
+fn the_broker_password_never_shows() {
+    let mut config = parse("[broker]\nurl = \"amqp://app:hunter2@rabbit/%2f\"\n").unwrap();
+    let debug = format!("{config:?}");
+    assert!(!debug.contains("hunter2"), "{debug}");
+    assert!(debug.contains("amqp://***@rabbit/%2f"), "{debug}");
+
+    config.apply_env(env(&[
+        ("RABBITMQ_HOST", "rabbit"),
+        ("RABBITMQ_PASSWORD", "hunter2"),
+    ]));
+    assert!(!format!("{config:?}").contains("hunter2"));
+
+    let error = parse("[broker]\nurl = \"http://app:hunter2@rabbit\"\n").unwrap_err();
+    let text = error.to_string();
+    assert!(
+        text.contains("broker.url: expected an amqp:// or amqps:// URL"),
+        "{text}"
+    );
+    assert!(!text.contains("hunter2"), "{text}");
+}
+
+#[test]
+fn load_resolves_paths_against_the_files_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("router.toml");
+    std::fs::write(
+        &path,
+        "plugins_dir = \"wasm\"\nstate_dir = \"/var/lib/sb\"\n",
+    )
+    .unwrap();
+    let config = RouterConfig::load(&path).unwrap();
+    assert_eq!(config.plugins_dir, dir.path().join("wasm"));
+    assert_eq!(config.state_dir, Path::new("/var/lib/sb"));
+    assert_eq!(config.kv_path(), Path::new("/var/lib/sb/kv.redb"));
+
+    let missing = dir.path().join("nope.toml");
+    let error = RouterConfig::load(&missing).unwrap_err();
+    assert!(matches!(error, ConfigError::Read { .. }));
+    assert!(
+        error
+            .to_string()
+            .starts_with(&format!("cannot read {}", missing.display())),
+        "{error}"
+    );
+}
+
+#[test]
+fn positions_count_characters_from_one() {
+    assert_eq!(position("abc", 0), (1, 1));
+    assert_eq!(position("a\nbc", 3), (2, 2));
+    assert_eq!(position("é = 1\nx", 7), (2, 1));
+    assert_eq!(position("ab", 99), (1, 3));
+}

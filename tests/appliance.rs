@@ -1,0 +1,345 @@
+//! The appliance end to end on the embedded bus: HTTP ingress, the live stream,
+//! backpressure, hot reload under load, live routing changes and graceful
+//! shutdown — with the real plugins, as `switchboard run` runs them.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use switchboard::appliance::PluginState;
+use switchboard_tests::running::{Running, start, start_in};
+use switchboard_tests::wasm;
+
+const SEED: &str = r#"
+plugins_dir = "plugins"
+state_dir = "state"
+[defaults]
+concurrency = 2
+[defaults.backoff]
+initial = "10ms"
+max = "50ms"
+jitter = 0.0
+[[exchanges]]
+name = "events"
+[plugins.billing]
+[plugins.notification]
+[[routes]]
+exchange = "events"
+patterns = ["bill.created", "payment.*"]
+plugin = "billing"
+[[routes]]
+exchange = "events"
+pattern = "bill.paid"
+plugin = "notification"
+"#;
+
+fn seed() -> Running {
+    start(
+        SEED,
+        &[
+            ("billing.wasm", "billing"),
+            ("notification.wasm", "notification"),
+        ],
+    )
+}
+
+/// A config with one plugin, `worker`, on `worker.wasm`.
+fn worker_config(extra: &str, routes: &[&str]) -> String {
+    let routes: String = routes
+        .iter()
+        .map(|p| {
+            format!("[[routes]]\nexchange = \"events\"\npattern = \"{p}\"\nplugin = \"worker\"\n")
+        })
+        .collect();
+    format!(
+        "plugins_dir = \"plugins\"\nstate_dir = \"state\"\n[[exchanges]]\nname = \"events\"\n\
+         [defaults.backoff]\ninitial = \"10ms\"\nmax = \"50ms\"\njitter = 0.0\n\
+         [plugins.worker]\n{extra}\n{routes}"
+    )
+}
+
+fn counters(r: &Running, plugin: &str) -> (u64, u64, u64) {
+    let q = r.status(plugin).queue.unwrap();
+    (q.received, q.acked, q.dead_lettered)
+}
+
+#[test]
+fn a_payment_posted_over_http_comes_out_as_bill_paid_and_an_email() {
+    let r = seed();
+    let (status, reply, _) = r.post(
+        "events",
+        "bill.created",
+        &json!({"bill_id": "B-7", "amount": 12, "currency": "EUR",
+                "customer": {"name": "Ann", "email": "ann@example.com"}}),
+    );
+    assert_eq!(status, 202, "{reply}");
+    assert!(reply["id"].is_string());
+    r.wait_idle();
+    let mut stream = r.stream("exchange=events&match=%23");
+    let (status, reply, _) = r.post(
+        "events",
+        "payment.success",
+        &json!({"id": "pay-evt-1", "type": "payment.success", "correlation_id": "order-7",
+                "data": {"bill_id": "B-7", "payment_id": "P-7"}}),
+    );
+    assert_eq!((status, reply["id"].as_str()), (202, Some("pay-evt-1")));
+    let seen: Vec<Value> = stream.by_ref().take(3).collect();
+    let keys: Vec<&str> = seen
+        .iter()
+        .map(|s| s["routing_key"].as_str().unwrap())
+        .collect();
+    assert_eq!(keys, ["payment.success", "bill.paid", "notification.email"]);
+    let paid = &seen[1]["message"];
+    assert_eq!(paid["causation_id"], "pay-evt-1");
+    assert_eq!(paid["correlation_id"], "order-7");
+    let email = &seen[2]["message"];
+    assert_eq!(email["data"]["recipient"], "ann@example.com");
+    assert_eq!(email["correlation_id"], "order-7");
+    assert_eq!(email["causation_id"], paid["id"]);
+}
+
+#[test]
+fn bad_requests_are_refused_clearly() {
+    let r = seed();
+    let (status, reply, _) = r.post("nowhere", "x", &json!({}));
+    assert_eq!(status, 404);
+    assert!(
+        reply["error"].as_str().unwrap().contains("\"nowhere\""),
+        "{reply}"
+    );
+    let (status, reply, _) = r.post("events", "x", &json!({"specversion": "0.3", "type": "x"}));
+    assert_eq!(
+        status, 202,
+        "a JSON value without envelope markers is data: {reply}"
+    );
+    let (status, reply, _) = r.post(
+        "events",
+        "x",
+        &json!({"specversion": "1.0", "id": "c1", "source": "s", "type": "x", "data": {}}),
+    );
+    assert_eq!(status, 202, "a structured CloudEvent sent as JSON: {reply}");
+    assert_eq!(reply["id"], "c1");
+}
+
+#[test]
+fn a_full_queue_answers_503_and_loses_nothing_accepted() {
+    let config = worker_config("queue_capacity = 5\nconcurrency = 1", &["sleep"]);
+    let r = start(&config, &[("worker.wasm", "scripted_guest")]);
+    let (mut accepted, mut refused) = (0u64, 0u64);
+    for i in 0..40 {
+        let (status, reply, retry_after) = r.post(
+            "events",
+            "sleep",
+            &json!({"id": format!("e{i}"), "type": "sleep", "data": {"ms": 20}}),
+        );
+        match status {
+            202 => accepted += 1,
+            503 => {
+                refused += 1;
+                assert_eq!(retry_after.as_deref(), Some("1"));
+                assert!(reply["error"].as_str().unwrap().contains("full"), "{reply}");
+            }
+            other => panic!("unexpected {other}: {reply}"),
+        }
+    }
+    assert!(refused > 0, "the queue never filled");
+    assert!(accepted >= 5);
+    r.wait_idle();
+    assert_eq!(
+        counters(&r, "worker"),
+        (accepted, accepted, 0),
+        "every accepted event was handled"
+    );
+}
+
+#[test]
+fn hot_reload_under_load_loses_nothing() {
+    let config = worker_config("concurrency = 2", &["ok"]);
+    let r = start(&config, &[("worker.wasm", "noop_guest")]);
+    let noop = std::fs::read(wasm("noop_guest")).unwrap();
+    let scripted = std::fs::read(wasm("scripted_guest")).unwrap();
+    let swapping = std::sync::atomic::AtomicBool::new(true);
+    let accepted = std::thread::scope(|s| {
+        // Events keep coming for as long as versions are being swapped.
+        let load = s.spawn(|| {
+            let (mut sent, mut accepted) = (0u64, 0u64);
+            while swapping.load(std::sync::atomic::Ordering::Relaxed) || sent < 500 {
+                let body = json!({"id": format!("e{sent}"), "type": "ok", "data": {}});
+                let (status, reply, _) = r.post("events", "ok", &body);
+                assert!(status == 202 || status == 503, "{status}: {reply}");
+                accepted += u64::from(status == 202);
+                sent += 1;
+            }
+            accepted
+        });
+        // Each swap waits for the previous one to be serving (changes closer
+        // together than the watcher's debounce are applied as one).
+        for round in 0..6u64 {
+            let next = if round % 2 == 0 { &scripted } else { &noop };
+            r.write_plugin("worker.wasm", next);
+            r.wait_for("the new version to serve", |r| {
+                r.status("worker").loads == round + 2
+            });
+        }
+        swapping.store(false, std::sync::atomic::Ordering::Relaxed);
+        load.join().unwrap()
+    });
+    r.wait_idle();
+    let (received, acked, dead) = counters(&r, "worker");
+    assert_eq!(received, accepted);
+    assert_eq!(
+        (acked, dead),
+        (accepted, 0),
+        "received = handled + dead-lettered, nothing failed"
+    );
+    assert!(r.status("worker").error.is_none());
+}
+
+#[test]
+fn a_broken_new_version_leaves_the_old_one_serving() {
+    let config = worker_config("", &["echo"]);
+    let r = start(&config, &[("worker.wasm", "scripted_guest")]);
+    let version = r.status("worker").version.unwrap();
+    r.write_plugin("worker.wasm", b"definitely not wasm");
+    r.wait_for("the load error", |r| r.status("worker").error.is_some());
+    let status = r.status("worker");
+    assert_eq!(status.state, PluginState::Serving);
+    assert_eq!(status.version.as_deref(), Some(version.as_str()));
+    assert!(status.error.unwrap().contains("not a WebAssembly file"));
+    assert_eq!(
+        r.post("events", "echo", &json!({"type": "echo", "data": {}}))
+            .0,
+        202
+    );
+    r.wait_idle();
+    assert_eq!(counters(&r, "worker").1, 1, "the old version handled it");
+    // The plugin status endpoint says the same.
+    let plugins = r.get("/plugins");
+    assert!(
+        plugins[0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("not a WebAssembly file")
+    );
+    // Putting a good file back clears the error.
+    r.write_plugin(
+        "worker.wasm",
+        &std::fs::read(wasm("scripted_guest")).unwrap(),
+    );
+    r.wait_for("the error to clear", |r| r.status("worker").error.is_none());
+}
+
+#[test]
+fn a_route_added_to_router_toml_applies_live_and_a_bad_edit_is_refused() {
+    let r = start(
+        &worker_config("", &["echo"]),
+        &[("worker.wasm", "scripted_guest")],
+    );
+    // Nothing is bound to `late.*` yet: accepted, routed nowhere.
+    assert_eq!(
+        r.post("events", "late.one", &json!({"type": "echo", "data": {}}))
+            .0,
+        202
+    );
+    r.wait_idle();
+    assert_eq!(counters(&r, "worker").0, 0);
+    assert_eq!(r.appliance.bus().unroutable(), 1);
+
+    r.write_config(&worker_config("", &["echo", "late.*"]));
+    r.wait_for("the new route", |r| r.appliance.config().routes.len() == 2);
+    assert_eq!(
+        r.post("events", "late.two", &json!({"type": "echo", "data": {}}))
+            .0,
+        202
+    );
+    r.wait_idle();
+    assert_eq!(counters(&r, "worker").1, 1);
+
+    // An invalid edit is refused; the running routes stay.
+    r.write_config(&format!(
+        "{}\n[[routes]]\nexchange = \"events\"\npattern = \"x\"\nplugin = \"ghost\"\n",
+        worker_config("", &["echo"])
+    ));
+    r.wait_for("the refusal", |r| r.appliance.config_error().is_some());
+    assert!(
+        r.appliance
+            .config_error()
+            .unwrap()
+            .contains("unknown plugin \"ghost\"")
+    );
+    assert_eq!(r.appliance.config().routes.len(), 2);
+    assert_eq!(
+        r.post("events", "late.three", &json!({"type": "echo", "data": {}}))
+            .0,
+        202
+    );
+    r.wait_idle();
+    assert_eq!(counters(&r, "worker").1, 2);
+}
+
+#[test]
+fn a_plugin_starts_when_its_file_arrives() {
+    let r = start(&worker_config("", &["echo"]), &[]);
+    assert_eq!(r.status("worker").state, PluginState::Missing);
+    // Events wait in its queue meanwhile.
+    assert_eq!(
+        r.post("events", "echo", &json!({"type": "echo", "data": {}}))
+            .0,
+        202
+    );
+    r.write_plugin(
+        "worker.wasm",
+        &std::fs::read(wasm("scripted_guest")).unwrap(),
+    );
+    r.wait_for("the plugin to serve", |r| {
+        r.status("worker").state == PluginState::Serving
+    });
+    r.wait_idle();
+    assert_eq!(counters(&r, "worker"), (1, 1, 0));
+}
+
+#[test]
+fn shutdown_finishes_accepted_events() {
+    let mut r = start(
+        &worker_config("concurrency = 1", &["sleep"]),
+        &[("worker.wasm", "scripted_guest")],
+    );
+    for i in 0..20 {
+        let body = json!({"id": format!("e{i}"), "type": "sleep", "data": {"ms": 15}});
+        assert_eq!(r.post("events", "sleep", &body).0, 202);
+    }
+    let queue = r.status("worker").queue.unwrap();
+    assert!(queue.depth > 0, "events still queued when shutdown begins");
+    let spooled = r.stop(Duration::from_secs(10));
+    assert_eq!(spooled, 0);
+    let q = r.appliance.bus().stats()["worker"].clone();
+    assert_eq!(
+        (q.received, q.acked),
+        (20, 20),
+        "all accepted events were handled before exit"
+    );
+}
+
+#[test]
+fn retries_waiting_at_shutdown_resume_after_restart() {
+    // A long backoff: the retry is still waiting when the appliance stops.
+    let config = worker_config(
+        "max_attempts = 3\nbackoff = { initial = \"1h\", max = \"1h\", jitter = 0.0 }",
+        &["fail-until"],
+    );
+    let r = start(&config, &[("worker.wasm", "scripted_guest")]);
+    let body = json!({"id": "e1", "type": "fail-until", "data": {"succeed_on": 2}});
+    assert_eq!(r.post("events", "fail-until", &body).0, 202);
+    r.wait_for("the first failure", |r| {
+        r.status("worker").queue.unwrap().waiting_retries == 1
+    });
+    let (spooled, dir) = r.stop_and_keep(Duration::from_secs(5));
+    assert_eq!(spooled, 1, "the waiting retry is spooled");
+    let r2 = start_in(dir.path());
+    r2.wait_idle();
+    let q = r2.status("worker").queue.unwrap();
+    assert_eq!(
+        (q.acked, q.dead_lettered),
+        (1, 0),
+        "attempt 2 ran after the restart and succeeded"
+    );
+}
