@@ -17,6 +17,8 @@ use switchboard::runtime::{
     CacheOutcome, Event, Limits, Plugin, PluginSpec, Runtime, RuntimeConfig,
 };
 
+mod embedded;
+
 const ROUNDS: usize = 7;
 
 fn wasm(name: &str) -> anyhow::Result<PathBuf> {
@@ -287,8 +289,19 @@ fn runtime_bench() -> anyhow::Result<()> {
 }
 
 fn main() -> anyhow::Result<()> {
+    // Log as `switchboard run` does (info level, every event in a span), into a
+    // sink: what logging costs is part of what is measured.
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
+        .with_writer(std::io::sink)
+        .init();
     match std::env::args().nth(1).as_deref() {
-        Some("runtime") | None => runtime_bench(),
-        Some(other) => bail!("unknown benchmark {other:?}; available: runtime"),
+        Some("runtime") => runtime_bench(),
+        Some("embedded") => embedded::run(),
+        None => {
+            runtime_bench()?;
+            embedded::run()
+        }
+        Some(other) => bail!("unknown benchmark {other:?}; available: runtime, embedded"),
     }
 }

@@ -537,13 +537,7 @@ impl Settle for EmbeddedSettle {
 }
 
 fn dead_letter(inner: &Inner, plugin: &str, delivered: Delivered, failure: FailureInfo) {
-    tracing::warn!(
-        plugin,
-        kind = %failure.kind,
-        attempts = failure.attempts,
-        reason = %failure.reason,
-        "event dead-lettered"
-    );
+    tracing::debug!(plugin, kind = %failure.kind, "kept in the dead-letter queue");
     let mut dead = lock(&inner.dead);
     let letters = dead.entry(plugin.to_string()).or_default();
     if letters.len() >= MAX_DEAD_LETTERS {
@@ -597,6 +591,7 @@ fn retry_timer(bus: &std::sync::Weak<Inner>) {
                         plugin_version: String::new(),
                         first_failure: due.delivered.first_failure.clone().unwrap_or_default(),
                     };
+                    tracing::warn!(plugin, reason = %failure.reason, "event dead-lettered");
                     dead_letter(&bus.inner, &plugin, due.delivered, failure);
                 }
                 Err(_) => blocked.push(Retry {

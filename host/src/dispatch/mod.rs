@@ -99,6 +99,15 @@ struct Failed {
     retryable: bool,
 }
 
+/// The event a failure concerns (for the log; absent when it did not decode),
+/// and whether it holds a dedupe claim to give up.
+#[derive(Default)]
+struct Concerning<'a> {
+    id: Option<&'a str>,
+    correlation_id: Option<&'a str>,
+    claimed: bool,
+}
+
 impl Failed {
     fn permanent(kind: &str, reason: String) -> Self {
         Self {
@@ -272,10 +281,10 @@ impl Shared {
         delivery: Delivery,
         plugin: &Plugin,
         settings: &DispatchSettings,
-        claimed: Option<&str>,
+        event: Concerning<'_>,
         failed: Failed,
     ) {
-        if let (Some(window), Some(id)) = (&self.dedupe, claimed) {
+        if let (Some(window), Some(id), true) = (&self.dedupe, event.id, event.claimed) {
             window.release(id);
         }
         let Failed {
@@ -293,6 +302,15 @@ impl Shared {
                 failure: info,
             }
         } else {
+            tracing::warn!(
+                plugin = %self.name,
+                event_id = event.id.unwrap_or(""),
+                correlation_id = event.correlation_id.unwrap_or(""),
+                attempts = attempt,
+                kind,
+                reason = %info.reason,
+                "event dead-lettered"
+            );
             Settlement::DeadLetter { failure: info }
         };
         self.settle(delivery, settlement);
@@ -310,12 +328,15 @@ impl Shared {
                     delivery,
                     &plugin,
                     &settings,
-                    None,
+                    Concerning::default(),
                     Failed::permanent("undecodable", reason),
                 );
             }
         };
-        let span = tracing::info_span!(
+        // Debug level: at info, building this span for every event costs more
+        // than running a no-op plugin. Lines that matter at info and above
+        // (dead letters) carry the event's id and correlation id themselves.
+        let span = tracing::debug_span!(
             "event",
             plugin = %self.name,
             kind = %event.kind,
@@ -325,6 +346,11 @@ impl Shared {
         );
         let _entered = span.enter();
 
+        let unclaimed = Concerning {
+            id: Some(&event.id),
+            correlation_id: event.correlation_id.as_deref(),
+            claimed: false,
+        };
         let hops = envelope::hops(&event);
         if hops >= settings.max_hops {
             let reason = format!(
@@ -335,7 +361,7 @@ impl Shared {
                 delivery,
                 &plugin,
                 &settings,
-                None,
+                unclaimed,
                 Failed::permanent("loop", reason),
             );
         }
@@ -345,6 +371,11 @@ impl Shared {
             self.stats.deduplicated.fetch_add(1, Ordering::Relaxed);
             return self.settle(delivery, Settlement::Ack);
         }
+        // From here on, a failure gives up the claim (if a dedupe window made one).
+        let concerning = || Concerning {
+            claimed: true,
+            ..unclaimed
+        };
 
         let outputs = match plugin.handle(&event) {
             Ok(outputs) => outputs,
@@ -354,7 +385,7 @@ impl Shared {
                     reason: failure.reason().into(),
                     retryable: failure.is_retryable(),
                 };
-                return self.fail(delivery, &plugin, &settings, Some(&event.id), failed);
+                return self.fail(delivery, &plugin, &settings, concerning(), failed);
             }
         };
 
@@ -378,7 +409,7 @@ impl Shared {
                         Failure::InvalidOutput(String::new()).kind(),
                         e.to_string(),
                     );
-                    return self.fail(delivery, &plugin, &settings, Some(&event.id), failed);
+                    return self.fail(delivery, &plugin, &settings, concerning(), failed);
                 }
             }
         }
@@ -390,7 +421,7 @@ impl Shared {
                     let reason =
                         format!("an output names exchange {exchange:?}, which is not declared");
                     let failed = Failed::permanent("invalid_output", reason);
-                    return self.fail(delivery, &plugin, &settings, Some(&event.id), failed);
+                    return self.fail(delivery, &plugin, &settings, concerning(), failed);
                 }
                 Err(e) => {
                     let reason = format!("could not publish the outputs: {e}");
@@ -399,7 +430,7 @@ impl Shared {
                         reason,
                         retryable: true,
                     };
-                    return self.fail(delivery, &plugin, &settings, Some(&event.id), failed);
+                    return self.fail(delivery, &plugin, &settings, concerning(), failed);
                 }
             }
         }
