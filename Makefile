@@ -38,7 +38,7 @@ guests: wasm-target
 
 ## bench: runtime benchmarks (results go to BENCHMARKS.md)
 bench: plugins guests
-	$(CARGO) run --release -p switchboard-bench -- runtime
+	$(CARGO) run --release -p switchboard-bench
 
 wasm-target:
 	@rustup target list --installed | grep -qx $(WASM) || rustup target add $(WASM)

@@ -320,6 +320,28 @@ fn shutdown_finishes_accepted_events() {
 }
 
 #[test]
+fn dead_letters_survive_a_restart() {
+    let r = start(
+        &worker_config("", &["reject"]),
+        &[("worker.wasm", "scripted_guest")],
+    );
+    let body = json!({"id": "poison-1", "type": "reject", "data": {}});
+    assert_eq!(r.post("events", "reject", &body).0, 202);
+    r.wait_idle();
+    assert_eq!(r.get("/dlq/worker")[0]["reason"], "asked to reject");
+    let (spooled, dir) = r.stop_and_keep(Duration::from_secs(5));
+    assert_eq!(spooled, 0, "dead letters are not events waiting to run");
+    let r2 = start_in(dir.path());
+    let dead = r2.get("/dlq/worker");
+    assert_eq!(dead.as_array().unwrap().len(), 1);
+    assert_eq!(dead[0]["message"]["id"], "poison-1");
+    assert_eq!(
+        (dead[0]["kind"].as_str(), dead[0]["attempts"].as_u64()),
+        (Some("reject"), Some(1))
+    );
+}
+
+#[test]
 fn retries_waiting_at_shutdown_resume_after_restart() {
     // A long backoff: the retry is still waiting when the appliance stops.
     let config = worker_config(

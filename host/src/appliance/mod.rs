@@ -554,7 +554,8 @@ impl Appliance {
             }
         }
         let left = self.inner.bus.take_all();
-        let spooled = spool::save(&self.inner.config.load().state_dir, &left)?;
+        let dead = self.inner.bus.take_dead_letters();
+        let spooled = spool::save(&self.inner.config.load().state_dir, &left, &dead)?;
         Ok(spooled)
     }
 }

@@ -312,6 +312,22 @@ impl EmbeddedBus {
         taken
     }
 
+    /// Takes every dead letter (for spooling at shutdown).
+    pub fn take_dead_letters(&self) -> Vec<(String, DeadLetter)> {
+        lock(&self.inner.dead)
+            .drain()
+            .flat_map(|(plugin, letters)| letters.into_iter().map(move |l| (plugin.clone(), l)))
+            .collect()
+    }
+
+    /// Puts a spooled dead letter back into `plugin`'s dead-letter queue.
+    pub fn restore_dead_letter(&self, plugin: &str, letter: DeadLetter) {
+        lock(&self.inner.dead)
+            .entry(plugin.to_string())
+            .or_default()
+            .push_back(letter);
+    }
+
     /// Puts a spooled message back: it reaches `plugin`'s queue as soon as there
     /// is room (through the retry timer), keeping its attempt count.
     pub fn restore(&self, plugin: &str, delivered: Delivered) {

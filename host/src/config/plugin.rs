@@ -97,8 +97,8 @@ impl Default for Backoff {
 pub struct PluginConfig {
     /// The component, relative to the plugins folder. Default: `<name>.wasm`.
     pub file: Option<PathBuf>,
-    /// `false` keeps the declaration (and its routes) but runs nothing: events
-    /// routed to it wait in its queue.
+    /// `false` keeps the declaration but runs nothing and unbinds its routes:
+    /// new events are not queued for it; what its queue already holds stays.
     pub enabled: bool,
     /// Exchange the plugin's outputs are published to, unless an output names
     /// one. Default: the exchange the input event came from.
