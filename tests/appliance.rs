@@ -365,3 +365,65 @@ fn retries_waiting_at_shutdown_resume_after_restart() {
         "attempt 2 ran after the restart and succeeded"
     );
 }
+
+#[test]
+fn a_deleted_plugin_file_stops_the_plugin_and_its_queue_keeps_events() {
+    let r = start(
+        &worker_config("", &["echo"]),
+        &[("worker.wasm", "scripted_guest")],
+    );
+    std::fs::remove_file(r.dir.join("plugins/worker.wasm")).unwrap();
+    r.wait_for("the plugin to stop", |r| {
+        r.status("worker").state == PluginState::Missing
+    });
+    assert_eq!(
+        r.post("events", "echo", &json!({"type": "echo", "data": {}}))
+            .0,
+        202
+    );
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(
+        r.status("worker").queue.unwrap().depth,
+        1,
+        "kept, not handled, not lost"
+    );
+    r.write_plugin(
+        "worker.wasm",
+        &std::fs::read(wasm("scripted_guest")).unwrap(),
+    );
+    r.wait_idle();
+    assert_eq!(counters(&r, "worker"), (1, 1, 0));
+}
+
+#[test]
+fn a_limit_changed_in_router_toml_applies_live() {
+    let r = start(
+        &worker_config("max_attempts = 1", &["sleep"]),
+        &[("worker.wasm", "scripted_guest")],
+    );
+    let slow = json!({"type": "sleep", "data": {"ms": 150}});
+    assert_eq!(r.post("events", "sleep", &slow).0, 202);
+    r.wait_idle();
+    assert_eq!(
+        counters(&r, "worker"),
+        (1, 1, 0),
+        "150 ms is within the default 5 s"
+    );
+
+    r.write_config(&worker_config(
+        "max_attempts = 1\ntimeout = \"50ms\"",
+        &["sleep"],
+    ));
+    r.wait_for("the new limit", |r| {
+        r.appliance.config().plugins["worker"].timeout == Some(Duration::from_millis(50))
+    });
+    r.wait_for("the reload", |r| r.status("worker").loads == 2);
+    assert_eq!(r.post("events", "sleep", &slow).0, 202);
+    r.wait_idle();
+    let dead = r.get("/dlq/worker");
+    assert_eq!(dead[0]["kind"], "timeout", "{dead}");
+    assert!(
+        dead[0]["reason"].as_str().unwrap().contains("50 ms"),
+        "{dead}"
+    );
+}

@@ -55,14 +55,17 @@ impl Guest for Scripted {
                 headers: vec![],
             }]),
             // A slow handler: busy-waits `ms` (WASI's monotonic clock), then ok.
+            // With `record`, also stores that key once done (proof of handling).
             "sleep" => {
-                let ms = params()?
-                    .get("ms")
-                    .and_then(serde_json::Value::as_u64)
-                    .unwrap_or(10);
+                let params = params()?;
+                let ms = params.get("ms").and_then(Value::as_u64).unwrap_or(10);
                 let start = std::time::Instant::now();
                 while start.elapsed() < std::time::Duration::from_millis(ms) {
                     std::hint::spin_loop();
+                }
+                if let Some(key) = params.get("record").and_then(Value::as_str) {
+                    kv::set(key, b"done", None)
+                        .map_err(|e| Failure::Reject(format!("kv: {e:?}")))?;
                 }
                 Ok(vec![])
             }
