@@ -28,7 +28,7 @@ use serde::Serialize;
 use crate::bus::embedded::{EmbeddedBus, QueueStats};
 use crate::bus::{Bus, BusError, ExchangeSpec, Outgoing, QueueSpec, Topology};
 use crate::config::{PluginSettings, RouterConfig};
-use crate::dispatch::{Backoff, DispatchSettings, PluginWorkers};
+use crate::dispatch::{DispatchSettings, PluginWorkers};
 use crate::envelope::{self, EnvelopeError};
 use crate::kv::{EmbeddedStore, KvStore};
 use crate::route::Binding;
@@ -169,12 +169,7 @@ fn dispatch_settings(s: &PluginSettings) -> DispatchSettings {
     DispatchSettings {
         concurrency: usize::from(s.concurrency.max(1)),
         max_attempts: s.max_attempts,
-        backoff: Backoff {
-            initial: s.backoff.initial,
-            max: s.backoff.max,
-            multiplier: s.backoff.multiplier,
-            jitter: s.backoff.jitter,
-        },
+        backoff: s.backoff.clone(),
         max_hops: s.max_hops,
         output_exchange: s.output_exchange.clone(),
         dedupe: s.dedupe,

@@ -1,30 +1,12 @@
 //! Retry delays: exponential, capped, with jitter so that events that failed
-//! together do not all come back together.
+//! together do not all come back together. The settings are `router.toml`'s
+//! `backoff` table; this is where they become a delay.
 
 use std::time::Duration;
 
 use rand::RngExt as _;
 
-/// Delay before attempt `n + 1`: `initial × multiplier^(n-1)`, at most `max`,
-/// then spread by ± `jitter` (a fraction).
-#[derive(Debug, Clone, PartialEq)]
-pub struct Backoff {
-    pub initial: Duration,
-    pub max: Duration,
-    pub multiplier: f64,
-    pub jitter: f64,
-}
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Self {
-            initial: Duration::from_millis(500),
-            max: Duration::from_secs(60),
-            multiplier: 2.0,
-            jitter: 0.2,
-        }
-    }
-}
+pub use crate::config::Backoff;
 
 impl Backoff {
     /// The delay after failed attempt `attempt` (1-based).
