@@ -15,7 +15,8 @@ pub struct Event {
     /// Unique id of the event (the producer's, or one the host assigned). A
     /// redelivered event keeps its id: use it to make handlers idempotent.
     pub id: String,
-    /// What happened, e.g. `payment.success`. On AMQP this is the routing key.
+    /// What happened, e.g. `payment.success`: the envelope's `type` (or the
+    /// CloudEvents `type`); for a raw message, the routing key it was published with.
     pub kind: String,
     /// The exchange the event was published to.
     pub exchange: String,
