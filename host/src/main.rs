@@ -42,48 +42,10 @@ enum Command {
     /// Validate router.toml, compile every enabled plugin and print the route
     /// table; exits 0 when all is well, 1 on any problem, 2 when the file cannot
     /// be read or parsed.
-    Check {
-        /// The configuration file.
-        #[arg(long, default_value = "router.toml", env = "SWITCHBOARD_CONFIG")]
-        config: PathBuf,
-    },
+    Check(cli::check::CheckArgs),
     /// Run a plugin offline over recorded events (JSONL envelopes) and print what
     /// it produced, one JSON line per event; compare with a golden file.
-    Test {
-        /// The plugin component (.wasm).
-        plugin: PathBuf,
-        /// Events to feed it, one JSON envelope per line.
-        #[arg(long)]
-        events: PathBuf,
-        /// Golden file: the expected lines. Exits 1 on any mismatch.
-        #[arg(long)]
-        expect: Option<PathBuf>,
-        /// Write the actual lines to the --expect file instead of comparing.
-        #[arg(long, requires = "expect")]
-        bless: bool,
-        /// A configuration value for the plugin (repeatable).
-        #[arg(long = "config", value_name = "KEY=VALUE", value_parser = cli::parse_key_value)]
-        config: Vec<(String, String)>,
-        /// Keep plugin state in this folder (default: a temporary one).
-        #[arg(long)]
-        state: Option<PathBuf>,
-        /// Plugin name (default: the file name without extension).
-        #[arg(long)]
-        name: Option<String>,
-        /// Exchange the events are said to come from.
-        #[arg(long, default_value = "events")]
-        exchange: String,
-        /// Wall-time limit per event.
-        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
-        timeout: Duration,
-        /// Memory limit per instance, e.g. 64MiB.
-        #[arg(long, default_value = "64MiB", value_parser = parse_size)]
-        memory: u64,
-    },
-}
-
-fn parse_size(s: &str) -> Result<u64, String> {
-    s.parse::<bytesize::ByteSize>().map(|b| b.as_u64())
+    Test(cli::test::TestArgs),
 }
 
 fn init_logging(format: LogFormat) {
@@ -108,41 +70,16 @@ fn main() -> ExitCode {
             config,
             drain_timeout,
         } => cli::run::run(&config, drain_timeout).map(|()| 0),
-        Command::Check { config } => cli::check::run(
-            &cli::check::CheckArgs { config },
+        Command::Check(args) => cli::check::run(
+            &args,
             &mut std::io::stdout().lock(),
             &mut std::io::stderr().lock(),
         ),
-        Command::Test {
-            plugin,
-            events,
-            expect,
-            bless,
-            config,
-            state,
-            name,
-            exchange,
-            timeout,
-            memory,
-        } => {
-            let args = cli::test::TestArgs {
-                plugin,
-                events,
-                expect,
-                bless,
-                config,
-                state,
-                name,
-                exchange,
-                timeout,
-                memory,
-            };
-            cli::test::run(
-                &args,
-                &mut std::io::stdout().lock(),
-                &mut std::io::stderr().lock(),
-            )
-        }
+        Command::Test(args) => cli::test::run(
+            &args,
+            &mut std::io::stdout().lock(),
+            &mut std::io::stderr().lock(),
+        ),
     };
     match result {
         Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),

@@ -21,10 +21,11 @@ use crate::config::{ConfigError, PluginSettings, RouterConfig, duration_text, si
 use crate::kv::{EmbeddedStore, KvStore};
 use crate::runtime::{LoadError, PluginSpec, Runtime, RuntimeConfig};
 
-/// What to check.
-#[derive(Debug)]
+/// What to check (the `switchboard check` arguments).
+#[derive(Debug, clap::Args)]
 pub struct CheckArgs {
     /// The configuration file.
+    #[arg(long, default_value = "router.toml", env = "SWITCHBOARD_CONFIG")]
     pub config: PathBuf,
 }
 

@@ -22,19 +22,43 @@ use crate::envelope::{Envelope, output_envelope};
 use crate::kv::EmbeddedStore;
 use crate::runtime::{Event, Limits, PluginSpec, Runtime, RuntimeConfig};
 
-/// What to run.
-#[derive(Debug)]
+/// What to run (the `switchboard test` arguments).
+#[derive(Debug, clap::Args)]
 pub struct TestArgs {
+    /// The plugin component (.wasm).
     pub plugin: PathBuf,
+    /// Events to feed it, one JSON envelope per line.
+    #[arg(long)]
     pub events: PathBuf,
+    /// Golden file: the expected lines. Exits 1 on any mismatch.
+    #[arg(long)]
     pub expect: Option<PathBuf>,
+    /// Write the actual lines to the --expect file instead of comparing.
+    #[arg(long, requires = "expect")]
     pub bless: bool,
+    /// A configuration value for the plugin (repeatable).
+    #[arg(long = "config", value_name = "KEY=VALUE", value_parser = super::parse_key_value)]
     pub config: Vec<(String, String)>,
+    /// Keep plugin state in this folder (default: a temporary one).
+    #[arg(long)]
     pub state: Option<PathBuf>,
+    /// Plugin name (default: the file name without extension).
+    #[arg(long)]
     pub name: Option<String>,
+    /// Exchange the events are said to come from.
+    #[arg(long, default_value = "events")]
     pub exchange: String,
+    /// Wall-time limit per event.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
+    /// Memory limit per instance, e.g. 64MiB.
+    #[arg(long, default_value = "64MiB", value_parser = parse_size)]
     pub memory: u64,
+}
+
+/// Parses a size such as `64MiB`.
+fn parse_size(s: &str) -> Result<u64, String> {
+    s.parse::<bytesize::ByteSize>().map(|b| b.as_u64())
 }
 
 /// Runs the test; the exit code is 0 when everything matched (or, without a
