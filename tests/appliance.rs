@@ -242,7 +242,7 @@ fn a_route_added_to_router_toml_applies_live_and_a_bad_edit_is_refused() {
     );
     r.wait_idle();
     assert_eq!(counters(&r, "worker").0, 0);
-    assert_eq!(r.appliance.bus().unroutable(), 1);
+    assert_eq!(r.appliance.transport().unroutable(), 1);
 
     r.write_config(&worker_config("", &["echo", "late.*"]));
     r.wait_for("the new route", |r| r.appliance.config().routes.len() == 2);
@@ -311,7 +311,7 @@ fn shutdown_finishes_accepted_events() {
     assert!(queue.depth > 0, "events still queued when shutdown begins");
     let spooled = r.stop(Duration::from_secs(10));
     assert_eq!(spooled, 0);
-    let q = r.appliance.bus().stats()["worker"].clone();
+    let q = r.appliance.transport().embedded().unwrap().stats()["worker"].clone();
     assert_eq!(
         (q.received, q.acked),
         (20, 20),

@@ -21,12 +21,16 @@ fn topology(capacity: usize, routes: &[(&str, &str)]) -> Topology {
         exchanges: vec![ExchangeSpec {
             name: "events".into(),
             kind: ExchangeKind::Topic,
+            durable: true,
         }],
         queues: plugins
             .iter()
             .map(|p| QueueSpec {
                 plugin: (*p).into(),
                 capacity,
+                prefetch: 16,
+                ordered: false,
+                retry_delays: Vec::new(),
             })
             .collect(),
         bindings: routes

@@ -49,12 +49,16 @@ fn throughput(
         exchanges: vec![ExchangeSpec {
             name: "events".into(),
             kind: ExchangeKind::Topic,
+            durable: true,
         }],
         queues: plugins
             .iter()
             .map(|(p, _, _)| QueueSpec {
                 plugin: (*p).into(),
                 capacity: 65_536,
+                prefetch: 16,
+                ordered: false,
+                retry_delays: Vec::new(),
             })
             .collect(),
         bindings: plugins

@@ -46,6 +46,15 @@ enum Command {
     /// Run a plugin offline over recorded events (JSONL envelopes) and print what
     /// it produced, one JSON line per event; compare with a golden file.
     Test(cli::test::TestArgs),
+    /// Publish one event to an exchange on the broker (confirmed) and print its
+    /// id; exits 1 when no queue is bound for it.
+    Publish(cli::broker::PublishArgs),
+    /// Print what is published on an exchange of the broker, one JSON line per
+    /// message, until Ctrl-C.
+    Tail(cli::broker::TailArgs),
+    /// Inspect and re-drive a plugin's dead-letter queue on the broker.
+    #[command(subcommand)]
+    Dlq(cli::broker::DlqCommand),
 }
 
 fn init_logging(format: LogFormat) {
@@ -80,6 +89,9 @@ fn main() -> ExitCode {
             &mut std::io::stdout().lock(),
             &mut std::io::stderr().lock(),
         ),
+        Command::Publish(args) => cli::broker::publish(&args, &mut std::io::stdout().lock()),
+        Command::Tail(args) => cli::broker::tail(&args, &mut std::io::stdout().lock()),
+        Command::Dlq(command) => cli::broker::dlq(&command, &mut std::io::stdout().lock()),
     };
     match result {
         Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),

@@ -146,7 +146,12 @@ impl Running {
 
     /// Waits until every queue is empty and nothing is in flight or waiting.
     pub fn wait_idle(&self) {
-        self.wait_for("the bus to be idle", |r| r.appliance.bus().is_idle());
+        self.wait_for("the bus to be idle", |r| {
+            r.appliance
+                .transport()
+                .embedded()
+                .is_some_and(|b| b.is_idle())
+        });
     }
 
     /// Replaces router.toml (atomically, as editors do) .

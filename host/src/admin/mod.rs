@@ -29,6 +29,7 @@ use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 
 use crate::appliance::{Appliance, IngressError};
+use crate::bus::DeadLetter;
 use crate::route::TopicPattern;
 
 /// The router serving every endpoint.
@@ -57,7 +58,19 @@ async fn ingress(
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok());
-    match appliance.ingress(&exchange, &routing_key, &body, content_type) {
+    let content_type = content_type.map(str::to_string);
+    // On RabbitMQ an ingress waits for the broker's confirm: off the async threads.
+    let accepted = {
+        let appliance = appliance.clone();
+        tokio::task::spawn_blocking(move || {
+            appliance.ingress(&exchange, &routing_key, &body, content_type.as_deref())
+        })
+        .await
+    };
+    let Ok(accepted) = accepted else {
+        return error(StatusCode::INTERNAL_SERVER_ERROR, "the ingress task failed");
+    };
+    match accepted {
         Ok(id) => (StatusCode::ACCEPTED, Json(json!({"id": id}))).into_response(),
         Err(e @ (IngressError::Full(_) | IngressError::Closed)) => {
             let mut response = error(StatusCode::SERVICE_UNAVAILABLE, e);
@@ -89,7 +102,7 @@ async fn stream(
     };
     let exchange = query.exchange;
     let closed = appliance.closed();
-    let events = BroadcastStream::new(appliance.bus().subscribe_stream()).filter_map(move |item| {
+    let events = BroadcastStream::new(appliance.transport().subscribe_stream()).filter_map(move |item| {
         match item {
             Ok(published) => {
                 let wanted = exchange.as_ref().is_none_or(|e| *e == published.exchange)
@@ -120,40 +133,65 @@ async fn stream(
 }
 
 async fn ready(State(appliance): State<Appliance>) -> Response {
-    if appliance.accepting() {
-        (StatusCode::OK, "ready").into_response()
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response()
+    if !appliance.accepting() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response();
+    }
+    let transport = appliance.transport().clone();
+    let ready = tokio::task::spawn_blocking(move || match &transport {
+        crate::appliance::Transport::Rabbit(bus) if !bus.is_ready() => Err(bus
+            .status()
+            .error
+            .unwrap_or_else(|| "not connected to the broker".into())),
+        _ => Ok(()),
+    })
+    .await;
+    match ready {
+        Ok(Ok(())) => (StatusCode::OK, "ready").into_response(),
+        Ok(Err(why)) => (StatusCode::SERVICE_UNAVAILABLE, format!("broker: {why}")).into_response(),
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "readiness check failed").into_response(),
     }
 }
 
 async fn plugins(State(appliance): State<Appliance>) -> Response {
-    Json(appliance.statuses()).into_response()
+    match tokio::task::spawn_blocking(move || appliance.statuses()).await {
+        Ok(statuses) => Json(statuses).into_response(),
+        Err(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "the status task failed"),
+    }
 }
 
-async fn dead_letters(State(appliance): State<Appliance>, Path(plugin): Path<String>) -> Response {
-    let letters: Vec<Value> = appliance
-        .bus()
-        .dead_letters(&plugin)
-        .into_iter()
-        .map(|d| {
-            let body = serde_json::from_slice::<Value>(&d.delivered.message.body).unwrap_or_else(|_| {
-                json!({"body_base64": base64::engine::general_purpose::STANDARD.encode(&d.delivered.message.body)})
-            });
-            json!({
-                "exchange": d.delivered.exchange,
-                "routing_key": d.delivered.routing_key,
-                "kind": d.failure.kind,
-                "reason": d.failure.reason,
-                "attempts": d.failure.attempts,
-                "plugin_version": d.failure.plugin_version,
-                "first_failure": d.failure.first_failure,
-                "dead_lettered_at": d.at,
-                "message": body,
-            })
-        })
-        .collect();
-    Json(letters).into_response()
+#[derive(Debug, Deserialize)]
+struct DeadLetterQuery {
+    limit: Option<usize>,
+}
+
+async fn dead_letters(
+    State(appliance): State<Appliance>,
+    Path(plugin): Path<String>,
+    Query(query): Query<DeadLetterQuery>,
+) -> Response {
+    if !appliance.config().plugins.contains_key(&plugin) {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("no plugin {plugin:?} is configured"),
+        );
+    }
+    let limit = query.limit.unwrap_or(1000);
+    let transport = appliance.transport().clone();
+    let letters = tokio::task::spawn_blocking(move || transport.dead_letters(&plugin, limit)).await;
+    match letters {
+        Ok(Ok(letters)) => Json(
+            letters
+                .iter()
+                .map(DeadLetter::to_json)
+                .collect::<Vec<Value>>(),
+        )
+        .into_response(),
+        Ok(Err(e)) => error(StatusCode::SERVICE_UNAVAILABLE, e),
+        Err(_) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the dead-letter task failed",
+        ),
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -166,11 +204,12 @@ async fn redrive(
     Path(plugin): Path<String>,
     Query(query): Query<RedriveQuery>,
 ) -> Response {
-    match appliance
-        .bus()
-        .redrive(&plugin, query.limit.unwrap_or(usize::MAX))
-    {
-        Ok(moved) => Json(json!({"redriven": moved})).into_response(),
-        Err(e) => error(StatusCode::NOT_FOUND, e),
+    let transport = appliance.transport().clone();
+    let limit = query.limit.unwrap_or(usize::MAX);
+    match tokio::task::spawn_blocking(move || transport.redrive(&plugin, limit)).await {
+        Ok(Ok(moved)) => Json(json!({"redriven": moved})).into_response(),
+        Ok(Err(e @ crate::bus::BusError::NoSuchQueue(_))) => error(StatusCode::NOT_FOUND, e),
+        Ok(Err(e)) => error(StatusCode::SERVICE_UNAVAILABLE, e),
+        Err(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "the redrive task failed"),
     }
 }

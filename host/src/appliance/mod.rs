@@ -26,7 +26,10 @@ use arc_swap::ArcSwap;
 use serde::Serialize;
 
 use crate::bus::embedded::{EmbeddedBus, QueueStats};
-use crate::bus::{Bus, BusError, ExchangeSpec, Outgoing, QueueSpec, Topology};
+use crate::bus::rabbit::{BrokerQueueStats, RabbitBus, RabbitSettings};
+use crate::bus::{
+    Bus, BusError, DeadLetter, ExchangeSpec, Outgoing, Published, QueueSpec, Topology,
+};
 use crate::config::{PluginSettings, RouterConfig};
 use crate::dispatch::{DispatchSettings, PluginWorkers};
 use crate::envelope::{self, EnvelopeError};
@@ -65,7 +68,107 @@ pub struct PluginStatus {
     pub loaded_at: Option<String>,
     /// Successful loads since start.
     pub loads: u64,
+    /// The plugin's queue on the embedded bus.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub queue: Option<QueueStats>,
+    /// The plugin's queues on RabbitMQ, as the broker reports them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub broker: Option<BrokerQueueStats>,
+}
+
+/// Where events travel: the in-process bus, or RabbitMQ when `[broker] url`
+/// (or `RABBITMQ_URL`) names one.
+#[derive(Debug, Clone)]
+pub enum Transport {
+    Embedded(EmbeddedBus),
+    Rabbit(RabbitBus),
+}
+
+impl Transport {
+    /// The bus as the dispatcher sees it.
+    pub fn bus(&self) -> Arc<dyn Bus> {
+        match self {
+            Self::Embedded(b) => Arc::new(b.clone()),
+            Self::Rabbit(b) => Arc::new(b.clone()),
+        }
+    }
+
+    fn as_bus(&self) -> &dyn Bus {
+        match self {
+            Self::Embedded(b) => b,
+            Self::Rabbit(b) => b,
+        }
+    }
+
+    /// The embedded bus, if that is the transport.
+    pub fn embedded(&self) -> Option<&EmbeddedBus> {
+        match self {
+            Self::Embedded(b) => Some(b),
+            Self::Rabbit(_) => None,
+        }
+    }
+
+    /// The RabbitMQ bus, if that is the transport.
+    pub fn rabbit(&self) -> Option<&RabbitBus> {
+        match self {
+            Self::Rabbit(b) => Some(b),
+            Self::Embedded(_) => None,
+        }
+    }
+
+    /// Every message this process publishes (outputs and ingress).
+    pub fn subscribe_stream(&self) -> tokio::sync::broadcast::Receiver<Arc<Published>> {
+        match self {
+            Self::Embedded(b) => b.subscribe_stream(),
+            Self::Rabbit(b) => b.subscribe_stream(),
+        }
+    }
+
+    /// Published messages no queue was bound for.
+    pub fn unroutable(&self) -> u64 {
+        match self {
+            Self::Embedded(b) => b.unroutable(),
+            Self::Rabbit(b) => b.unroutable(),
+        }
+    }
+
+    /// Up to `limit` dead letters of `plugin`, oldest first.
+    pub fn dead_letters(&self, plugin: &str, limit: usize) -> Result<Vec<DeadLetter>, BusError> {
+        match self {
+            Self::Embedded(b) => Ok(b.dead_letters(plugin).into_iter().take(limit).collect()),
+            Self::Rabbit(b) => b.dead_letters(plugin, limit),
+        }
+    }
+
+    /// Moves up to `limit` dead letters of `plugin` back to its queue.
+    pub fn redrive(&self, plugin: &str, limit: usize) -> Result<usize, BusError> {
+        match self {
+            Self::Embedded(b) => b.redrive(plugin, limit),
+            Self::Rabbit(b) => b.redrive(plugin, limit),
+        }
+    }
+
+    /// Whether the transport can take events: always for the embedded bus;
+    /// connected with the topology declared for RabbitMQ.
+    pub fn is_ready(&self) -> bool {
+        match self {
+            Self::Embedded(_) => true,
+            Self::Rabbit(b) => b.is_ready(),
+        }
+    }
+
+    /// Whether `plugin`'s queue still holds or hands out messages.
+    fn queue_busy(&self, plugin: &str) -> bool {
+        match self {
+            Self::Embedded(b) => b
+                .stats()
+                .get(plugin)
+                .is_some_and(|q| q.depth > 0 || q.in_flight > 0),
+            Self::Rabbit(b) => b
+                .queue_stats(plugin)
+                .is_ok_and(|q| q.messages > 0 || q.in_flight > 0),
+        }
+    }
 }
 
 /// Why an ingress publish was refused.
@@ -95,7 +198,7 @@ struct Slot {
 struct Inner {
     runtime: Runtime,
     kv: Arc<dyn KvStore>,
-    bus: EmbeddedBus,
+    bus: Transport,
     config: ArcSwap<RouterConfig>,
     slots: Mutex<BTreeMap<String, Slot>>,
     accepting: AtomicBool,
@@ -130,6 +233,7 @@ pub fn topology(config: &RouterConfig) -> Topology {
         .map(|e| ExchangeSpec {
             name: e.name.clone(),
             kind: e.kind,
+            durable: e.durable,
         })
         .collect();
     let queues = config
@@ -137,8 +241,11 @@ pub fn topology(config: &RouterConfig) -> Topology {
         .keys()
         .filter_map(|name| config.plugin_settings(name))
         .map(|s| QueueSpec {
+            retry_delays: s.backoff.tiers(s.max_attempts),
             plugin: s.name,
             capacity: s.queue_capacity,
+            prefetch: s.prefetch,
+            ordered: s.ordered,
         })
         .collect();
     let bindings = config
@@ -203,11 +310,15 @@ impl Appliance {
             .with_context(|| format!("cannot create {}", config.state_dir.display()))?;
         let runtime = Runtime::new(config.runtime_config())?;
         let kv: Arc<dyn KvStore> = Arc::new(EmbeddedStore::open(&config.kv_path())?);
+        let bus = match RabbitSettings::from_config(&config) {
+            Some(settings) => Transport::Rabbit(RabbitBus::start(settings)?),
+            None => Transport::Embedded(EmbeddedBus::new()),
+        };
         let appliance = Self {
             inner: Arc::new(Inner {
                 runtime,
                 kv,
-                bus: EmbeddedBus::new(),
+                bus,
                 config: ArcSwap::from_pointee(config.clone()),
                 slots: Mutex::new(BTreeMap::new()),
                 accepting: AtomicBool::new(true),
@@ -216,10 +327,11 @@ impl Appliance {
             }),
         };
         appliance.apply(config)?;
-        let restored = spool::restore(
-            &appliance.inner.config.load().state_dir,
-            &appliance.inner.bus,
-        )?;
+        let Some(embedded) = appliance.inner.bus.embedded() else {
+            // On RabbitMQ, waiting retries and dead letters live in the broker.
+            return Ok(appliance);
+        };
+        let restored = spool::restore(&appliance.inner.config.load().state_dir, embedded)?;
         if restored > 0 {
             tracing::info!(
                 restored,
@@ -229,9 +341,14 @@ impl Appliance {
         Ok(appliance)
     }
 
-    /// The bus (for stream watchers, dead letters and statistics).
-    pub fn bus(&self) -> &EmbeddedBus {
+    /// The transport (for stream watchers, dead letters and statistics).
+    pub fn transport(&self) -> &Transport {
         &self.inner.bus
+    }
+
+    /// Ready for events: ingress open and the transport connected.
+    pub fn is_ready(&self) -> bool {
+        self.accepting() && self.inner.bus.is_ready()
     }
 
     /// The configuration in force.
@@ -245,6 +362,7 @@ impl Appliance {
     pub fn apply(&self, config: RouterConfig) -> anyhow::Result<()> {
         self.inner
             .bus
+            .as_bus()
             .apply(&topology(&config))
             .context("the bus refused the new topology")?;
         let mut slots = lock(&self.inner.slots);
@@ -369,7 +487,7 @@ impl Appliance {
     }
 
     fn start_workers(&self, slot: &mut Slot, plugin: Arc<Plugin>) {
-        let bus: Arc<dyn Bus> = Arc::new(self.inner.bus.clone());
+        let bus = self.inner.bus.bus();
         match PluginWorkers::start(bus, plugin, dispatch_settings(&slot.settings)) {
             Ok(workers) => {
                 slot.workers = Some(workers);
@@ -398,15 +516,14 @@ impl Appliance {
         let workers = slot.workers;
         let spawned = std::thread::Builder::new().name(format!("retire-{name}")).spawn(move || {
             let deadline = std::time::Instant::now() + REMOVAL_DRAIN;
-            while bus.stats().get(&name).is_some_and(|q| q.depth > 0 || q.in_flight > 0)
-                && std::time::Instant::now() < deadline
+            while bus.queue_busy(&name) && std::time::Instant::now() < deadline
             {
                 std::thread::sleep(Duration::from_millis(20));
             }
             if let Some(workers) = workers {
                 workers.stop();
             }
-            match bus.delete_queue(&name, false) {
+            match bus.as_bus().delete_queue(&name, false) {
                 Ok(()) => tracing::info!(plugin = %name, "plugin removed"),
                 Err(e) => tracing::warn!(plugin = %name, error = %e, "plugin stopped; its queue is kept"),
             }
@@ -472,10 +589,17 @@ impl Appliance {
 
     /// Every plugin's status, by name.
     pub fn statuses(&self) -> Vec<PluginStatus> {
-        let stats = self.inner.bus.stats();
+        let stats = self
+            .inner
+            .bus
+            .embedded()
+            .map(EmbeddedBus::stats)
+            .unwrap_or_default();
+        let rabbit = self.inner.bus.rabbit();
         lock(&self.inner.slots)
             .values()
             .map(|s| PluginStatus {
+                broker: rabbit.and_then(|b| b.queue_stats(&s.settings.name).ok()),
                 name: s.settings.name.clone(),
                 file: s.settings.wasm.clone(),
                 state: s.state.clone(),
@@ -506,7 +630,7 @@ impl Appliance {
             routing_key: routing_key.into(),
             message,
         };
-        match self.inner.bus.publish(vec![out], Duration::ZERO) {
+        match self.inner.bus.as_bus().publish(vec![out], Duration::ZERO) {
             Ok(()) => Ok(id),
             Err(BusError::Full { plugin }) => Err(IngressError::Full(plugin)),
             Err(BusError::NoSuchExchange(e)) => Err(IngressError::NoSuchExchange(e)),
@@ -538,7 +662,28 @@ impl Appliance {
     /// folder. Returns how many events were spooled.
     pub fn shutdown(&self, deadline: Duration) -> anyhow::Result<usize> {
         self.stop_ingress();
-        let drained = self.inner.bus.drain(deadline);
+        let embedded = match &self.inner.bus {
+            Transport::Embedded(bus) => bus,
+            Transport::Rabbit(bus) => {
+                // Stop new deliveries, finish what this process holds, then
+                // close: anything unsettled goes back to the broker's queues.
+                bus.cancel_consumers();
+                if !bus.drain(deadline) {
+                    tracing::warn!(
+                        "drain deadline reached; unfinished events go back to the broker"
+                    );
+                }
+                let slots = std::mem::take(&mut *lock(&self.inner.slots));
+                for slot in slots.into_values() {
+                    if let Some(workers) = slot.workers {
+                        workers.stop();
+                    }
+                }
+                bus.close();
+                return Ok(0);
+            }
+        };
+        let drained = embedded.drain(deadline);
         if !drained {
             tracing::warn!("drain deadline reached; what is left will be spooled");
         }
@@ -548,8 +693,8 @@ impl Appliance {
                 workers.stop();
             }
         }
-        let left = self.inner.bus.take_all();
-        let dead = self.inner.bus.take_dead_letters();
+        let left = embedded.take_all();
+        let dead = embedded.take_dead_letters();
         let spooled = spool::save(&self.inner.config.load().state_dir, &left, &dead)?;
         Ok(spooled)
     }

@@ -25,30 +25,13 @@ use crossbeam_channel::{Receiver, Sender, TrySendError};
 use serde::Serialize;
 
 use super::{
-    Bus, BusError, Delivered, Delivery, FailureInfo, Message, Outgoing, Settle, Settlement,
-    Topology,
+    Bus, BusError, Delivered, Delivery, FailureInfo, Outgoing, Settle, Settlement, Topology,
 };
+pub use super::{DeadLetter, Published};
 use crate::route::{ExchangeKind, RouteTable};
 
 /// Dead letters kept per plugin; past this the oldest are dropped, loudly.
 const MAX_DEAD_LETTERS: usize = 100_000;
-
-/// A message as stream watchers see it.
-#[derive(Debug, Clone)]
-pub struct Published {
-    pub exchange: String,
-    pub routing_key: String,
-    pub message: Message,
-}
-
-/// A dead-lettered message and why.
-#[derive(Debug, Clone)]
-pub struct DeadLetter {
-    pub delivered: Delivered,
-    pub failure: FailureInfo,
-    /// When it was dead-lettered, RFC 3339.
-    pub at: String,
-}
 
 /// Counters of one plugin queue. `received = acked + dead_lettered + depth +
 /// in_flight + waiting_retries` at every quiet moment.

@@ -16,6 +16,7 @@
 
 pub mod embedded;
 mod message;
+pub mod rabbit;
 
 use std::time::Duration;
 
@@ -23,11 +24,53 @@ pub use message::Message;
 
 use crate::route::{Binding, ExchangeKind};
 
+/// A message as stream watchers see it.
+#[derive(Debug, Clone)]
+pub struct Published {
+    pub exchange: String,
+    pub routing_key: String,
+    pub message: Message,
+}
+
+/// A dead-lettered message and why.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    pub delivered: Delivered,
+    pub failure: FailureInfo,
+    /// When it was dead-lettered, RFC 3339.
+    pub at: String,
+}
+
+impl DeadLetter {
+    /// The dead letter as the admin API and `switchboard dlq list` show it;
+    /// a body that is not JSON is shown as base64.
+    pub fn to_json(&self) -> serde_json::Value {
+        use base64::Engine as _;
+        let body = &self.delivered.message.body;
+        let message = serde_json::from_slice::<serde_json::Value>(body).unwrap_or_else(|_| {
+            serde_json::json!({"body_base64": base64::engine::general_purpose::STANDARD.encode(body)})
+        });
+        serde_json::json!({
+            "exchange": self.delivered.exchange,
+            "routing_key": self.delivered.routing_key,
+            "kind": self.failure.kind,
+            "reason": self.failure.reason,
+            "attempts": self.failure.attempts,
+            "plugin_version": self.failure.plugin_version,
+            "first_failure": self.failure.first_failure,
+            "dead_lettered_at": self.at,
+            "message": message,
+        })
+    }
+}
+
 /// An exchange to declare.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExchangeSpec {
     pub name: String,
     pub kind: ExchangeKind,
+    /// Survives a broker restart (RabbitMQ).
+    pub durable: bool,
 }
 
 /// A plugin queue to declare.
@@ -37,6 +80,12 @@ pub struct QueueSpec {
     pub plugin: String,
     /// Most messages waiting (embedded bus); the broker's own limits otherwise.
     pub capacity: usize,
+    /// Unacknowledged deliveries one consumer may hold (RabbitMQ `basic.qos`).
+    pub prefetch: u16,
+    /// One consumer at a time across replicas (RabbitMQ single active consumer).
+    pub ordered: bool,
+    /// Distinct retry delays (RabbitMQ: one TTL queue each).
+    pub retry_delays: Vec<Duration>,
 }
 
 /// Everything a bus must have declared: the desired state, applied idempotently.
@@ -93,6 +142,13 @@ pub trait Settle: Send {
         delivered: Delivered,
         settlement: Settlement,
     ) -> Result<(), BusError>;
+
+    /// Whether settling can still succeed. False when the delivery came on a
+    /// broker channel that has since closed: the broker has already put the
+    /// message back, so running the plugin on it would only make duplicates.
+    fn is_live(&self) -> bool {
+        true
+    }
 }
 
 /// What was delivered: one message in one plugin's queue.
@@ -122,6 +178,11 @@ impl std::fmt::Debug for Delivery {
 }
 
 impl Delivery {
+    /// Whether settling can still succeed (see [`Settle::is_live`]).
+    pub fn is_live(&self) -> bool {
+        self.settle.is_live()
+    }
+
     /// Settles this delivery (consumes it: a delivery is settled once).
     pub fn finish(self, settlement: Settlement) -> Result<(), BusError> {
         self.settle.settle(self.delivered, settlement)
@@ -141,6 +202,15 @@ pub enum BusError {
     Closed,
     #[error("bus unavailable: {0}")]
     Unavailable(String),
+    /// The broker refused a declaration (the message says what to do).
+    #[error("{0}")]
+    Topology(String),
+    /// No queue is bound for a message and the policy says that is a failure.
+    #[error("no queue is bound to exchange {exchange:?} for routing key {routing_key:?}")]
+    Unroutable {
+        exchange: String,
+        routing_key: String,
+    },
 }
 
 /// A message bus as the dispatcher sees it.
@@ -164,4 +234,8 @@ pub trait Bus: Send + Sync + 'static {
 
     /// Deletes a plugin's queue; refused while it holds messages unless `force`.
     fn delete_queue(&self, plugin: &str, force: bool) -> Result<(), BusError>;
+
+    /// No worker consumes `plugin`'s queue any more: stop delivering to this
+    /// process. Deliveries handed out but not settled go back to the queue.
+    fn stop_consuming(&self, _plugin: &str) {}
 }

@@ -1,6 +1,7 @@
 //! The `switchboard` command's subcommands. `main.rs` parses arguments; each
 //! module here does one subcommand's work and returns its exit code.
 
+pub mod broker;
 pub mod check;
 pub mod run;
 pub mod test;

@@ -59,14 +59,10 @@ pub async fn signal() {
 /// Runs until a signal; `Ok` after a clean shutdown.
 pub fn run(config_path: &Path, drain_timeout: Duration) -> anyhow::Result<()> {
     let config = RouterConfig::load(config_path)?;
-    if let Some(url) = &config.broker.url {
-        // Running in memory while the operator believes events are on a broker
-        // would lose them on a crash: refuse rather than fall back quietly.
-        anyhow::bail!(
-            "a broker is configured ({url}, from [broker] url or RABBITMQ_URL), but this \
-             release runs on the embedded bus only; remove it to run embedded"
-        );
-    }
+    let transport = match &config.broker.url {
+        Some(url) => format!("RabbitMQ at {url}"),
+        None => "the embedded bus".to_string(),
+    };
     let listen = config.http.listen;
     let appliance = Appliance::start(config)?;
     let watcher = watch::start(appliance.clone(), config_path)?;
@@ -80,7 +76,7 @@ pub fn run(config_path: &Path, drain_timeout: Duration) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("cannot listen on {listen}"))?;
         let local = listener.local_addr()?;
-        tracing::info!(listen = %local, "switchboard is running on the embedded bus");
+        tracing::info!(listen = %local, "switchboard is running on {transport}");
         serve(appliance.clone(), listener, signal()).await
     })?;
     tracing::info!("shutting down: finishing queued and in-flight events");

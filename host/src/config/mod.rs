@@ -84,7 +84,7 @@ impl Default for RouterConfig {
     }
 }
 
-/// `[broker]`: the RabbitMQ connection.
+/// `[broker]`: the RabbitMQ connection and what the router declares on it.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct BrokerConfig {
@@ -96,6 +96,24 @@ pub struct BrokerConfig {
     /// Prefix of everything the router declares on the broker: queues
     /// `<prefix>.<plugin>`, exchanges `<prefix>.retry` and `<prefix>.dlx`.
     pub prefix: String,
+    /// Type of the queues the router declares: `"quorum"` (replicated, the
+    /// default) or `"classic"`. A queue keeps the type it was created with:
+    /// changing it needs the old queues deleted (`switchboard` refuses to start
+    /// rather than loop on RabbitMQ's refusal).
+    pub queue_type: QueueType,
+    /// PEM file of the certificate authority that signed the broker's TLS
+    /// certificate, for `amqps://` URLs (default: the system's roots). Relative
+    /// to the folder of `router.toml`.
+    pub ca_file: Option<PathBuf>,
+    /// What happens to a plugin output that no queue is bound to: `"drop"` (as
+    /// AMQP does; counted and logged) or `"dead-letter"` (the input event is
+    /// dead-lettered with reason `unroutable`).
+    pub unroutable: Unroutable,
+    /// Longest wait for any one broker operation: a publish and its confirm, a
+    /// declaration, an acknowledgement (`"5s"`). Past it the operation fails and
+    /// the event is retried.
+    #[serde(deserialize_with = "units::duration")]
+    pub timeout: std::time::Duration,
 }
 
 impl Default for BrokerConfig {
@@ -103,8 +121,32 @@ impl Default for BrokerConfig {
         Self {
             url: None,
             prefix: "switchboard".into(),
+            queue_type: QueueType::default(),
+            ca_file: None,
+            unroutable: Unroutable::default(),
+            timeout: std::time::Duration::from_secs(5),
         }
     }
+}
+
+/// `[broker] queue_type`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueType {
+    #[default]
+    Quorum,
+    Classic,
+}
+
+/// `[broker] unroutable`: the policy for outputs that no binding matches.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Unroutable {
+    /// Dropped, as AMQP does with a non-mandatory message; counted and logged.
+    #[default]
+    Drop,
+    /// The input is dead-lettered with reason `unroutable`, outputs unpublished.
+    DeadLetter,
 }
 
 /// `[http]`: the HTTP server.
@@ -318,6 +360,9 @@ impl RouterConfig {
         let base_dir = std::path::absolute(base_dir).unwrap_or_else(|_| base_dir.to_path_buf());
         config.plugins_dir = base_dir.join(&config.plugins_dir);
         config.state_dir = base_dir.join(&config.state_dir);
+        if let Some(ca) = &config.broker.ca_file {
+            config.broker.ca_file = Some(base_dir.join(ca));
+        }
         Ok(config)
     }
 

@@ -37,6 +37,52 @@ impl Secret {
             None => self.0.clone(),
         }
     }
+
+    /// `text` (an error message, say) with this URL, its credentials and its
+    /// password (as written and percent-decoded) replaced by `***` wherever
+    /// they occur, so that an error from a library can be shown.
+    pub fn scrub(&self, text: &str) -> String {
+        let mut out = text.replace(&self.0, &self.redacted());
+        let Some((_, rest)) = self.0.split_once("://") else {
+            return out.replace(&self.0, "***");
+        };
+        let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+        if let Some(at) = rest[..authority_end].rfind('@') {
+            let userinfo = &rest[..at];
+            let password = userinfo.split_once(':').map_or("", |(_, p)| p);
+            let decoded = percent_decode(password);
+            for needle in [userinfo, password, decoded.as_str()] {
+                if needle.len() >= 3 {
+                    out = out.replace(needle, "***");
+                }
+            }
+        }
+        out
+    }
+}
+
+/// `%xx` sequences decoded (invalid ones kept as they are).
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 impl fmt::Debug for Secret {
@@ -64,6 +110,17 @@ mod tests {
             r#""amqp://***@rabbit.internal:5672/%2f""#
         );
         assert_eq!(url.expose(), "amqp://app:s3cret@rabbit.internal:5672/%2f");
+    }
+
+    #[test]
+    fn scrub_hides_the_url_and_the_password_inside_other_text() {
+        let url = Secret::new("amqp://app:s%40cret!@rabbit:5672/%2f");
+        let said =
+            "cannot connect to amqp://app:s%40cret!@rabbit:5672/%2f: bad password s@cret! for app";
+        let shown = url.scrub(said);
+        assert!(!shown.contains("s%40cret"), "{shown}");
+        assert!(!shown.contains("s@cret"), "{shown}");
+        assert!(shown.contains("amqp://***@rabbit:5672/%2f"), "{shown}");
     }
 
     #[test]

@@ -38,7 +38,29 @@ impl RouterConfig {
                 e.push(format!(
                     "broker.url: expected an amqp:// or amqps:// URL, got \"{url}\""
                 ));
+            } else if let Err(why) = raw.parse::<lapin::uri::AMQPUri>() {
+                // The parser's message may quote the URL: redact what it says.
+                let why = url.scrub(&why);
+                e.push(format!(
+                    "broker.url: \"{url}\" is not a valid AMQP URL: {why}"
+                ));
             }
+        }
+        if let Some(ca) = &self.broker.ca_file
+            && !ca.is_file()
+        {
+            e.push(format!(
+                "broker.ca_file: {} is not a readable file",
+                ca.display()
+            ));
+        }
+        if self.broker.timeout < std::time::Duration::from_millis(100)
+            || self.broker.timeout > std::time::Duration::from_secs(600)
+        {
+            e.push(format!(
+                "broker.timeout: must be between 100ms and 10m, got {}",
+                super::duration_text(self.broker.timeout)
+            ));
         }
         if let Err(why) = check_exchange_name(&self.broker.prefix) {
             e.push(format!("broker.prefix: {why}"));

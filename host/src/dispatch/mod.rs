@@ -90,6 +90,9 @@ pub struct DispatchStats {
     pub deduplicated: AtomicU64,
     /// Settlements the bus refused (the bus redelivers those).
     pub settle_errors: AtomicU64,
+    /// Deliveries skipped because their broker channel had closed (the broker
+    /// had already put them back in the queue).
+    pub abandoned: AtomicU64,
 }
 
 /// A failed delivery: what kind of failure, why, and whether a retry may help.
@@ -218,6 +221,7 @@ impl PluginWorkers {
                 tracing::error!(plugin = %self.shared.name, "a worker thread panicked");
             }
         }
+        self.shared.bus.stop_consuming(&self.shared.name);
     }
 }
 
@@ -317,6 +321,10 @@ impl Shared {
     }
 
     fn process(&self, delivery: Delivery) {
+        if !delivery.is_live() {
+            self.stats.abandoned.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
         let plugin = self.plugin.load_full();
         let settings = self.settings.load();
         let d = &delivery.delivered;
@@ -417,6 +425,17 @@ impl Shared {
         if !batch.is_empty() {
             match self.bus.publish(batch, settings.publish_timeout) {
                 Ok(()) => {}
+                Err(BusError::Unroutable {
+                    exchange,
+                    routing_key,
+                }) => {
+                    let reason = format!(
+                        "no queue is bound for an output to exchange {exchange:?} with routing key \
+                         {routing_key:?} ([broker] unroutable = \"dead-letter\")"
+                    );
+                    let failed = Failed::permanent("unroutable", reason);
+                    return self.fail(delivery, &plugin, &settings, concerning(), failed);
+                }
                 Err(BusError::NoSuchExchange(exchange)) => {
                     let reason =
                         format!("an output names exchange {exchange:?}, which is not declared");

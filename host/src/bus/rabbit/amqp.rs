@@ -1,0 +1,285 @@
+//! Messages between AMQP and the bus: properties and headers in, properties
+//! and headers out, and the headers the router itself writes when it moves a
+//! message to a retry tier or a dead-letter queue.
+
+use bytes::Bytes;
+use lapin::BasicProperties;
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+
+use crate::bus::{Delivered, FailureInfo, Message};
+
+/// Attempt the message is on, for the plugin whose queue it is in (1 = first).
+pub const ATTEMPT: &str = "switchboard-attempt";
+/// When the first attempt failed, RFC 3339.
+pub const FIRST_FAILURE: &str = "switchboard-first-failure";
+/// The last failure's kind (`retry`, `timeout`, `undecodable`, …).
+pub const ERROR_KIND: &str = "switchboard-error-kind";
+/// The last failure, in one sentence.
+pub const ERROR: &str = "switchboard-error";
+/// Version (content hash) of the plugin that failed.
+pub const PLUGIN_VERSION: &str = "switchboard-plugin-version";
+/// When the message was dead-lettered, RFC 3339.
+pub const DEAD_LETTERED_AT: &str = "switchboard-dead-lettered-at";
+/// The exchange and routing key the event was first published with: a retried
+/// or re-driven copy arrives through the default exchange.
+pub const EXCHANGE: &str = "switchboard-exchange";
+pub const ROUTING_KEY: &str = "switchboard-routing-key";
+
+/// Headers the router owns: replaced, not accumulated, on every move. The
+/// broker's own `x-death` history is dropped too, since the router's headers
+/// say what happened and the history would grow with every retry.
+fn owned(name: &str) -> bool {
+    [
+        ATTEMPT,
+        FIRST_FAILURE,
+        ERROR_KIND,
+        ERROR,
+        PLUGIN_VERSION,
+        DEAD_LETTERED_AT,
+        EXCHANGE,
+        ROUTING_KEY,
+    ]
+    .contains(&name)
+        || name.starts_with("x-death")
+        || name.starts_with("x-first-death-")
+        || name.starts_with("x-last-death-")
+}
+
+/// A header value as text: strings as they are, numbers and booleans printed,
+/// tables and arrays as JSON.
+pub fn value_text(value: &AMQPValue) -> String {
+    match value {
+        AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+        AMQPValue::ShortString(s) => s.as_str().to_string(),
+        other => value_json(other).to_string(),
+    }
+}
+
+fn value_json(value: &AMQPValue) -> serde_json::Value {
+    use serde_json::Value;
+    match value {
+        AMQPValue::Boolean(b) => Value::Bool(*b),
+        AMQPValue::ShortShortInt(n) => (*n).into(),
+        AMQPValue::ShortShortUInt(n) => (*n).into(),
+        AMQPValue::ShortInt(n) => (*n).into(),
+        AMQPValue::ShortUInt(n) => (*n).into(),
+        AMQPValue::LongInt(n) => (*n).into(),
+        AMQPValue::LongUInt(n) => (*n).into(),
+        AMQPValue::LongLongInt(n) => (*n).into(),
+        AMQPValue::Float(f) => serde_json::json!(f),
+        AMQPValue::Double(f) => serde_json::json!(f),
+        AMQPValue::DecimalValue(d) => Value::String(format!("{d:?}")),
+        AMQPValue::ShortString(s) => Value::String(s.as_str().into()),
+        AMQPValue::LongString(s) => Value::String(String::from_utf8_lossy(s.as_bytes()).into()),
+        AMQPValue::FieldArray(a) => Value::Array(a.as_slice().iter().map(value_json).collect()),
+        AMQPValue::Timestamp(t) => (*t).into(),
+        AMQPValue::FieldTable(t) => Value::Object(
+            t.inner()
+                .iter()
+                .map(|(k, v)| (k.as_str().to_string(), value_json(v)))
+                .collect(),
+        ),
+        AMQPValue::ByteArray(b) => Value::String(format!("{b:?}")),
+        AMQPValue::Void => Value::Null,
+    }
+}
+
+/// The message carried by an AMQP delivery.
+pub fn message(data: Vec<u8>, properties: &BasicProperties) -> Message {
+    let headers = properties
+        .headers()
+        .as_ref()
+        .map(|table| {
+            table
+                .inner()
+                .iter()
+                .map(|(k, v)| (k.as_str().to_string(), value_text(v)))
+                .collect()
+        })
+        .unwrap_or_default();
+    Message {
+        body: Bytes::from(data),
+        content_type: properties
+            .content_type()
+            .as_ref()
+            .map(|c| c.as_str().to_string()),
+        message_id: properties
+            .message_id()
+            .as_ref()
+            .map(|c| c.as_str().to_string()),
+        headers,
+    }
+}
+
+/// What a delivery from `exchange` with `routing_key` is, for the dispatcher:
+/// the original exchange and key when the router moved it, and the attempt.
+pub fn delivered(exchange: &str, routing_key: &str, message: Message) -> Delivered {
+    let attempt = message
+        .header(ATTEMPT)
+        .and_then(|a| a.trim().parse::<u32>().ok())
+        .filter(|a| *a >= 1)
+        .unwrap_or(1);
+    let first_failure = message.header(FIRST_FAILURE).map(str::to_string);
+    let exchange = message.header(EXCHANGE).unwrap_or(exchange).to_string();
+    let routing_key = message
+        .header(ROUTING_KEY)
+        .unwrap_or(routing_key)
+        .to_string();
+    Delivered {
+        exchange,
+        routing_key,
+        message,
+        attempt,
+        first_failure,
+    }
+}
+
+/// Persistent AMQP properties for `message`, with `extra` headers replacing
+/// any of the same name.
+pub fn properties(message: &Message, extra: &[(&str, String)]) -> BasicProperties {
+    let mut table = FieldTable::default();
+    for (k, v) in &message.headers {
+        if extra.iter().any(|(name, _)| name == k) {
+            continue;
+        }
+        table.insert(
+            ShortString::from(k.as_str()),
+            AMQPValue::LongString(LongString::from(v.as_str())),
+        );
+    }
+    for (k, v) in extra {
+        table.insert(
+            ShortString::from(*k),
+            AMQPValue::LongString(LongString::from(v.as_str())),
+        );
+    }
+    let mut props = BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_headers(table);
+    if let Some(ct) = &message.content_type {
+        props = props.with_content_type(ShortString::from(ct.as_str()));
+    }
+    if let Some(id) = &message.message_id {
+        props = props.with_message_id(ShortString::from(id.as_str()));
+    }
+    props
+}
+
+/// The message `delivered` as the router re-publishes it after a failure: the
+/// headers it owns replaced by `failure` (and `attempt` for the next try).
+pub fn moved(delivered: &Delivered, failure: &FailureInfo, next_attempt: Option<u32>) -> Message {
+    let mut message = delivered.message.clone();
+    message.headers.retain(|(k, _)| !owned(k));
+    let mut add = |k: &str, v: String| message.headers.push((k.to_string(), v));
+    add(EXCHANGE, delivered.exchange.clone());
+    add(ROUTING_KEY, delivered.routing_key.clone());
+    add(FIRST_FAILURE, failure.first_failure.clone());
+    add(ERROR_KIND, failure.kind.clone());
+    add(ERROR, failure.reason.clone());
+    add(PLUGIN_VERSION, failure.plugin_version.clone());
+    match next_attempt {
+        Some(n) => add(ATTEMPT, n.to_string()),
+        None => {
+            add(ATTEMPT, failure.attempts.to_string());
+            add(DEAD_LETTERED_AT, crate::envelope::now_rfc3339());
+        }
+    }
+    message
+}
+
+/// A dead letter as found in a DLQ: the failure the router recorded, or for a
+/// message the broker dead-lettered by itself, what its `x-death` says.
+pub fn failure_of(message: &Message) -> FailureInfo {
+    let h = |k: &str| message.header(k).map(str::to_string);
+    match h(ERROR_KIND) {
+        Some(kind) => FailureInfo {
+            kind,
+            reason: h(ERROR).unwrap_or_default(),
+            attempts: h(ATTEMPT).and_then(|a| a.parse().ok()).unwrap_or(1),
+            plugin_version: h(PLUGIN_VERSION).unwrap_or_default(),
+            first_failure: h(FIRST_FAILURE).unwrap_or_default(),
+        },
+        None => {
+            let reason = h("x-first-death-reason").unwrap_or_else(|| "unknown".into());
+            FailureInfo {
+                kind: reason.clone(),
+                reason: format!(
+                    "dead-lettered by the broker ({reason}); x-death: {}",
+                    h("x-death").unwrap_or_default()
+                ),
+                attempts: h(ATTEMPT).and_then(|a| a.parse().ok()).unwrap_or(1),
+                plugin_version: String::new(),
+                first_failure: String::new(),
+            }
+        }
+    }
+}
+
+/// The message of a dead letter as re-driven: the router's failure headers
+/// removed, so that it starts again at attempt 1 (origin kept).
+pub fn redriven(message: &Message) -> Message {
+    let mut message = message.clone();
+    message
+        .headers
+        .retain(|(k, _)| !owned(k) || k == EXCHANGE || k == ROUTING_KEY);
+    message
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn failure() -> FailureInfo {
+        FailureInfo {
+            kind: "retry".into(),
+            reason: "later".into(),
+            attempts: 2,
+            plugin_version: "abc".into(),
+            first_failure: "2026-11-22T10:00:00Z".into(),
+        }
+    }
+
+    #[test]
+    fn a_moved_message_keeps_its_origin_and_replaces_the_routers_headers() {
+        let message = Message {
+            body: Bytes::from_static(b"{}"),
+            headers: vec![
+                ("tenant".into(), "acme".into()),
+                (ATTEMPT.into(), "2".into()),
+                ("x-death".into(), "[...]".into()),
+                (crate::envelope::HOPS_HEADER.into(), "1".into()),
+            ],
+            ..Message::default()
+        };
+        let d = delivered("payments", "payment.success", message);
+        assert_eq!(d.attempt, 2);
+        let copy = moved(&d, &failure(), Some(3));
+        let again = delivered("", "sb.billing", copy.clone());
+        assert_eq!(again.exchange, "payments");
+        assert_eq!(again.routing_key, "payment.success");
+        assert_eq!(again.attempt, 3);
+        assert_eq!(again.first_failure.as_deref(), Some("2026-11-22T10:00:00Z"));
+        assert_eq!(copy.header("tenant"), Some("acme"));
+        assert_eq!(copy.header(crate::envelope::HOPS_HEADER), Some("1"));
+        assert_eq!(copy.header("x-death"), None);
+        assert_eq!(copy.headers.iter().filter(|(k, _)| k == ATTEMPT).count(), 1);
+
+        let dead = moved(&d, &failure(), None);
+        let info = failure_of(&dead);
+        assert_eq!(info, failure());
+        let back = delivered("", "sb.billing", redriven(&dead));
+        assert_eq!(back.attempt, 1);
+        assert_eq!(back.first_failure, None);
+        assert_eq!(back.exchange, "payments");
+    }
+
+    #[test]
+    fn broker_dead_letters_report_x_death() {
+        let message = Message {
+            headers: vec![("x-first-death-reason".into(), "delivery_limit".into())],
+            ..Message::default()
+        };
+        let info = failure_of(&message);
+        assert_eq!(info.kind, "delivery_limit");
+    }
+}

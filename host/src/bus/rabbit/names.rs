@@ -1,0 +1,201 @@
+//! What the router declares on the broker, by name and arguments. Everything
+//! starts with the configured prefix (`switchboard` below):
+//!
+//! ```text
+//! user exchange --route pattern--> switchboard.billing            (the plugin's queue)
+//! switchboard.retry (direct) --"billing.5s"--> switchboard.billing.retry.5s
+//!     x-message-ttl = 5000, dead-letters via the default exchange back to switchboard.billing
+//! switchboard.dlx (direct) --"billing"--> switchboard.billing.dlq
+//! ```
+//!
+//! Queue arguments are part of a queue's identity in RabbitMQ: declaring an
+//! existing queue with other arguments is refused (`PRECONDITION_FAILED`). The
+//! arguments below therefore depend only on things that name a new queue when
+//! they change (the retry delay is in the tier's name) or that the operator
+//! changes deliberately (`queue_type`, `ordered`), and the refusal is reported
+//! as such.
+
+use std::time::Duration;
+
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+
+use crate::config::QueueType;
+
+/// Deliveries of one message (redeliveries after a lost connection or a
+/// crash included) after which a quorum queue dead-letters it by itself
+/// (`x-death` reason `delivery_limit`): a guard against a message that takes
+/// the process down every time, never reached by ordinary retries (those are
+/// new messages).
+pub const DELIVERY_LIMIT: i64 = 20;
+
+/// Names of everything declared for one prefix.
+#[derive(Debug, Clone)]
+pub struct Names {
+    prefix: String,
+}
+
+impl Names {
+    pub fn new(prefix: &str) -> Self {
+        Self {
+            prefix: prefix.to_string(),
+        }
+    }
+
+    /// The plugin's queue: `<prefix>.<plugin>`.
+    pub fn queue(&self, plugin: &str) -> String {
+        format!("{}.{plugin}", self.prefix)
+    }
+
+    /// The plugin's dead-letter queue: `<prefix>.<plugin>.dlq`.
+    pub fn dlq(&self, plugin: &str) -> String {
+        format!("{}.{plugin}.dlq", self.prefix)
+    }
+
+    /// The exchange retry tiers are bound to: `<prefix>.retry` (direct).
+    pub fn retry_exchange(&self) -> String {
+        format!("{}.retry", self.prefix)
+    }
+
+    /// The exchange dead-letter queues are bound to: `<prefix>.dlx` (direct).
+    pub fn dlx(&self) -> String {
+        format!("{}.dlx", self.prefix)
+    }
+
+    /// The retry tier of `plugin` for `delay`: `<prefix>.<plugin>.retry.<delay>`.
+    pub fn retry_queue(&self, plugin: &str, delay: Duration) -> String {
+        format!("{}.{plugin}.retry.{}", self.prefix, delay_text(delay))
+    }
+
+    /// The routing key of that tier on the retry exchange: `<plugin>.<delay>`.
+    pub fn retry_key(plugin: &str, delay: Duration) -> String {
+        format!("{plugin}.{}", delay_text(delay))
+    }
+}
+
+/// `5s`, `500ms`, `90s`: whole seconds when exact, else milliseconds.
+pub fn delay_text(delay: Duration) -> String {
+    let ms = delay.as_millis();
+    if ms % 1000 == 0 {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{ms}ms")
+    }
+}
+
+fn text(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s))
+}
+
+fn put(table: &mut FieldTable, key: &str, value: AMQPValue) {
+    table.insert(ShortString::from(key), value);
+}
+
+fn base(queue_type: QueueType) -> FieldTable {
+    let mut args = FieldTable::default();
+    let kind = match queue_type {
+        QueueType::Quorum => "quorum",
+        QueueType::Classic => "classic",
+    };
+    put(&mut args, "x-queue-type", text(kind));
+    args
+}
+
+/// Dead-lettering that the broker does itself, at least once where it can
+/// (quorum queues; it needs `reject-publish` overflow).
+fn dead_letter_to(args: &mut FieldTable, queue_type: QueueType, exchange: &str, key: &str) {
+    put(args, "x-dead-letter-exchange", text(exchange));
+    put(args, "x-dead-letter-routing-key", text(key));
+    if queue_type == QueueType::Quorum {
+        put(args, "x-dead-letter-strategy", text("at-least-once"));
+        put(args, "x-overflow", text("reject-publish"));
+    }
+}
+
+impl Names {
+    /// The plugin queue's arguments: what the broker dead-letters by itself
+    /// goes to the plugin's DLQ; `ordered` makes it a single-active-consumer
+    /// queue.
+    pub fn queue_args(&self, plugin: &str, queue_type: QueueType, ordered: bool) -> FieldTable {
+        let mut args = base(queue_type);
+        dead_letter_to(&mut args, queue_type, &self.dlx(), plugin);
+        if queue_type == QueueType::Quorum {
+            put(
+                &mut args,
+                "x-delivery-limit",
+                AMQPValue::LongLongInt(DELIVERY_LIMIT),
+            );
+        }
+        if ordered {
+            put(
+                &mut args,
+                "x-single-active-consumer",
+                AMQPValue::Boolean(true),
+            );
+        }
+        args
+    }
+
+    /// A retry tier: messages wait `delay` (a per-queue TTL, so every message
+    /// expires in order), then dead-letter back to the plugin's queue.
+    pub fn retry_args(&self, plugin: &str, queue_type: QueueType, delay: Duration) -> FieldTable {
+        let mut args = base(queue_type);
+        let ttl = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
+        put(&mut args, "x-message-ttl", AMQPValue::LongLongInt(ttl));
+        dead_letter_to(&mut args, queue_type, "", &self.queue(plugin));
+        args
+    }
+
+    /// The dead-letter queue: plain.
+    pub fn dlq_args(queue_type: QueueType) -> FieldTable {
+        base(queue_type)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_the_prefix() {
+        let n = Names::new("switchboard");
+        assert_eq!(n.queue("billing"), "switchboard.billing");
+        assert_eq!(n.dlq("billing"), "switchboard.billing.dlq");
+        assert_eq!(
+            n.retry_queue("billing", Duration::from_secs(5)),
+            "switchboard.billing.retry.5s"
+        );
+        assert_eq!(
+            Names::retry_key("billing", Duration::from_millis(500)),
+            "billing.500ms"
+        );
+        assert_eq!(n.retry_exchange(), "switchboard.retry");
+        assert_eq!(n.dlx(), "switchboard.dlx");
+    }
+
+    #[test]
+    fn quorum_queues_dead_letter_at_least_once() {
+        let n = Names::new("sb");
+        let args = n.queue_args("billing", QueueType::Quorum, true);
+        let get = |k: &str| args.inner().get(k).cloned();
+        assert_eq!(get("x-queue-type"), Some(text("quorum")));
+        assert_eq!(get("x-dead-letter-strategy"), Some(text("at-least-once")));
+        assert_eq!(get("x-overflow"), Some(text("reject-publish")));
+        assert_eq!(get("x-dead-letter-exchange"), Some(text("sb.dlx")));
+        assert_eq!(
+            get("x-single-active-consumer"),
+            Some(AMQPValue::Boolean(true))
+        );
+        let classic = n.queue_args("billing", QueueType::Classic, false);
+        assert!(!classic.contains_key("x-dead-letter-strategy"));
+        assert!(!classic.contains_key("x-single-active-consumer"));
+        let tier = n.retry_args("billing", QueueType::Classic, Duration::from_secs(2));
+        assert_eq!(
+            tier.inner().get("x-message-ttl"),
+            Some(&AMQPValue::LongLongInt(2000))
+        );
+        assert_eq!(
+            tier.inner().get("x-dead-letter-routing-key"),
+            Some(&text("sb.billing"))
+        );
+    }
+}

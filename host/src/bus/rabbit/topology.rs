@@ -1,0 +1,264 @@
+//! Declaring the configured topology on the broker, idempotently: exchanges,
+//! each plugin's queue, retry tiers and dead-letter queue, and the routes'
+//! bindings. What an earlier configuration bound and this one does not is
+//! unbound; retry tiers no longer used are deleted when empty. Queues holding
+//! messages are never deleted here.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use lapin::options::{
+    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection};
+use serde::{Deserialize, Serialize};
+
+use super::names::Names;
+use crate::bus::Topology;
+use crate::config::QueueType;
+use crate::route::ExchangeKind;
+
+/// What a topology put on the broker that a later one may have to take back:
+/// bindings (queue, exchange, key) and retry tiers (queue, exchange key).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Declared {
+    pub bindings: BTreeSet<(String, String, String)>,
+    pub tiers: BTreeSet<(String, String)>,
+}
+
+impl Declared {
+    /// Reads what the last run declared (`None` when unknown).
+    pub fn load(path: &Path) -> Option<Self> {
+        let text = std::fs::read_to_string(path).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    /// Records it for the next run (best effort: a missing record only means
+    /// bindings removed while stopped are not unbound).
+    pub fn save(&self, path: &Path) {
+        let write = || -> std::io::Result<()> {
+            let tmp = path.with_extension("tmp");
+            std::fs::write(&tmp, serde_json::to_vec_pretty(self)?)?;
+            std::fs::rename(tmp, path)
+        };
+        if let Err(e) = write() {
+            tracing::warn!(file = %path.display(), error = %e, "cannot record the declared topology");
+        }
+    }
+}
+
+/// What `topology` asks for, by name.
+pub fn wanted(names: &Names, topology: &Topology) -> Declared {
+    let mut d = Declared::default();
+    for b in &topology.bindings {
+        let key = match b.kind {
+            ExchangeKind::Fanout => String::new(),
+            _ => b.pattern.clone(),
+        };
+        d.bindings
+            .insert((names.queue(&b.plugin), b.exchange.clone(), key));
+    }
+    for q in &topology.queues {
+        for delay in &q.retry_delays {
+            d.tiers.insert((
+                names.retry_queue(&q.plugin, *delay),
+                Names::retry_key(&q.plugin, *delay),
+            ));
+        }
+    }
+    d
+}
+
+fn lapin_kind(kind: ExchangeKind) -> lapin::ExchangeKind {
+    match kind {
+        ExchangeKind::Topic => lapin::ExchangeKind::Topic,
+        ExchangeKind::Fanout => lapin::ExchangeKind::Fanout,
+        ExchangeKind::Direct => lapin::ExchangeKind::Direct,
+    }
+}
+
+/// Says what a refused declaration means: RabbitMQ refuses to redeclare a
+/// queue or exchange with other arguments (`PRECONDITION_FAILED`).
+fn refused(what: &str, e: &lapin::Error) -> String {
+    let text = e.to_string();
+    if text.contains("PRECONDITION_FAILED") || text.contains("406") {
+        format!(
+            "{what} already exists on the broker with other settings (queue type, `ordered`, \
+             exchange kind or durability changed?): RabbitMQ keeps the settings a queue or \
+             exchange was created with; delete it (after draining it) or use another \
+             [broker] prefix. The broker said: {text}"
+        )
+    } else {
+        format!("cannot declare {what}: {text}")
+    }
+}
+
+/// Declares `topology` (with the prefix's names and queue type) and takes back
+/// what `previous` declared that it no longer asks for. Uses its own channel:
+/// a refused declaration closes the channel it was made on.
+pub async fn declare(
+    connection: &Connection,
+    names: &Names,
+    queue_type: QueueType,
+    topology: &Topology,
+    previous: &Declared,
+) -> Result<Declared, String> {
+    let channel = connection
+        .create_channel()
+        .await
+        .map_err(|e| format!("cannot open a channel: {e}"))?;
+    let result = declare_on(&channel, names, queue_type, topology, previous).await;
+    let _ = channel.close(200, "topology declared".into()).await;
+    result
+}
+
+async fn declare_on(
+    channel: &Channel,
+    names: &Names,
+    queue_type: QueueType,
+    topology: &Topology,
+    previous: &Declared,
+) -> Result<Declared, String> {
+    let durable = ExchangeDeclareOptions {
+        durable: true,
+        ..ExchangeDeclareOptions::default()
+    };
+    for e in &topology.exchanges {
+        let options = ExchangeDeclareOptions {
+            durable: e.durable,
+            ..ExchangeDeclareOptions::default()
+        };
+        channel
+            .exchange_declare(
+                e.name.as_str().into(),
+                lapin_kind(e.kind),
+                options,
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|err| refused(&format!("exchange {:?}", e.name), &err))?;
+    }
+    for name in [names.retry_exchange(), names.dlx()] {
+        channel
+            .exchange_declare(
+                name.as_str().into(),
+                lapin::ExchangeKind::Direct,
+                durable,
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|err| refused(&format!("exchange {name:?}"), &err))?;
+    }
+    let queue_options = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    for q in &topology.queues {
+        let dlq = names.dlq(&q.plugin);
+        channel
+            .queue_declare(
+                dlq.as_str().into(),
+                queue_options,
+                Names::dlq_args(queue_type),
+            )
+            .await
+            .map_err(|e| refused(&format!("queue {dlq:?}"), &e))?;
+        channel
+            .queue_bind(
+                dlq.as_str().into(),
+                names.dlx().as_str().into(),
+                q.plugin.as_str().into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| refused(&format!("the binding of {dlq:?}"), &e))?;
+        let queue = names.queue(&q.plugin);
+        channel
+            .queue_declare(
+                queue.as_str().into(),
+                queue_options,
+                names.queue_args(&q.plugin, queue_type, q.ordered),
+            )
+            .await
+            .map_err(|e| refused(&format!("queue {queue:?}"), &e))?;
+        for delay in &q.retry_delays {
+            let tier = names.retry_queue(&q.plugin, *delay);
+            channel
+                .queue_declare(
+                    tier.as_str().into(),
+                    queue_options,
+                    names.retry_args(&q.plugin, queue_type, *delay),
+                )
+                .await
+                .map_err(|e| refused(&format!("queue {tier:?}"), &e))?;
+            let key = Names::retry_key(&q.plugin, *delay);
+            channel
+                .queue_bind(
+                    tier.as_str().into(),
+                    names.retry_exchange().as_str().into(),
+                    key.as_str().into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(|e| refused(&format!("the binding of {tier:?}"), &e))?;
+        }
+    }
+    let wanted = wanted(names, topology);
+    for (queue, exchange, key) in &wanted.bindings {
+        channel
+            .queue_bind(
+                queue.as_str().into(),
+                exchange.as_str().into(),
+                key.as_str().into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| {
+                refused(
+                    &format!("the binding of {queue:?} to {exchange:?} ({key:?})"),
+                    &e,
+                )
+            })?;
+    }
+    for (queue, exchange, key) in previous.bindings.difference(&wanted.bindings) {
+        // Unbinding what does not exist (any more) is not an error in RabbitMQ.
+        channel
+            .queue_unbind(
+                queue.as_str().into(),
+                exchange.as_str().into(),
+                key.as_str().into(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| format!("cannot unbind {queue:?} from {exchange:?} ({key:?}): {e}"))?;
+        tracing::info!(queue = %queue, exchange = %exchange, key = %key, "route unbound");
+    }
+    for (tier, key) in previous.tiers.difference(&wanted.tiers) {
+        let _ = channel
+            .queue_unbind(
+                tier.as_str().into(),
+                names.retry_exchange().as_str().into(),
+                key.as_str().into(),
+                FieldTable::default(),
+            )
+            .await;
+        let options = QueueDeleteOptions {
+            if_empty: true,
+            ..QueueDeleteOptions::default()
+        };
+        match channel.queue_delete(tier.as_str().into(), options).await {
+            Ok(_) => tracing::info!(queue = %tier, "retry tier no longer used; deleted"),
+            Err(e) => {
+                // A refusal closes the channel: report, keep the queue, and
+                // let the next declaration start on a fresh channel.
+                tracing::warn!(queue = %tier, error = %e, "retry tier no longer used but not empty; kept (its messages still come back when due)");
+                return Ok(wanted);
+            }
+        }
+    }
+    Ok(wanted)
+}
