@@ -31,7 +31,7 @@ use crate::bus::{
     Bus, BusError, DeadLetter, ExchangeSpec, Outgoing, Published, QueueSpec, Topology,
 };
 use crate::config::{PluginSettings, RouterConfig};
-use crate::dispatch::{DispatchSettings, PluginWorkers};
+use crate::dispatch::{DispatchSettings, DispatchStats, PluginWorkers};
 use crate::envelope::{self, EnvelopeError};
 use crate::kv::{EmbeddedStore, KvStore};
 use crate::route::Binding;
@@ -74,6 +74,9 @@ pub struct PluginStatus {
     /// The plugin's queues on RabbitMQ, as the broker reports them.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub broker: Option<BrokerQueueStats>,
+    /// What this process's workers did with the plugin's events.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dispatch: Option<Arc<DispatchStats>>,
 }
 
 /// Where events travel: the in-process bus, or RabbitMQ when `[broker] url`
@@ -600,6 +603,7 @@ impl Appliance {
             .values()
             .map(|s| PluginStatus {
                 broker: rabbit.and_then(|b| b.queue_stats(&s.settings.name).ok()),
+                dispatch: s.workers.as_ref().map(PluginWorkers::stats),
                 name: s.settings.name.clone(),
                 file: s.settings.wasm.clone(),
                 state: s.state.clone(),
