@@ -4,6 +4,7 @@
 //! Components are built by `make test` (`cargo build --target wasm32-wasip2`)
 //! before the suite runs; a missing one fails the test with that instruction.
 
+pub mod broker;
 pub mod running;
 
 use std::path::PathBuf;
