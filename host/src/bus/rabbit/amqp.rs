@@ -41,6 +41,7 @@ fn owned(name: &str) -> bool {
     ]
     .contains(&name)
         || name.starts_with("x-death")
+        || name == "x-delivery-count"
         || name.starts_with("x-first-death-")
         || name.starts_with("x-last-death-")
 }

@@ -1,0 +1,506 @@
+//! The appliance on the real broker, each test in a vhost of its own: what the
+//! embedded-bus tests show, on RabbitMQ — confirmed outputs, retries through
+//! the TTL tiers, dead letters with their reasons, re-drive, the unroutable
+//! policy, live routing changes, a deleted queue, a dropped connection,
+//! competing replicas and an ordered plugin.
+
+use std::collections::{BTreeSet, HashSet};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use switchboard::appliance::PluginStatus;
+use switchboard::config::RouterConfig;
+use switchboard_tests::broker::{
+    Amqp, Confirmed, Publish, Received, SinkLife, TestVhost, require_broker,
+};
+use switchboard_tests::running::{Running, start, start_in};
+
+/// One plugin, `worker` (the scripted guest), on every key of `events`; its
+/// outputs go to `out`.
+fn config(url: &str, extra_broker: &str, extra_plugin: &str) -> String {
+    format!(
+        r##"
+plugins_dir = "plugins"
+state_dir = "state"
+[broker]
+url = "{url}"
+timeout = "5s"
+{extra_broker}
+[defaults]
+concurrency = 2
+max_attempts = 3
+[defaults.backoff]
+initial = "200ms"
+max = "400ms"
+jitter = 0.0
+[[exchanges]]
+name = "events"
+[[exchanges]]
+name = "out"
+[plugins.worker]
+output_exchange = "out"
+{extra_plugin}
+[[routes]]
+exchange = "events"
+pattern = "#"
+plugin = "worker"
+"##
+    )
+}
+
+fn worker(url: &str, extra_broker: &str, extra_plugin: &str) -> Running {
+    start(
+        &config(url, extra_broker, extra_plugin),
+        &[("worker.wasm", "scripted_guest")],
+    )
+}
+
+fn envelope(id: &str, kind: &str, data: Value) -> Value {
+    json!({"id": id, "type": kind, "source": "tests", "tenant_id": "acme",
+           "correlation_id": format!("corr-{id}"), "data": data})
+}
+
+fn send(amqp: &Amqp, id: &str, kind: &str, data: Value) {
+    let confirmed = amqp.publish(&Publish::json("events", kind, &envelope(id, kind, data)));
+    assert_eq!(confirmed, Confirmed::Routed, "{id} was not routed");
+}
+
+/// Waits until `check` holds (20 s at most).
+fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
+    let until = Instant::now() + Duration::from_secs(20);
+    while !check() {
+        assert!(Instant::now() < until, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn status(r: &Running, plugin: &str) -> PluginStatus {
+    r.appliance
+        .statuses()
+        .into_iter()
+        .find(|s| s.name == plugin)
+        .unwrap()
+}
+
+fn handled(r: &Running) -> u64 {
+    status(r, "worker")
+        .dispatch
+        .map_or(0, |d| d.handled.load(std::sync::atomic::Ordering::SeqCst))
+}
+
+fn dead_letters(r: &Running) -> Vec<switchboard::bus::DeadLetter> {
+    r.appliance.transport().dead_letters("worker", 100).unwrap()
+}
+
+#[test]
+fn outputs_are_confirmed_before_the_input_is_acked() {
+    if !require_broker() {
+        return;
+    }
+    let vhost = TestVhost::new("outputs");
+    let r = worker(&vhost.url(), "", "");
+    assert!(r.appliance.is_ready());
+    let amqp = Amqp::connect(&vhost.url()).unwrap();
+    let sink = amqp.sink("out", "#");
+    for i in 0..20 {
+        send(&amqp, &format!("e-{i}"), "echo", json!({"i": i}));
+    }
+    let got = amqp.get(&sink, 20, Duration::from_secs(20));
+    assert_eq!(got.len(), 20);
+    let ids: BTreeSet<String> = got
+        .iter()
+        .map(|m| m.json()["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids.len(), 20, "every output has its own id");
+    for m in &got {
+        assert_eq!(m.routing_key, "echoed");
+        assert_eq!(m.delivery_mode, Some(2), "outputs are persistent");
+        let body = m.json();
+        assert_eq!(body["source"], "worker");
+        let input = m.header("echo-of").unwrap();
+        assert_eq!(body["correlation_id"], format!("corr-{input}"));
+        assert_eq!(body["causation_id"], input);
+    }
+    // Every input acknowledged: nothing ready, nothing held.
+    wait_until("the queue to empty", || {
+        amqp.queue_state("switchboard.worker")
+            .is_some_and(|q| q.messages == 0)
+            && status(&r, "worker")
+                .broker
+                .is_some_and(|b| b.in_flight == 0)
+    });
+    assert_eq!(handled(&r), 20);
+    assert!(dead_letters(&r).is_empty());
+}
+
+#[test]
+fn a_transient_failure_waits_in_the_retry_tiers_then_succeeds() {
+    if !require_broker() {
+        return;
+    }
+    let vhost = TestVhost::new("retry");
+    let r = worker(&vhost.url(), "", "");
+    let amqp = Amqp::connect(&vhost.url()).unwrap();
+    // One tier per distinct delay of the backoff (200ms, 400ms for 3 attempts).
+    assert!(amqp.queue_state("switchboard.worker.retry.200ms").is_some());
+    assert!(amqp.queue_state("switchboard.worker.retry.400ms").is_some());
+    let sink = amqp.sink("out", "#");
+    let started = Instant::now();
+    send(&amqp, "flaky-1", "fail-until", json!({"succeed_on": 3}));
+    let got = amqp.get(&sink, 1, Duration::from_secs(20));
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].routing_key, "succeeded");
+    assert_eq!(got[0].json()["data"]["attempt"], 3);
+    // Two waits in the tiers: 200 ms then 400 ms.
+    assert!(
+        started.elapsed() >= Duration::from_millis(600),
+        "{:?}",
+        started.elapsed()
+    );
+    // The output keeps the input's origin: the retried copy came back through
+    // the default exchange, but the event still says where it came from.
+    assert_eq!(got[0].json()["correlation_id"], "corr-flaky-1");
+    assert!(dead_letters(&r).is_empty());
+}
+
+#[test]
+fn exhausted_retries_and_rejects_are_dead_lettered_with_reasons_and_redrive_resets_attempts() {
+    if !require_broker() {
+        return;
+    }
+    let vhost = TestVhost::new("dlq");
+    let r = worker(&vhost.url(), "", "");
+    let amqp = Amqp::connect(&vhost.url()).unwrap();
+    send(&amqp, "always-retry", "retry", json!({}));
+    send(&amqp, "rejected", "reject", json!({}));
+    // Malformed input: a structured CloudEvent that is not JSON.
+    let bad = Publish::new("events", "broken.json", b"{not json".to_vec())
+        .content_type("application/cloudevents+json");
+    assert_eq!(amqp.publish(&bad), Confirmed::Routed);
+    wait_until("three dead letters", || dead_letters(&r).len() == 3);
+
+    let letters = dead_letters(&r);
+    let by_kind = |kind: &str| {
+        letters
+            .iter()
+            .find(|l| l.failure.kind == kind)
+            .unwrap_or_else(|| panic!("no {kind} letter in {letters:?}"))
+    };
+    let retried = by_kind("retry");
+    assert_eq!(retried.failure.attempts, 3);
+    assert_eq!(retried.failure.reason, "asked to retry");
+    assert_eq!(retried.delivered.exchange, "events");
+    assert_eq!(retried.delivered.routing_key, "retry");
+    assert!(!retried.failure.plugin_version.is_empty());
+    assert!(!retried.failure.first_failure.is_empty());
+    assert!(!retried.at.is_empty());
+    let rejected = by_kind("reject");
+    assert_eq!(rejected.failure.attempts, 1, "a reject is not retried");
+    let undecodable = by_kind("undecodable");
+    assert!(
+        undecodable.failure.reason.contains("cannot decode"),
+        "{}",
+        undecodable.failure.reason
+    );
+
+    // The headers are on the message itself, for any AMQP client to read.
+    let raw: Vec<Received> = amqp.get("switchboard.worker.dlq", 3, Duration::from_secs(5));
+    assert_eq!(raw.len(), 3);
+    for m in &raw {
+        for header in [
+            "switchboard-attempt",
+            "switchboard-first-failure",
+            "switchboard-error",
+            "switchboard-error-kind",
+            "switchboard-plugin-version",
+            "switchboard-dead-lettered-at",
+        ] {
+            assert!(
+                m.header(header).is_some(),
+                "{header} missing on {:?}",
+                m.headers
+            );
+        }
+    }
+    // (Taking them acknowledged them: publish them back to the DLQ as they were.)
+    for m in &raw {
+        let mut back = Publish::new("switchboard.dlx", "worker", m.body.clone());
+        if let Some(ct) = &m.content_type {
+            back = back.content_type(ct);
+        }
+        for (k, v) in &m.headers {
+            back = back.header(k, v);
+        }
+        assert_eq!(amqp.publish(&back), Confirmed::Routed);
+    }
+    wait_until("the letters to be back", || dead_letters(&r).len() == 3);
+
+    // Re-drive one: it starts again at attempt 1.
+    let stats = |r: &Running| status(r, "worker").dispatch.unwrap();
+    let before = stats(&r)
+        .dead_lettered
+        .load(std::sync::atomic::Ordering::SeqCst);
+    let moved = r.appliance.transport().redrive("worker", 1).unwrap();
+    assert_eq!(moved, 1);
+    wait_until("the re-driven letter to be handled", || {
+        stats(&r)
+            .dead_lettered
+            .load(std::sync::atomic::Ordering::SeqCst)
+            > before
+    });
+    wait_until("three letters again", || dead_letters(&r).len() == 3);
+    let again = dead_letters(&r);
+    // Whatever was re-driven failed again from attempt 1: a reject (1), a
+    // retry (3 more attempts) or the undecodable one (1).
+    assert!(again.iter().all(|l| l.failure.attempts <= 3));
+}
+
+#[test]
+fn unroutable_outputs_are_dropped_and_counted_or_dead_letter_the_input() {
+    if !require_broker() {
+        return;
+    }
+    // Default policy: dropped, counted, the input acked.
+    let vhost = TestVhost::new("unroutable");
+    let r = worker(&vhost.url(), "", "");
+    let amqp = Amqp::connect(&vhost.url()).unwrap();
+    send(&amqp, "nobody-listens", "echo", json!({}));
+    wait_until("the input to be handled", || handled(&r) == 1);
+    assert_eq!(r.appliance.transport().unroutable(), 1);
+    assert!(dead_letters(&r).is_empty());
+    drop(r);
+
+    // `dead-letter`: the input goes to the DLQ with reason `unroutable`.
+    let vhost = TestVhost::new("unroutable-dl");
+    let r = worker(&vhost.url(), "unroutable = \"dead-letter\"", "");
+    let amqp = Amqp::connect(&vhost.url()).unwrap();
+    send(&amqp, "nobody-listens", "echo", json!({}));
+    wait_until("a dead letter", || dead_letters(&r).len() == 1);
+    let letter = &dead_letters(&r)[0];
+    assert_eq!(letter.failure.kind, "unroutable");
+    assert!(
+        letter.failure.reason.contains("\"out\""),
+        "{}",
+        letter.failure.reason
+    );
+}
+
+#[test]
+fn routing_changes_bind_and_unbind_live_and_a_disabled_plugin_keeps_its_queue() {
+    if !require_broker() {
+        return;
+    }
+    let vhost = TestVhost::new("routes");
+    let url = vhost.url();
+    let text = |pattern: &str, enabled: bool| {
+        config(&url, "", &format!("enabled = {enabled}"))
+            .replace("pattern = \"#\"", &format!("pattern = \"{pattern}\""))
+    };
+    let r = start(&text("a.*", true), &[("worker.wasm", "scripted_guest")]);
+    let amqp = Amqp::connect(&url).unwrap();
+    let probe = |key: &str| {
+        amqp.publish(&Publish::json(
+            "events",
+            key,
+            &envelope("p", "ok", json!({})),
+        ))
+    };
+    assert_eq!(probe("a.x"), Confirmed::Routed);
+    assert_eq!(probe("b.x"), Confirmed::Unroutable);
+
+    let apply = |toml: String| {
+        let config = RouterConfig::parse(&toml, &r.dir).unwrap();
+        r.appliance.apply(config).unwrap();
+    };
+    apply(text("b.*", true));
+    assert_eq!(
+        probe("a.x"),
+        Confirmed::Unroutable,
+        "the removed route is unbound"
+    );
+    assert_eq!(probe("b.x"), Confirmed::Routed, "the new route is bound");
+
+    // Disabled: routes unbound, the queue and what it holds kept.
+    wait_until("the queue to be idle", || {
+        amqp.queue_state("switchboard.worker")
+            .is_some_and(|q| q.messages == 0)
+    });
+    apply(text("b.*", false));
+    assert_eq!(probe("b.x"), Confirmed::Unroutable);
+    assert!(amqp.queue_state("switchboard.worker").is_some());
+    // Something published to the queue directly waits there.
+    let direct = Publish::json(
+        "",
+        "switchboard.worker",
+        &envelope("waiting", "echo", json!({})),
+    );
+    assert_eq!(amqp.publish(&direct), Confirmed::Routed);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        amqp.queue_state("switchboard.worker").map(|q| q.messages),
+        Some(1)
+    );
+    // Enabled again, it is handled.
+    let sink = amqp.sink("out", "#");
+    apply(text("b.*", true));
+    let got = amqp.get(&sink, 1, Duration::from_secs(20));
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].header("echo-of"), Some("waiting"));
+}
+
+#[test]
+fn a_deleted_queue_is_declared_again_and_consumption_resumes() {
+    if !require_broker() {
+        return;
+    }
+    let vhost = TestVhost::new("cancelled");
+    let r = worker(&vhost.url(), "", "");
+    let amqp = Amqp::connect(&vhost.url()).unwrap();
+    amqp.delete_queue("switchboard.worker");
+    wait_until("the queue to be back with its consumer", || {
+        amqp.queue_state("switchboard.worker")
+            .is_some_and(|q| q.consumers == 1)
+    });
+    let sink = amqp.sink("out", "#");
+    send(&amqp, "after-delete", "echo", json!({}));
+    assert_eq!(amqp.get(&sink, 1, Duration::from_secs(20)).len(), 1);
+    drop(r);
+}
+
+#[test]
+fn the_router_reconnects_after_the_broker_closes_every_connection() {
+    if !require_broker() {
+        return;
+    }
+    let vhost = TestVhost::new("reconnect");
+    let r = worker(&vhost.url(), "", "");
+    // A queue of our own that survives our connection closing.
+    let observer = Amqp::connect(&vhost.url()).unwrap();
+    observer.declare_sink(Some("observed"), SinkLife::Durable, "out", "#");
+    for i in 0..10 {
+        send(&observer, &format!("before-{i}"), "echo", json!({}));
+    }
+    wait_until("ten outputs", || {
+        observer
+            .queue_state("observed")
+            .is_some_and(|q| q.messages == 10)
+    });
+
+    vhost.close_all_connections("fault injection");
+    let rabbit = r.appliance.transport().rabbit().unwrap().clone();
+    wait_until("the router to reconnect", || {
+        rabbit.status().reconnects >= 1 && r.appliance.is_ready()
+    });
+    let amqp = Amqp::connect(&vhost.url()).unwrap();
+    for i in 0..10 {
+        send(&amqp, &format!("after-{i}"), "echo", json!({}));
+    }
+    let got = amqp.get("observed", 20, Duration::from_secs(20));
+    let inputs: HashSet<&str> = got.iter().filter_map(|m| m.header("echo-of")).collect();
+    assert_eq!(
+        inputs.len(),
+        20,
+        "every event before and after the fault was handled"
+    );
+}
+
+#[test]
+fn two_replicas_share_the_work_without_duplicates() {
+    if !require_broker() {
+        return;
+    }
+    let vhost = TestVhost::new("replicas");
+    let a = worker(&vhost.url(), "", "");
+    let b = worker(&vhost.url(), "", "");
+    let amqp = Amqp::connect(&vhost.url()).unwrap();
+    assert_eq!(
+        amqp.queue_state("switchboard.worker").map(|q| q.consumers),
+        Some(2)
+    );
+    let sink = amqp.sink("out", "#");
+    for i in 0..200 {
+        send(&amqp, &format!("r-{i}"), "echo", json!({"i": i}));
+    }
+    let got = amqp.get(&sink, 200, Duration::from_secs(30));
+    assert_eq!(got.len(), 200);
+    let inputs: HashSet<&str> = got.iter().filter_map(|m| m.header("echo-of")).collect();
+    assert_eq!(inputs.len(), 200, "no event handled twice");
+    // Nothing more arrives.
+    assert!(amqp.get(&sink, 1, Duration::from_millis(500)).is_empty());
+    let (ha, hb) = (handled(&a), handled(&b));
+    assert_eq!(ha + hb, 200);
+    assert!(ha > 0 && hb > 0, "both replicas worked: {ha} and {hb}");
+}
+
+#[test]
+fn an_ordered_plugin_has_one_active_consumer_across_replicas_and_keeps_order() {
+    if !require_broker() {
+        return;
+    }
+    let vhost = TestVhost::new("ordered");
+    let a = worker(&vhost.url(), "", "ordered = true");
+    let b = worker(&vhost.url(), "", "ordered = true");
+    let amqp = Amqp::connect(&vhost.url()).unwrap();
+    let sink = amqp.sink("out", "#");
+    for i in 0..60 {
+        send(&amqp, &format!("o-{i:03}"), "echo", json!({"seq": i}));
+    }
+    let got = amqp.get(&sink, 60, Duration::from_secs(30));
+    let order: Vec<i64> = got
+        .iter()
+        .map(|m| m.json()["data"]["seq"].as_i64().unwrap())
+        .collect();
+    assert_eq!(order, (0..60).collect::<Vec<_>>(), "handled in queue order");
+    let (ha, hb) = (handled(&a), handled(&b));
+    assert!(ha == 0 || hb == 0, "one active consumer: {ha} and {hb}");
+    // The other replica takes over when the active one goes.
+    let (survivor, leaving) = if ha > 0 { (b, a) } else { (a, b) };
+    drop(leaving);
+    for i in 60..70 {
+        send(&amqp, &format!("o-{i:03}"), "echo", json!({"seq": i}));
+    }
+    let got = amqp.get(&sink, 10, Duration::from_secs(30));
+    assert_eq!(got.len(), 10);
+    assert_eq!(handled(&survivor), 10);
+}
+
+#[test]
+fn a_graceful_stop_leaves_nothing_unacknowledged_and_a_restart_resumes() {
+    if !require_broker() {
+        return;
+    }
+    let vhost = TestVhost::new("restart");
+    let r = worker(&vhost.url(), "", "");
+    let amqp = Amqp::connect(&vhost.url()).unwrap();
+    for i in 0..100 {
+        send(&amqp, &format!("s-{i}"), "sleep", json!({"ms": 5}));
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    let stats = status(&r, "worker").dispatch.unwrap();
+    let (spooled, dir) = r.stop_and_keep(Duration::from_secs(10));
+    assert_eq!(
+        spooled, 0,
+        "on RabbitMQ nothing is spooled: the broker keeps it"
+    );
+    let first = stats.handled.load(std::sync::atomic::Ordering::SeqCst);
+    // Whatever was not handled is back in the queue, not lost.
+    wait_until("handled + left = published", || {
+        amqp.queue_state("switchboard.worker")
+            .is_some_and(|q| u64::from(q.messages) + first == 100)
+    });
+    let left = amqp.queue_state("switchboard.worker").unwrap().messages;
+    let r = start_in(dir.path());
+    wait_until("the queue to empty after the restart", || {
+        amqp.queue_state("switchboard.worker")
+            .is_some_and(|q| q.messages == 0)
+            && status(&r, "worker")
+                .broker
+                .is_some_and(|b| b.in_flight == 0)
+    });
+    assert!(left < 100, "the first run handled some before stopping");
+    assert_eq!(
+        handled(&r),
+        u64::from(left),
+        "the second run handled exactly what was left"
+    );
+}
