@@ -65,7 +65,11 @@ fn a_broker_restart_under_load_loses_nothing() {
         let amqp = Amqp::connect(&node.url()).unwrap();
         amqp.declare_sink(Some("observed"), SinkLife::Durable, "out", "#");
         for i in 0..100 {
-            let c = amqp.publish(&Publish::json("events", "echo", &envelope(&format!("a-{i}"), "echo")));
+            let c = amqp.publish(&Publish::json(
+                "events",
+                "echo",
+                &envelope(&format!("a-{i}"), "echo"),
+            ));
             assert_eq!(c, Confirmed::Routed);
         }
     }
@@ -77,7 +81,11 @@ fn a_broker_restart_under_load_loses_nothing() {
     });
     let amqp = Amqp::connect(&node.url()).unwrap();
     for i in 0..100 {
-        let c = amqp.publish(&Publish::json("events", "echo", &envelope(&format!("b-{i}"), "echo")));
+        let c = amqp.publish(&Publish::json(
+            "events",
+            "echo",
+            &envelope(&format!("b-{i}"), "echo"),
+        ));
         assert_eq!(c, Confirmed::Routed);
     }
     let mut seen = HashSet::new();
@@ -87,7 +95,11 @@ fn a_broker_restart_under_load_loses_nothing() {
             seen.insert(m.header("echo-of").unwrap().to_string());
         }
     }
-    assert_eq!(seen.len(), 200, "every event published before and after the restart was handled");
+    assert_eq!(
+        seen.len(),
+        200,
+        "every event published before and after the restart was handled"
+    );
     drop(r);
 }
 
@@ -135,13 +147,20 @@ fn the_cli_publishes_tails_lists_and_redrives_dead_letters() {
         assert_eq!(reply, json!({"id": id, "routed": true}));
     }
     let tailed = tail.wait_with_output().unwrap();
-    assert!(tailed.status.success(), "{}", String::from_utf8_lossy(&tailed.stderr));
+    assert!(
+        tailed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&tailed.stderr)
+    );
     let lines: Vec<Value> = String::from_utf8_lossy(&tailed.stdout)
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert_eq!(lines.len(), 2);
-    let echoed: HashSet<&str> = lines.iter().map(|l| l["headers"]["echo-of"].as_str().unwrap()).collect();
+    let echoed: HashSet<&str> = lines
+        .iter()
+        .map(|l| l["headers"]["echo-of"].as_str().unwrap())
+        .collect();
     assert_eq!(echoed, HashSet::from(["cli-1", "cli-2"]));
 
     // An unroutable publish says so.
@@ -153,21 +172,39 @@ fn the_cli_publishes_tails_lists_and_redrives_dead_letters() {
     // dlq list / redrive.
     for id in ["dead-1", "dead-2", "dead-3"] {
         let body = envelope(id, "reject").to_string();
-        assert_eq!(switchboard(&vhost, &["publish", "events", "reject", &body]).0, 0);
+        assert_eq!(
+            switchboard(&vhost, &["publish", "events", "reject", &body]).0,
+            0
+        );
     }
     let listed = || {
         let (code, out, err) = switchboard(&vhost, &["dlq", "list", "worker"]);
         assert_eq!(code, 0, "{err}");
-        out.lines().map(|l| serde_json::from_str::<Value>(l).unwrap()).collect::<Vec<_>>()
+        out.lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .collect::<Vec<_>>()
     };
-    wait_until("three dead letters", Duration::from_secs(20), || listed().len() == 3);
+    wait_until("three dead letters", Duration::from_secs(20), || {
+        listed().len() == 3
+    });
     let letters = listed();
-    assert!(letters.iter().all(|l| l["kind"] == "reject" && l["reason"] == "asked to reject"));
+    assert!(
+        letters
+            .iter()
+            .all(|l| l["kind"] == "reject" && l["reason"] == "asked to reject")
+    );
     let (code, out, _) = switchboard(&vhost, &["dlq", "redrive", "worker", "--limit", "2"]);
     assert_eq!(code, 0);
-    assert_eq!(serde_json::from_str::<Value>(out.trim()).unwrap(), json!({"redriven": 2}));
+    assert_eq!(
+        serde_json::from_str::<Value>(out.trim()).unwrap(),
+        json!({"redriven": 2})
+    );
     // They are rejected again (from attempt 1) and come back.
-    wait_until("the re-driven letters to come back", Duration::from_secs(20), || listed().len() == 3);
+    wait_until(
+        "the re-driven letters to come back",
+        Duration::from_secs(20),
+        || listed().len() == 3,
+    );
     let (code, _, err) = switchboard(&vhost, &["dlq", "list", "nosuchplugin"]);
     assert_eq!(code, 2);
     assert!(err.contains("no dead-letter queue"), "{err}");
@@ -176,11 +213,24 @@ fn the_cli_publishes_tails_lists_and_redrives_dead_letters() {
     let (code, _, err) = {
         let binary = switchboard_tests::target_dir().join("release/switchboard");
         let output = Command::new(binary)
-            .args(["dlq", "list", "worker", "--config", "/nonexistent/router.toml"])
-            .env("RABBITMQ_URL", "amqp://guest:wr0ng-s3cret@127.0.0.1:5672/nope")
+            .args([
+                "dlq",
+                "list",
+                "worker",
+                "--config",
+                "/nonexistent/router.toml",
+            ])
+            .env(
+                "RABBITMQ_URL",
+                "amqp://guest:wr0ng-s3cret@127.0.0.1:5672/nope",
+            )
             .output()
             .unwrap();
-        (output.status.code().unwrap_or(-1), String::new(), String::from_utf8_lossy(&output.stderr).into_owned())
+        (
+            output.status.code().unwrap_or(-1),
+            String::new(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
     };
     assert_eq!(code, 2);
     assert!(!err.contains("wr0ng-s3cret"), "{err}");
