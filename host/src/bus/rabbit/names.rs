@@ -75,7 +75,7 @@ impl Names {
 /// `5s`, `500ms`, `90s`: whole seconds when exact, else milliseconds.
 pub fn delay_text(delay: Duration) -> String {
     let ms = delay.as_millis();
-    if ms % 1000 == 0 {
+    if ms.is_multiple_of(1000) {
         format!("{}s", ms / 1000)
     } else {
         format!("{ms}ms")
