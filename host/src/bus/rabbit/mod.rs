@@ -838,8 +838,10 @@ impl Bus for RabbitBus {
                 if_empty: !force,
                 ..QueueDeleteOptions::default()
             };
-            let mut queues = vec![inner.names.queue(&plugin)];
-            queues.extend(tiers);
+            // Tiers first: a tier's messages dead-letter into the plugin's
+            // queue, so that queue must outlive them.
+            let mut queues = tiers;
+            queues.push(inner.names.queue(&plugin));
             queues.push(inner.names.dlq(&plugin));
             for queue in queues {
                 // A refusal closes the channel: one channel per deletion.
