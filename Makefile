@@ -7,7 +7,7 @@ PLUGINS := notification billing analytics
 GUESTS  := scripted-guest noop-guest wrong-world-guest
 OUT     := target/$(WASM)/release
 
-.PHONY: run test lint fmt plugins guests wasm-target bench clean
+.PHONY: run test lint fmt plugins guests wasm-target bench bench-broker clean
 
 ## run: build the plugins and the appliance, then run it with router.toml
 run: plugins
@@ -39,6 +39,12 @@ guests: wasm-target
 ## bench: runtime benchmarks (results go to BENCHMARKS.md)
 bench: plugins guests
 	$(CARGO) run --release -p switchboard-bench
+
+## bench-broker: raw lapin vs Node.js amqplib vs Switchboard on the local RabbitMQ
+## (needs rabbitmqctl and Node.js; ARGS="--events 5000 --rounds 1" for a quick run)
+bench-broker: plugins guests
+	$(CARGO) build --release -p switchboard -p switchboard-bench
+	./target/release/switchboard-bench broker $(ARGS)
 
 wasm-target:
 	@rustup target list --installed | grep -qx $(WASM) || rustup target add $(WASM)

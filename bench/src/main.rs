@@ -1,5 +1,6 @@
 //! Switchboard benchmarks. `cargo run --release -p switchboard-bench -- runtime`
-//! (or `make bench`) prints a Markdown table for BENCHMARKS.md.
+//! (or `make bench`) prints a Markdown table for BENCHMARKS.md; `-- broker`
+//! (`make bench-broker`) compares consumers against the real RabbitMQ.
 //!
 //! Every number is a median over rounds measured back to back in one process, so
 //! that ratios between rows are fair on a noisy machine.
@@ -10,6 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
 use serde_json::{Value, json};
 use switchboard::envelope::Envelope;
 use switchboard::kv::EmbeddedStore;
@@ -17,6 +19,7 @@ use switchboard::runtime::{
     CacheOutcome, Event, Limits, Plugin, PluginSpec, Runtime, RuntimeConfig,
 };
 
+mod broker;
 mod embedded;
 
 const ROUNDS: usize = 7;
@@ -288,20 +291,44 @@ fn runtime_bench() -> anyhow::Result<()> {
     Ok(())
 }
 
+#[derive(Parser)]
+#[command(about = "Switchboard benchmarks (results and how to run them: BENCHMARKS.md)")]
+struct Cli {
+    /// Without one, `runtime` then `embedded`.
+    #[command(subcommand)]
+    command: Option<Bench>,
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// Per-event cost of the plugin runtime, no bus.
+    Runtime,
+    /// Throughput of the embedded bus, and hot-swap time.
+    Embedded,
+    /// Consume, publish one output with a confirm, ack: raw lapin, Node.js
+    /// amqplib and Switchboard against the same RabbitMQ.
+    Broker(broker::BrokerArgs),
+    /// The raw lapin consumer of `broker`, run as its child process.
+    #[command(hide = true)]
+    RawPassthrough(broker::RawArgs),
+}
+
 fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
     // Log as `switchboard run` does (info level, every event in a span), into a
     // sink: what logging costs is part of what is measured.
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
         .with_writer(std::io::sink)
         .init();
-    match std::env::args().nth(1).as_deref() {
-        Some("runtime") => runtime_bench(),
-        Some("embedded") => embedded::run(),
+    match cli.command {
+        Some(Bench::Runtime) => runtime_bench(),
+        Some(Bench::Embedded) => embedded::run(),
+        Some(Bench::Broker(args)) => broker::run(args),
+        Some(Bench::RawPassthrough(args)) => broker::raw_passthrough(args),
         None => {
             runtime_bench()?;
             embedded::run()
         }
-        Some(other) => bail!("unknown benchmark {other:?}; available: runtime, embedded"),
     }
 }
