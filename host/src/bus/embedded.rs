@@ -501,6 +501,10 @@ struct EmbeddedSettle {
 }
 
 impl Settle for EmbeddedSettle {
+    fn into_any(self: Box<Self>) -> Box<dyn std::any::Any + Send> {
+        self
+    }
+
     fn settle(
         self: Box<Self>,
         delivered: Delivered,

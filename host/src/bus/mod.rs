@@ -149,6 +149,9 @@ pub trait Settle: Send {
     fn is_live(&self) -> bool {
         true
     }
+
+    /// The concrete settle handle, for the bus that made it.
+    fn into_any(self: Box<Self>) -> Box<dyn std::any::Any + Send>;
 }
 
 /// What was delivered: one message in one plugin's queue.
@@ -238,4 +241,28 @@ pub trait Bus: Send + Sync + 'static {
     /// No worker consumes `plugin`'s queue any more: stop delivering to this
     /// process. Deliveries handed out but not settled go back to the queue.
     fn stop_consuming(&self, _plugin: &str) {}
+
+    /// Whether [`Bus::publish_then_ack`] pipelines: the worker hands the
+    /// outputs over and moves on while their confirms arrive.
+    fn pipelines(&self) -> bool {
+        false
+    }
+
+    /// Publishes `batch`, then acks `delivery` once every message is confirmed,
+    /// after this returns; if the confirms never come, the delivery goes back
+    /// to its queue as it was (at-least-once). `Err` hands the delivery back,
+    /// nothing published, for the caller to fail it. Only for buses that
+    /// [`Bus::pipelines`].
+    fn publish_then_ack(
+        &self,
+        batch: Vec<Outgoing>,
+        delivery: Delivery,
+        timeout: Duration,
+    ) -> Result<(), (Delivery, BusError)> {
+        let _ = (batch, timeout);
+        Err((
+            delivery,
+            BusError::Unavailable("this bus does not pipeline publishes".into()),
+        ))
+    }
 }

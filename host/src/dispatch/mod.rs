@@ -421,41 +421,71 @@ impl Shared {
                 }
             }
         }
-        let published = batch.len();
-        if !batch.is_empty() {
-            match self.bus.publish(batch, settings.publish_timeout) {
-                Ok(()) => {}
-                Err(BusError::Unroutable {
-                    exchange,
-                    routing_key,
-                }) => {
-                    let reason = format!(
-                        "no queue is bound for an output to exchange {exchange:?} with routing key \
-                         {routing_key:?} ([broker] unroutable = \"dead-letter\")"
+        let published = batch.len() as u64;
+        if batch.is_empty() {
+            return self.settle(delivery, Settlement::Ack);
+        }
+        // Not with a dedupe window: its claim must be given up if the outputs
+        // are never confirmed, which only this worker can do.
+        let delivery = if self.bus.pipelines() && self.dedupe.is_none() {
+            // The bus acks once the outputs are confirmed; this worker goes on.
+            match self
+                .bus
+                .publish_then_ack(batch, delivery, settings.publish_timeout)
+            {
+                Ok(()) => {
+                    self.stats.outputs.fetch_add(published, Ordering::Relaxed);
+                    self.stats.handled.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                Err((delivery, e)) => {
+                    return self.fail(
+                        delivery,
+                        &plugin,
+                        &settings,
+                        concerning(),
+                        publish_failure(e),
                     );
-                    let failed = Failed::permanent("unroutable", reason);
-                    return self.fail(delivery, &plugin, &settings, concerning(), failed);
-                }
-                Err(BusError::NoSuchExchange(exchange)) => {
-                    let reason =
-                        format!("an output names exchange {exchange:?}, which is not declared");
-                    let failed = Failed::permanent("invalid_output", reason);
-                    return self.fail(delivery, &plugin, &settings, concerning(), failed);
-                }
-                Err(e) => {
-                    let reason = format!("could not publish the outputs: {e}");
-                    let failed = Failed {
-                        kind: "publish".into(),
-                        reason,
-                        retryable: true,
-                    };
-                    return self.fail(delivery, &plugin, &settings, concerning(), failed);
                 }
             }
+        } else {
+            delivery
+        };
+        if let Err(e) = self.bus.publish(batch, settings.publish_timeout) {
+            return self.fail(
+                delivery,
+                &plugin,
+                &settings,
+                concerning(),
+                publish_failure(e),
+            );
         }
-        self.stats
-            .outputs
-            .fetch_add(published as u64, Ordering::Relaxed);
+        self.stats.outputs.fetch_add(published, Ordering::Relaxed);
         self.settle(delivery, Settlement::Ack);
+    }
+}
+
+/// Why publishing a plugin's outputs failed, as a failure of its input.
+fn publish_failure(e: BusError) -> Failed {
+    match e {
+        BusError::Unroutable {
+            exchange,
+            routing_key,
+        } => Failed::permanent(
+            "unroutable",
+            format!(
+                "no queue is bound for an output to exchange {exchange:?} with routing key \
+                 {routing_key:?} ([broker] unroutable = \"dead-letter\")"
+            ),
+        ),
+        BusError::NoSuchExchange(exchange) => Failed::permanent(
+            "invalid_output",
+            format!("an output names exchange {exchange:?}, which is not declared"),
+        ),
+        e => Failed {
+            kind: "publish".into(),
+            reason: format!("could not publish the outputs: {e}"),
+            retryable: true,
+        },
     }
 }

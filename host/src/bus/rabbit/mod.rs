@@ -860,6 +860,79 @@ impl Bus for RabbitBus {
         })
     }
 
+    fn pipelines(&self) -> bool {
+        // With `dead-letter`, an unroutable output fails the input: the worker
+        // must wait for the confirms to know.
+        self.inner.settings.unroutable == Unroutable::Drop
+    }
+
+    fn publish_then_ack(
+        &self,
+        batch: Vec<Outgoing>,
+        delivery: Delivery,
+        timeout: Duration,
+    ) -> Result<(), (Delivery, BusError)> {
+        {
+            let exchanges = self
+                .inner
+                .exchanges
+                .read()
+                .unwrap_or_else(PoisonError::into_inner);
+            if let Some(out) = batch.iter().find(|o| !exchanges.contains(&o.exchange)) {
+                let missing = out.exchange.clone();
+                drop(exchanges);
+                return Err((delivery, BusError::NoSuchExchange(missing)));
+            }
+        }
+        let Delivery { delivered, settle } = delivery;
+        let settle = match settle.into_any().downcast::<RabbitSettle>() {
+            Ok(settle) => settle,
+            Err(_) => {
+                return Err((
+                    Delivery {
+                        delivered,
+                        settle: Box::new(NotOurs),
+                    },
+                    BusError::Unavailable("a delivery from another bus".into()),
+                ));
+            }
+        };
+        let inner = self.inner.clone();
+        let deadline = Instant::now() + timeout.min(self.inner.settings.timeout);
+        drop(delivered);
+        self.inner.handle.spawn(async move {
+            let published = publish_confirmed(&inner, &batch, deadline).await;
+            let settled = match &published {
+                Ok(routed) => {
+                    for (out, routed) in batch.into_iter().zip(routed) {
+                        if !routed {
+                            inner.unroutable.fetch_add(1, Ordering::Relaxed);
+                        }
+                        let _ = inner.stream.send(Arc::new(Published {
+                            exchange: out.exchange,
+                            routing_key: out.routing_key,
+                            message: out.message,
+                        }));
+                    }
+                    settle.acker.ack(BasicAckOptions::default()).await
+                }
+                Err(e) => {
+                    tracing::warn!(plugin = %settle.plugin, error = %e, "outputs not confirmed; the event goes back to its queue");
+                    let requeue = lapin::options::BasicNackOptions {
+                        requeue: true,
+                        ..lapin::options::BasicNackOptions::default()
+                    };
+                    settle.acker.nack(requeue).await
+                }
+            };
+            if !matches!(settled, Ok(true)) {
+                tracing::debug!(plugin = %settle.plugin, "could not settle a delivery; the broker delivers it again");
+            }
+            drop(settle);
+        });
+        Ok(())
+    }
+
     fn stop_consuming(&self, plugin: &str) {
         if let Some(c) = lock(&self.inner.consumers).remove(plugin) {
             c.mode.send_replace(ConsumerMode::Close);
@@ -1009,6 +1082,19 @@ impl ConsumerTask {
     }
 }
 
+/// A settle handle that is not this bus's (never settles anything).
+struct NotOurs;
+
+impl Settle for NotOurs {
+    fn into_any(self: Box<Self>) -> Box<dyn std::any::Any + Send> {
+        self
+    }
+
+    fn settle(self: Box<Self>, _: Delivered, _: Settlement) -> Result<(), BusError> {
+        Err(BusError::Unavailable("a delivery from another bus".into()))
+    }
+}
+
 /// Settles one RabbitMQ delivery: ack, or a copy to the retry tier / DLQ
 /// (confirmed) and then ack.
 struct RabbitSettle {
@@ -1043,6 +1129,10 @@ impl RabbitSettle {
 impl Settle for RabbitSettle {
     fn is_live(&self) -> bool {
         self.acker.usable()
+    }
+
+    fn into_any(self: Box<Self>) -> Box<dyn std::any::Any + Send> {
+        self
     }
 
     fn settle(
