@@ -258,11 +258,11 @@ pub trait Bus: Send + Sync + 'static {
         batch: Vec<Outgoing>,
         delivery: Delivery,
         timeout: Duration,
-    ) -> Result<(), (Delivery, BusError)> {
+    ) -> Result<(), Box<(Delivery, BusError)>> {
         let _ = (batch, timeout);
-        Err((
+        Err(Box::new((
             delivery,
             BusError::Unavailable("this bus does not pipeline publishes".into()),
-        ))
+        )))
     }
 }

@@ -438,7 +438,8 @@ impl Shared {
                     self.stats.handled.fetch_add(1, Ordering::Relaxed);
                     return;
                 }
-                Err((delivery, e)) => {
+                Err(refused) => {
+                    let (delivery, e) = *refused;
                     return self.fail(
                         delivery,
                         &plugin,

@@ -871,7 +871,7 @@ impl Bus for RabbitBus {
         batch: Vec<Outgoing>,
         delivery: Delivery,
         timeout: Duration,
-    ) -> Result<(), (Delivery, BusError)> {
+    ) -> Result<(), Box<(Delivery, BusError)>> {
         {
             let exchanges = self
                 .inner
@@ -881,20 +881,20 @@ impl Bus for RabbitBus {
             if let Some(out) = batch.iter().find(|o| !exchanges.contains(&o.exchange)) {
                 let missing = out.exchange.clone();
                 drop(exchanges);
-                return Err((delivery, BusError::NoSuchExchange(missing)));
+                return Err(Box::new((delivery, BusError::NoSuchExchange(missing))));
             }
         }
         let Delivery { delivered, settle } = delivery;
         let settle = match settle.into_any().downcast::<RabbitSettle>() {
             Ok(settle) => settle,
             Err(_) => {
-                return Err((
+                return Err(Box::new((
                     Delivery {
                         delivered,
                         settle: Box::new(NotOurs),
                     },
                     BusError::Unavailable("a delivery from another bus".into()),
-                ));
+                )));
             }
         };
         let inner = self.inner.clone();
