@@ -38,7 +38,10 @@ impl RouterConfig {
                 e.push(format!(
                     "broker.url: expected an amqp:// or amqps:// URL, got \"{url}\""
                 ));
-            } else if let Err(why) = raw.parse::<lapin::uri::AMQPUri>() {
+            } else if let Err(why) = raw.parse::<lapin::uri::AMQPUri>()
+                // A malformed RABBITMQ_* variable is already reported by name.
+                && !self.env_errors.iter().any(|e| e.starts_with("RABBITMQ_"))
+            {
                 // The parser's message may quote the URL: redact what it says.
                 let why = url.scrub(&why);
                 e.push(format!(
