@@ -628,6 +628,29 @@ async fn publish_confirmed(
     }
 }
 
+/// Counts the messages no queue took and offers every published message to
+/// stream watchers; returns the first unroutable (exchange, routing key).
+fn record_published(
+    inner: &Inner,
+    batch: Vec<Outgoing>,
+    routed: &[bool],
+) -> Option<(String, String)> {
+    let mut unroutable = None;
+    for (out, routed) in batch.into_iter().zip(routed) {
+        if !routed {
+            inner.unroutable.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(exchange = %out.exchange, routing_key = %out.routing_key, "no queue is bound for a published message");
+            unroutable.get_or_insert_with(|| (out.exchange.clone(), out.routing_key.clone()));
+        }
+        let _ = inner.stream.send(Arc::new(Published {
+            exchange: out.exchange,
+            routing_key: out.routing_key,
+            message: out.message,
+        }));
+    }
+    unroutable
+}
+
 enum PublishError {
     /// The broker said no (nack): trying again now would not help.
     Refused(String),
@@ -787,22 +810,13 @@ impl Bus for RabbitBus {
         let deadline = Instant::now() + wait;
         self.block(async move {
             let routed = publish_confirmed(&inner, &batch, deadline).await?;
-            let mut unroutable = None;
-            for (out, routed) in batch.into_iter().zip(routed) {
-                if !routed {
-                    inner.unroutable.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(exchange = %out.exchange, routing_key = %out.routing_key, "no queue is bound for a published message");
-                    unroutable.get_or_insert_with(|| (out.exchange.clone(), out.routing_key.clone()));
-                }
-                let _ = inner.stream.send(Arc::new(Published {
-                    exchange: out.exchange,
-                    routing_key: out.routing_key,
-                    message: out.message,
-                }));
-            }
+            let unroutable = record_published(&inner, batch, &routed);
             match (unroutable, inner.settings.unroutable) {
                 (Some((exchange, routing_key)), Unroutable::DeadLetter) => {
-                    Err(BusError::Unroutable { exchange, routing_key })
+                    Err(BusError::Unroutable {
+                        exchange,
+                        routing_key,
+                    })
                 }
                 _ => Ok(()),
             }
@@ -904,16 +918,7 @@ impl Bus for RabbitBus {
             let published = publish_confirmed(&inner, &batch, deadline).await;
             let settled = match &published {
                 Ok(routed) => {
-                    for (out, routed) in batch.into_iter().zip(routed) {
-                        if !routed {
-                            inner.unroutable.fetch_add(1, Ordering::Relaxed);
-                        }
-                        let _ = inner.stream.send(Arc::new(Published {
-                            exchange: out.exchange,
-                            routing_key: out.routing_key,
-                            message: out.message,
-                        }));
-                    }
+                    record_published(&inner, batch, routed);
                     settle.acker.ack(BasicAckOptions::default()).await
                 }
                 Err(e) => {
