@@ -224,6 +224,92 @@ fn kv_as_a_guest_sees_it() {
         err["error"].as_str().unwrap().starts_with("too-large"),
         "{err}"
     );
+    // Contract 0.1.1: claims and compare-and-set.
+    let claim = json!({"op": "set-if-absent", "key": "pay:1", "value": "e1"});
+    assert_eq!(kv_call(&a, "17", claim.clone()), json!({"stored": true}));
+    assert_eq!(kv_call(&a, "18", claim), json!({"stored": false}));
+    assert_eq!(
+        kv_call(
+            &b,
+            "19",
+            json!({"op": "set-if-absent", "key": "pay:1", "value": "e2"})
+        ),
+        json!({"stored": true}),
+        "namespaces hold for the new calls too"
+    );
+    let cas = |expected: Option<&str>, value: &str| json!({"op": "compare-and-set", "key": "pay:1", "expected": expected, "value": value});
+    assert_eq!(
+        kv_call(&a, "20", cas(Some("e2"), "x")),
+        json!({"swapped": false})
+    );
+    assert_eq!(kv_call(&a, "21", cas(None, "x")), json!({"swapped": false}));
+    assert_eq!(
+        kv_call(&a, "22", cas(Some("e1"), "done")),
+        json!({"swapped": true})
+    );
+    assert_eq!(
+        kv_call(&a, "23", json!({"op": "get", "key": "pay:1"})),
+        json!({"value": "done"})
+    );
+    let err = kv_call(
+        &a,
+        "24",
+        json!({"op": "set-if-absent", "key": "big", "value": "x".repeat(switchboard::runtime::MAX_VALUE + 1)}),
+    );
+    assert!(
+        err["error"].as_str().unwrap().starts_with("too-large"),
+        "{err}"
+    );
+    // A zero ttl: decided, stored, and gone at once.
+    assert_eq!(
+        kv_call(
+            &a,
+            "25",
+            json!({"op": "set-if-absent", "key": "z", "value": "v", "ttl_ms": 0})
+        ),
+        json!({"stored": true})
+    );
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(
+        kv_call(&a, "26", json!({"op": "get", "key": "z"})),
+        json!({"value": null})
+    );
+}
+
+/// A plugin built against contract 0.1.0 (before set-if-absent and
+/// compare-and-set) loads and runs unchanged on this host.
+#[test]
+fn plugins_built_for_contract_0_1_0_keep_working() {
+    let bytes = std::fs::read(switchboard_tests::wasm("contract_0_1_0_guest")).unwrap();
+    let imports = |version: &str| {
+        let name = format!("switchboard:plugin/kv@{version}");
+        bytes.windows(name.len()).any(|w| w == name.as_bytes())
+    };
+    assert!(imports("0.1.0"), "the guest imports kv@0.1.0");
+    assert!(!imports("0.1.1"));
+
+    let h = Harness::new();
+    let plugin = h.load(
+        "old",
+        "contract_0_1_0_guest",
+        &[("greeting", "hello")],
+        Default::default(),
+    );
+    let mut previous = None;
+    for (n, id) in ["a", "b", "c"].into_iter().enumerate() {
+        let outputs = plugin.handle(&event(id, "anything", json!({}))).unwrap();
+        assert_eq!(outputs.len(), 1);
+        assert_eq!(
+            data(&outputs[0]),
+            json!({"count": n + 1, "greeting": "hello", "last": id, "previous": previous})
+        );
+        previous = Some(id);
+    }
+    use switchboard::kv::KvStore as _;
+    assert_eq!(
+        h.kv.get("old", "count").unwrap().as_deref(),
+        Some(&b"3"[..])
+    );
 }
 
 /// A store that is down.
@@ -240,6 +326,25 @@ impl KvStore for DownStore {
         Err(KvError::Unavailable("connection refused".into()))
     }
     fn incr(&self, _: &str, _: &str, _: i64) -> Result<i64, KvError> {
+        Err(KvError::Unavailable("connection refused".into()))
+    }
+    fn set_if_absent(
+        &self,
+        _: &str,
+        _: &str,
+        _: &[u8],
+        _: Option<Duration>,
+    ) -> Result<bool, KvError> {
+        Err(KvError::Unavailable("connection refused".into()))
+    }
+    fn compare_and_set(
+        &self,
+        _: &str,
+        _: &str,
+        _: Option<&[u8]>,
+        _: &[u8],
+        _: Option<Duration>,
+    ) -> Result<bool, KvError> {
         Err(KvError::Unavailable("connection refused".into()))
     }
 }

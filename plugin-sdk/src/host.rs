@@ -49,6 +49,23 @@ mod wasm {
         kv::incr(key, delta).map_err(from_wit)
     }
 
+    pub(crate) fn kv_set_if_absent(
+        key: &str,
+        value: &[u8],
+        ttl_ms: Option<u64>,
+    ) -> Result<bool, KvError> {
+        kv::set_if_absent(key, value, ttl_ms).map_err(from_wit)
+    }
+
+    pub(crate) fn kv_compare_and_set(
+        key: &str,
+        expected: Option<&[u8]>,
+        value: &[u8],
+        ttl_ms: Option<u64>,
+    ) -> Result<bool, KvError> {
+        kv::compare_and_set(key, expected, value, ttl_ms).map_err(from_wit)
+    }
+
     fn from_wit(err: kv::KvError) -> KvError {
         match err {
             kv::KvError::InvalidKey(m) => KvError::InvalidKey(m),

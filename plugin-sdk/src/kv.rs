@@ -9,6 +9,19 @@
 //! them again changes nothing (record what you applied, keyed by event or business
 //! id, and check it first).
 //!
+//! # Replicas
+//!
+//! Several routers may share one store (Redis) and run the same plugin at the
+//! same moment: on two redeliveries of one event, or on two events about one
+//! thing. Each call is atomic on its own, but a [`get`] followed by a [`set`] is
+//! not: another replica can write in between. Where that matters, let the store
+//! pick the winner:
+//!
+//! - [`set_if_absent`] claims a key once ("payment p-1 is applied by event e-7");
+//! - [`compare_and_set`] writes only over the value you read (read, decide, try;
+//!   on `false`, read again);
+//! - [`incr`] counts without losing increments.
+//!
 //! Errors are only ever the plugin's own doing ([`KvError`]); when the store itself
 //! is unreachable the call does not return at all — the host fails the event and
 //! retries it later. So `?` on a kv call inside `handle` is right: it turns a
@@ -125,6 +138,45 @@ pub fn delete(key: &str) -> Result<bool, KvError> {
 /// text, so [`get`] reads them as e.g. `b"42"`.
 pub fn incr(key: &str, delta: i64) -> Result<i64, KvError> {
     host::kv_incr(key, delta)
+}
+
+/// Stores `value` under `key` only if no live value is there; `true` if this call
+/// stored it. Of several handlers racing on one key (on any replica), exactly one
+/// gets `true`: use it for idempotency keys and claims. With a `ttl`, the value
+/// expires that long from now.
+///
+/// Needs a host with contract 0.1.1 or later.
+pub fn set_if_absent(key: &str, value: &[u8], ttl: Option<Duration>) -> Result<bool, KvError> {
+    host::kv_set_if_absent(key, value, ttl.map(ttl_ms))
+}
+
+/// Replaces the value under `key` with `value` only if the live value is exactly
+/// `expected` (`None`: only if there is none); `true` if it was replaced. `false`
+/// means someone else wrote first: read again and decide again. The new value's
+/// expiry is `ttl`, as with [`set`].
+///
+/// ```no_run
+/// # use switchboard_plugin::kv;
+/// // Append to a list that other replicas append to as well.
+/// loop {
+///     let current = kv::get("seen")?;
+///     let mut next = current.clone().unwrap_or_default();
+///     next.extend_from_slice(b"e-7\n");
+///     if kv::compare_and_set("seen", current.as_deref(), &next, None)? {
+///         break;
+///     }
+/// }
+/// # Ok::<(), kv::KvError>(())
+/// ```
+///
+/// Needs a host with contract 0.1.1 or later.
+pub fn compare_and_set(
+    key: &str,
+    expected: Option<&[u8]>,
+    value: &[u8],
+    ttl: Option<Duration>,
+) -> Result<bool, KvError> {
+    host::kv_compare_and_set(key, expected, value, ttl.map(ttl_ms))
 }
 
 /// Whole milliseconds, rounded up so that a short but non-zero ttl does not become

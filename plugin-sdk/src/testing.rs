@@ -179,14 +179,19 @@ pub(crate) mod host {
         Ok(with_host(|h| h.live(key).map(|(v, _)| v.clone())))
     }
 
-    pub(crate) fn kv_set(key: &str, value: &[u8], ttl_ms: Option<u64>) -> Result<(), KvError> {
-        check_key(key)?;
+    fn check_value(value: &[u8]) -> Result<(), KvError> {
         if value.len() > MAX_VALUE {
             return Err(KvError::TooLarge(format!(
                 "value of {} bytes is over the {MAX_VALUE}-byte limit",
                 value.len()
             )));
         }
+        Ok(())
+    }
+
+    pub(crate) fn kv_set(key: &str, value: &[u8], ttl_ms: Option<u64>) -> Result<(), KvError> {
+        check_key(key)?;
+        check_value(value)?;
         with_host(|h| match ttl_ms {
             Some(0) => {
                 h.kv.remove(key);
@@ -229,6 +234,40 @@ pub(crate) mod host {
             h.kv.insert(key.to_owned(), (next.to_string().into_bytes(), expires));
             Ok(next)
         })
+    }
+
+    pub(crate) fn kv_set_if_absent(
+        key: &str,
+        value: &[u8],
+        ttl_ms: Option<u64>,
+    ) -> Result<bool, KvError> {
+        kv_compare_and_set(key, None, value, ttl_ms)
+    }
+
+    pub(crate) fn kv_compare_and_set(
+        key: &str,
+        expected: Option<&[u8]>,
+        value: &[u8],
+        ttl_ms: Option<u64>,
+    ) -> Result<bool, KvError> {
+        check_key(key)?;
+        check_value(value)?;
+        Ok(with_host(|h| {
+            if h.live(key).map(|(v, _)| v.as_slice()) != expected {
+                return false;
+            }
+            // As the host: a zero ttl is "expires at once", after the swap.
+            match ttl_ms {
+                Some(0) => {
+                    h.kv.remove(key);
+                }
+                ttl => {
+                    let expires = ttl.map(|ms| h.now.saturating_add(Duration::from_millis(ms)));
+                    h.kv.insert(key.to_owned(), (value.to_vec(), expires));
+                }
+            }
+            true
+        }))
     }
 }
 
@@ -343,5 +382,29 @@ mod tests {
         assert_eq!((a.id.as_str(), b.id.as_str()), ("evt-1", "evt-2"));
         assert_eq!(a.json_value().unwrap(), serde_json::json!({"x": 1}));
         assert_eq!(a.attempt, 1);
+    }
+
+    #[test]
+    fn conditional_writes_decide_on_the_live_value() {
+        reset();
+        assert!(kv::set_if_absent("claim", b"a", None).unwrap());
+        assert!(!kv::set_if_absent("claim", b"b", None).unwrap());
+        assert_eq!(kv::get("claim").unwrap().as_deref(), Some(&b"a"[..]));
+
+        assert!(!kv::compare_and_set("claim", Some(b"b"), b"c", None).unwrap());
+        assert!(kv::compare_and_set("claim", Some(b"a"), b"c", None).unwrap());
+        assert!(!kv::compare_and_set("claim", None, b"d", None).unwrap());
+        assert_eq!(kv::get("claim").unwrap().as_deref(), Some(&b"c"[..]));
+
+        kv::set("lease", b"x", Some(Duration::from_secs(1))).unwrap();
+        advance(Duration::from_secs(2));
+        assert!(
+            kv::set_if_absent("lease", b"y", None).unwrap(),
+            "expired is absent"
+        );
+        assert!(matches!(
+            kv::set_if_absent("", b"v", None),
+            Err(KvError::InvalidKey(_))
+        ));
     }
 }

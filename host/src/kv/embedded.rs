@@ -149,6 +149,52 @@ impl KvStore for EmbeddedStore {
         txn.commit().map_err(unavailable)?;
         Ok(next)
     }
+
+    fn set_if_absent(
+        &self,
+        namespace: &str,
+        key: &str,
+        value: &[u8],
+        ttl: Option<Duration>,
+    ) -> Result<bool, KvError> {
+        self.compare_and_set(namespace, key, None, value, ttl)
+    }
+
+    fn compare_and_set(
+        &self,
+        namespace: &str,
+        key: &str,
+        expected: Option<&[u8]>,
+        value: &[u8],
+        ttl: Option<Duration>,
+    ) -> Result<bool, KvError> {
+        // redb runs one write transaction at a time: the read and the write below
+        // are one atomic step for every other caller.
+        let txn = self.db.begin_write().map_err(unavailable)?;
+        let swapped = {
+            let mut table = txn.open_table(ENTRIES).map_err(unavailable)?;
+            let matches = {
+                let found = table.get((namespace, key)).map_err(unavailable)?;
+                let current = found.as_ref().and_then(|guard| {
+                    let (expires_at, value) = guard.value();
+                    live(expires_at, now_ms()).then_some(value)
+                });
+                current == expected
+            };
+            if matches {
+                table
+                    .insert((namespace, key), (expiry(ttl), value))
+                    .map_err(unavailable)?;
+            }
+            matches
+        };
+        if swapped {
+            txn.commit().map_err(unavailable)?;
+        } else {
+            txn.abort().map_err(unavailable)?;
+        }
+        Ok(swapped)
+    }
 }
 
 #[cfg(test)]

@@ -47,6 +47,26 @@ pub trait KvStore: Send + Sync + 'static {
     fn delete(&self, namespace: &str, key: &str) -> Result<bool, KvError>;
     /// Add `delta` to the integer under `key` (absent = 0), keeping its expiry.
     fn incr(&self, namespace: &str, key: &str, delta: i64) -> Result<i64, KvError>;
+    /// Store `value` only if no live value is there; true if this call stored it.
+    /// Atomic: of concurrent callers (threads, processes sharing the store) on one
+    /// key, exactly one gets true.
+    fn set_if_absent(
+        &self,
+        namespace: &str,
+        key: &str,
+        value: &[u8],
+        ttl: Option<Duration>,
+    ) -> Result<bool, KvError>;
+    /// Replace the value with `value` (and expiry `ttl`) only if the live value is
+    /// `expected` (`None`: absent); true if replaced. Atomic, like `set_if_absent`.
+    fn compare_and_set(
+        &self,
+        namespace: &str,
+        key: &str,
+        expected: Option<&[u8]>,
+        value: &[u8],
+        ttl: Option<Duration>,
+    ) -> Result<bool, KvError>;
 }
 
 /// Parses a stored counter; what `incr` accepts as a number.
@@ -75,6 +95,151 @@ pub(crate) mod conformance {
         ttl_expires(store);
         incr_counts_and_keeps_ttl(store);
         incr_refuses_non_numbers(store);
+        set_if_absent_stores_once(store);
+        compare_and_set_needs_the_expected_value(store);
+        binary_values_round_trip(store);
+        races_have_exactly_one_winner(store);
+    }
+
+    fn set_if_absent_stores_once(s: &dyn KvStore) {
+        assert!(s.set_if_absent("i", "pay:1", b"ev-1", None).unwrap());
+        assert!(!s.set_if_absent("i", "pay:1", b"ev-2", None).unwrap());
+        assert_eq!(s.get("i", "pay:1").unwrap().as_deref(), Some(&b"ev-1"[..]));
+        // Another namespace has its own key.
+        assert!(s.set_if_absent("j", "pay:1", b"ev-3", None).unwrap());
+        // An expired value counts as absent, and the new value takes its ttl.
+        assert!(
+            s.set_if_absent("i", "lease", b"a", Some(Duration::from_millis(50)))
+                .unwrap()
+        );
+        assert!(!s.set_if_absent("i", "lease", b"b", None).unwrap());
+        std::thread::sleep(Duration::from_millis(120));
+        assert!(
+            s.set_if_absent("i", "lease", b"c", Some(Duration::from_secs(60)))
+                .unwrap()
+        );
+        assert_eq!(s.get("i", "lease").unwrap().as_deref(), Some(&b"c"[..]));
+    }
+
+    fn compare_and_set_needs_the_expected_value(s: &dyn KvStore) {
+        // `None` expects absence.
+        assert!(s.compare_and_set("x", "bill", None, b"open", None).unwrap());
+        assert!(
+            !s.compare_and_set("x", "bill", None, b"again", None)
+                .unwrap()
+        );
+        assert!(
+            !s.compare_and_set("x", "bill", Some(b"paid"), b"failed", None)
+                .unwrap(),
+            "a stale expectation changes nothing"
+        );
+        assert_eq!(s.get("x", "bill").unwrap().as_deref(), Some(&b"open"[..]));
+        assert!(
+            s.compare_and_set("x", "bill", Some(b"open"), b"paid", None)
+                .unwrap()
+        );
+        assert_eq!(s.get("x", "bill").unwrap().as_deref(), Some(&b"paid"[..]));
+        // A prefix of the value is not the value.
+        assert!(
+            !s.compare_and_set("x", "bill", Some(b"pai"), b"no", None)
+                .unwrap()
+        );
+        // The new value takes the given expiry; an expired value is absent.
+        assert!(
+            s.compare_and_set(
+                "x",
+                "bill",
+                Some(b"paid"),
+                b"short",
+                Some(Duration::from_millis(50))
+            )
+            .unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(120));
+        assert!(
+            !s.compare_and_set("x", "bill", Some(b"short"), b"late", None)
+                .unwrap()
+        );
+        assert!(s.compare_and_set("x", "bill", None, b"new", None).unwrap());
+        // Expecting absence when a value is present and vice versa.
+        assert!(
+            !s.compare_and_set("x", "missing", Some(b""), b"v", None)
+                .unwrap()
+        );
+        assert_eq!(s.get("x", "missing").unwrap(), None);
+    }
+
+    fn binary_values_round_trip(s: &dyn KvStore) {
+        let value: Vec<u8> = (0..=255).collect();
+        s.set("b", "all-bytes", &value, None).unwrap();
+        assert_eq!(s.get("b", "all-bytes").unwrap(), Some(value.clone()));
+        assert!(
+            s.compare_and_set("b", "all-bytes", Some(&value), b"\0\xff", None)
+                .unwrap()
+        );
+        s.set("b", "empty", b"", None).unwrap();
+        assert_eq!(s.get("b", "empty").unwrap(), Some(Vec::new()));
+        assert!(!s.set_if_absent("b", "empty", b"x", None).unwrap());
+        assert!(
+            s.compare_and_set("b", "empty", Some(b""), b"y", None)
+                .unwrap()
+        );
+        s.set("b", "key with spaces:and/colons", b"ok", None)
+            .unwrap();
+        assert_eq!(
+            s.get("b", "key with spaces:and/colons").unwrap().as_deref(),
+            Some(&b"ok"[..])
+        );
+    }
+
+    /// Eight threads race on each primitive: exactly one claim wins, no
+    /// increment is lost, and a compare-and-set loop applies every update once.
+    fn races_have_exactly_one_winner(s: &dyn KvStore) {
+        const THREADS: usize = 8;
+        const ROUNDS: i64 = 25;
+        let winners = std::sync::atomic::AtomicUsize::new(0);
+        std::thread::scope(|scope| {
+            for t in 0..THREADS {
+                let winners = &winners;
+                scope.spawn(move || {
+                    let me = format!("t{t}");
+                    if s.set_if_absent("race", "claim", me.as_bytes(), None)
+                        .unwrap()
+                    {
+                        winners.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    }
+                    for _ in 0..ROUNDS {
+                        s.incr("race", "counter", 1).unwrap();
+                        // Read, modify, compare-and-set until it sticks.
+                        loop {
+                            let current = s.get("race", "list").unwrap();
+                            let n: i64 = current
+                                .as_deref()
+                                .map_or(0, |v| std::str::from_utf8(v).unwrap().parse().unwrap());
+                            let next = (n + 1).to_string();
+                            if s.compare_and_set(
+                                "race",
+                                "list",
+                                current.as_deref(),
+                                next.as_bytes(),
+                                None,
+                            )
+                            .unwrap()
+                            {
+                                break;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        assert_eq!(winners.load(std::sync::atomic::Ordering::SeqCst), 1);
+        let total = i64::try_from(THREADS).unwrap() * ROUNDS;
+        assert_eq!(s.incr("race", "counter", 0).unwrap(), total);
+        assert_eq!(
+            s.get("race", "list").unwrap(),
+            Some(total.to_string().into_bytes())
+        );
     }
 
     fn set_get_delete(s: &dyn KvStore) {

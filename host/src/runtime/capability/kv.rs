@@ -44,6 +44,23 @@ fn check_key(key: &str) -> Result<(), KvError> {
     Ok(())
 }
 
+fn check_value(value: &[u8]) -> Result<(), KvError> {
+    if value.len() > MAX_VALUE {
+        return Err(KvError::TooLarge(format!(
+            "value of {} bytes is over the {MAX_VALUE}-byte limit",
+            value.len()
+        )));
+    }
+    Ok(())
+}
+
+/// The expiry of a value written by the conditional calls. A zero ttl means
+/// "expires at once"; stores take 1 ms for it, so the condition is still decided
+/// (and answered) by the store, while nobody can read the value afterwards.
+fn conditional_ttl(ttl_ms: Option<u64>) -> Option<Duration> {
+    ttl_ms.map(|ms| Duration::from_millis(ms.max(1)))
+}
+
 impl InstanceState {
     fn kv(&self) -> (&dyn KvStore, &str) {
         (&*self.plugin.kv.store, &self.plugin.name)
@@ -59,12 +76,7 @@ impl Host for InstanceState {
 
     fn set(&mut self, key: String, value: Vec<u8>, ttl_ms: Option<u64>) -> Result<(), KvError> {
         check_key(&key)?;
-        if value.len() > MAX_VALUE {
-            return Err(KvError::TooLarge(format!(
-                "value of {} bytes is over the {MAX_VALUE}-byte limit",
-                value.len()
-            )));
-        }
+        check_value(&value)?;
         let (store, ns) = self.kv();
         match ttl_ms {
             // Expiring now: what is left to store is nothing.
@@ -83,6 +95,37 @@ impl Host for InstanceState {
         check_key(&key)?;
         let (store, ns) = self.kv();
         store.incr(ns, &key, delta)
+    }
+
+    fn set_if_absent(
+        &mut self,
+        key: String,
+        value: Vec<u8>,
+        ttl_ms: Option<u64>,
+    ) -> Result<bool, KvError> {
+        check_key(&key)?;
+        check_value(&value)?;
+        let (store, ns) = self.kv();
+        store.set_if_absent(ns, &key, &value, conditional_ttl(ttl_ms))
+    }
+
+    fn compare_and_set(
+        &mut self,
+        key: String,
+        expected: Option<Vec<u8>>,
+        value: Vec<u8>,
+        ttl_ms: Option<u64>,
+    ) -> Result<bool, KvError> {
+        check_key(&key)?;
+        check_value(&value)?;
+        let (store, ns) = self.kv();
+        store.compare_and_set(
+            ns,
+            &key,
+            expected.as_deref(),
+            &value,
+            conditional_ttl(ttl_ms),
+        )
     }
 
     fn convert_kv_error(&mut self, err: KvError) -> wasmtime::Result<wit::KvError> {

@@ -282,6 +282,19 @@ fn kv_op(params: &Value) -> Result<Vec<Output>, Failure> {
             let delta = params.get("delta").and_then(Value::as_i64).unwrap_or(1);
             kv::incr(key, delta).map(|value| json!({ "value": value }))
         }
+        Some("set-if-absent") => {
+            let value = str_field(params, "value").unwrap_or_default();
+            let ttl_ms = u64_field(params, "ttl_ms");
+            kv::set_if_absent(key, value.as_bytes(), ttl_ms)
+                .map(|stored| json!({ "stored": stored }))
+        }
+        Some("compare-and-set") => {
+            let expected = str_field(params, "expected");
+            let value = str_field(params, "value").unwrap_or_default();
+            let ttl_ms = u64_field(params, "ttl_ms");
+            kv::compare_and_set(key, expected.map(str::as_bytes), value.as_bytes(), ttl_ms)
+                .map(|swapped| json!({ "swapped": swapped }))
+        }
         other => return Err(Failure::Reject(format!("unknown kv op {other:?}"))),
     };
     let data = result.unwrap_or_else(|e| {
