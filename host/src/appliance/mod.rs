@@ -33,7 +33,7 @@ use crate::bus::{
 use crate::config::{PluginSettings, RouterConfig};
 use crate::dispatch::{DispatchSettings, DispatchStats, PluginWorkers};
 use crate::envelope::{self, EnvelopeError};
-use crate::kv::{EmbeddedStore, KvStore};
+use crate::kv::KvStore;
 use crate::route::Binding;
 use crate::runtime::{Limits, LoadError, Plugin, PluginSpec, Runtime};
 
@@ -312,7 +312,7 @@ impl Appliance {
         std::fs::create_dir_all(&config.state_dir)
             .with_context(|| format!("cannot create {}", config.state_dir.display()))?;
         let runtime = Runtime::new(config.runtime_config())?;
-        let kv: Arc<dyn KvStore> = Arc::new(EmbeddedStore::open(&config.kv_path())?);
+        let kv = config.open_kv()?;
         let bus = match RabbitSettings::from_config(&config) {
             Some(settings) => Transport::Rabbit(RabbitBus::start(settings)?),
             None => Transport::Embedded(EmbeddedBus::new()),

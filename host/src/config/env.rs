@@ -5,6 +5,7 @@
 //! - Without it, `RABBITMQ_HOST` (with `RABBITMQ_PORT` = 5672, `RABBITMQ_USER` =
 //!   guest, `RABBITMQ_PASSWORD` = guest, `RABBITMQ_VHOST` = `/`) builds the URL,
 //!   the way the official RabbitMQ images and most platforms hand them out.
+//! - `REDIS_URL` replaces `[kv] url` (used with `[kv] backend = "redis"`).
 //! - `SWITCHBOARD_HTTP_LISTEN` replaces `[http] listen`.
 //!
 //! An empty variable counts as unset. A malformed one is reported by `validate`,
@@ -42,6 +43,13 @@ impl RouterConfig {
                 port.trim(),
                 percent_encode(&vhost),
             )));
+        }
+        // Only where Redis is chosen: a REDIS_URL meant for something else in
+        // the same environment does not switch the backend, nor is it an error.
+        if let Some(url) = var("REDIS_URL")
+            && self.kv.backend == super::KvBackend::Redis
+        {
+            self.kv.url = Some(Secret::new(url.trim()));
         }
         if let Some(listen) = var("SWITCHBOARD_HTTP_LISTEN") {
             match listen.trim().parse() {

@@ -50,6 +50,8 @@ pub struct RouterConfig {
     pub state_dir: PathBuf,
     /// `[broker]`: where events come from; none configured = the embedded bus.
     pub broker: BrokerConfig,
+    /// `[kv]`: where plugin state lives; none configured = the embedded store.
+    pub kv: KvConfig,
     /// `[http]`: ingress, metrics, health and the admin API.
     pub http: HttpConfig,
     /// `[runtime]`: the WebAssembly engine shared by all plugins.
@@ -73,6 +75,7 @@ impl Default for RouterConfig {
             plugins_dir: PathBuf::from("plugins"),
             state_dir: PathBuf::from(".switchboard"),
             broker: BrokerConfig::default(),
+            kv: KvConfig::default(),
             http: HttpConfig::default(),
             runtime: RuntimeSection::default(),
             defaults: PluginDefaults::default(),
@@ -127,6 +130,52 @@ impl Default for BrokerConfig {
             timeout: std::time::Duration::from_secs(5),
         }
     }
+}
+
+/// `[kv]`: the store behind the plugins' `kv` capability.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KvConfig {
+    /// `"embedded"` (the default: a file in `state_dir`, private to this
+    /// process) or `"redis"` (shared by every replica pointing at it). Read at
+    /// start: changing it takes a restart.
+    pub backend: KvBackend,
+    /// With `backend = "redis"`: `redis://[:password@]host:6379[/db]`, or
+    /// `rediss://` for TLS. Overridden by the `REDIS_URL` environment variable;
+    /// keep passwords there. Never printed with its credentials.
+    pub url: Option<Secret>,
+    /// First part of every Redis key: `<prefix>:<plugin>:<key>`. Replicas that
+    /// share state share the prefix; two routers on one Redis that must not
+    /// share state use different ones.
+    pub prefix: String,
+    /// Most Redis connections one process opens (calls beyond it wait for a
+    /// free connection, at most `timeout`).
+    pub pool_size: u32,
+    /// Longest wait for a Redis connection, and for each call's request and
+    /// reply (`"500ms"`). Past it the call fails and the event is retried.
+    #[serde(deserialize_with = "units::duration")]
+    pub timeout: std::time::Duration,
+}
+
+impl Default for KvConfig {
+    fn default() -> Self {
+        Self {
+            backend: KvBackend::default(),
+            url: None,
+            prefix: "switchboard".into(),
+            pool_size: 16,
+            timeout: std::time::Duration::from_millis(500),
+        }
+    }
+}
+
+/// `[kv] backend`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KvBackend {
+    #[default]
+    Embedded,
+    Redis,
 }
 
 /// `[broker] queue_type`.
@@ -407,6 +456,43 @@ impl RouterConfig {
     /// The embedded key-value store's file.
     pub fn kv_path(&self) -> PathBuf {
         self.state_dir.join("kv.redb")
+    }
+
+    /// The Redis settings, when `[kv] backend = "redis"` (validation makes sure
+    /// the URL is there).
+    pub fn redis_settings(&self) -> Option<crate::kv::RedisSettings> {
+        if self.kv.backend != KvBackend::Redis {
+            return None;
+        }
+        Some(crate::kv::RedisSettings {
+            url: self.kv.url.clone()?,
+            prefix: self.kv.prefix.clone(),
+            pool_size: self.kv.pool_size,
+            timeout: self.kv.timeout,
+        })
+    }
+
+    /// Opens the configured store: the embedded file, or a pool on Redis (which
+    /// connects lazily: a Redis that is down now only fails the events that use
+    /// kv while it is, and they are retried).
+    pub fn open_kv(&self) -> Result<std::sync::Arc<dyn crate::kv::KvStore>, crate::kv::KvError> {
+        match self.redis_settings() {
+            Some(settings) => {
+                let store = crate::kv::RedisStore::new(&settings)?;
+                match store.ping() {
+                    Ok(()) => tracing::info!(store = %store.describe(), "plugin state is shared"),
+                    Err(e) => tracing::warn!(
+                        store = %store.describe(),
+                        error = %e,
+                        "redis is not reachable yet; events that use kv are retried until it is"
+                    ),
+                }
+                Ok(std::sync::Arc::new(store))
+            }
+            None => Ok(std::sync::Arc::new(crate::kv::EmbeddedStore::open(
+                &self.kv_path(),
+            )?)),
+        }
     }
 }
 

@@ -458,3 +458,76 @@ fn positions_count_characters_from_one() {
     assert_eq!(position("é = 1\nx", 7), (2, 1));
     assert_eq!(position("ab", 99), (1, 3));
 }
+
+#[test]
+fn the_kv_store_is_embedded_unless_redis_is_chosen() {
+    let config = parse("").unwrap();
+    assert_eq!(config.kv.backend, KvBackend::Embedded);
+    assert!(config.redis_settings().is_none());
+
+    let config = parse(
+        "[kv]\nbackend = \"redis\"\nurl = \"redis://redis:6379/2\"\nprefix = \"shop\"\n\
+         pool_size = 4\ntimeout = \"250ms\"\n",
+    )
+    .unwrap();
+    let settings = config.redis_settings().unwrap();
+    assert_eq!(settings.url.expose(), "redis://redis:6379/2");
+    assert_eq!(settings.prefix, "shop");
+    assert_eq!(settings.pool_size, 4);
+    assert_eq!(settings.timeout, Duration::from_millis(250));
+}
+
+#[test]
+fn redis_url_comes_from_the_environment_only_when_redis_is_chosen() {
+    let mut config = RouterConfig::parse_unvalidated(
+        "[kv]\nbackend = \"redis\"\n",
+        Path::new("router.toml"),
+        Path::new("/etc/switchboard"),
+    )
+    .unwrap();
+    config.apply_env(env(&[("REDIS_URL", "redis://:s3cret@cache:6379/0")]));
+    assert!(config.validate().is_ok(), "{:?}", config.validate());
+    assert_eq!(
+        config.redis_settings().unwrap().url.expose(),
+        "redis://:s3cret@cache:6379/0"
+    );
+
+    let mut config = parse("").unwrap();
+    config.apply_env(env(&[("REDIS_URL", "redis://cache:6379")]));
+    assert!(config.kv.url.is_none(), "ignored with the embedded store");
+    assert!(config.validate().is_ok());
+}
+
+#[test]
+fn kv_settings_are_checked_without_showing_the_password() {
+    let errors = problems("[kv]\nbackend = \"redis\"\n");
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(
+        errors[0].starts_with("kv.url: backend \"redis\" needs a URL"),
+        "{errors:?}"
+    );
+
+    let errors = problems(
+        "[kv]\nbackend = \"redis\"\nurl = \"http://:hunter2@cache\"\nprefix = \"a b\"\n\
+         pool_size = 0\ntimeout = \"2m\"\n",
+    );
+    assert_eq!(errors.len(), 4, "{errors:?}");
+    assert!(
+        errors[0].starts_with("kv.url: expected a redis://"),
+        "{errors:?}"
+    );
+    assert!(errors[1].starts_with("kv.prefix: "), "{errors:?}");
+    assert!(errors[2].starts_with("kv.pool_size: "), "{errors:?}");
+    assert!(errors[3].starts_with("kv.timeout: "), "{errors:?}");
+    assert!(errors.iter().all(|e| !e.contains("hunter2")), "{errors:?}");
+
+    let errors = problems("[kv]\nurl = \"redis://cache\"\n");
+    assert!(
+        errors[0].contains("kv.backend is \"embedded\""),
+        "{errors:?}"
+    );
+
+    let (line, _, message) = parse_error("[kv]\nbackend = \"memcached\"\n");
+    assert_eq!(line, 2);
+    assert!(message.contains("memcached"), "{message}");
+}

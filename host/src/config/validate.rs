@@ -10,7 +10,7 @@ use std::time::Duration;
 use bytesize::ByteSize;
 
 use super::units::{duration_text, size_text};
-use super::{Backoff, PluginConfig, PluginDefaults, RouterConfig};
+use super::{Backoff, KvBackend, PluginConfig, PluginDefaults, RouterConfig};
 
 /// Longest plugin name: it is part of queue names and key-value namespaces.
 pub const MAX_PLUGIN_NAME: usize = 64;
@@ -25,6 +25,60 @@ const MIN_STACK: ByteSize = ByteSize::kib(64);
 const MAX_STACK: ByteSize = ByteSize::mib(8);
 
 impl RouterConfig {
+    fn validate_kv(&self, e: &mut Vec<String>) {
+        let kv = &self.kv;
+        match (kv.backend, &kv.url) {
+            (KvBackend::Redis, None) => e.push(
+                "kv.url: backend \"redis\" needs a URL (kv.url, or the REDIS_URL environment \
+                 variable), e.g. redis://redis:6379/0"
+                    .into(),
+            ),
+            (KvBackend::Redis, Some(url)) => {
+                let raw = url.expose();
+                if !["redis://", "rediss://", "redis+unix://", "unix://"]
+                    .iter()
+                    .any(|scheme| raw.starts_with(scheme))
+                {
+                    e.push(format!(
+                        "kv.url: expected a redis:// or rediss:// URL, got \"{url}\""
+                    ));
+                } else if let Err(why) = redis::Client::open(raw) {
+                    let why = url.scrub(&why.to_string());
+                    e.push(format!("kv.url: \"{url}\" is not a valid Redis URL: {why}"));
+                }
+            }
+            (KvBackend::Embedded, Some(_)) => e.push(
+                "kv.url: set, but kv.backend is \"embedded\": add backend = \"redis\" to share \
+                 plugin state through Redis, or remove the URL"
+                    .into(),
+            ),
+            (KvBackend::Embedded, None) => {}
+        }
+        if kv.prefix.is_empty()
+            || kv
+                .prefix
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control())
+        {
+            e.push(format!(
+                "kv.prefix: must be non-empty, without spaces or control characters, got {:?}",
+                kv.prefix
+            ));
+        }
+        if !(1..=1024).contains(&kv.pool_size) {
+            e.push(format!(
+                "kv.pool_size: must be between 1 and 1024, got {}",
+                kv.pool_size
+            ));
+        }
+        if kv.timeout < Duration::from_millis(10) || kv.timeout > Duration::from_secs(60) {
+            e.push(format!(
+                "kv.timeout: must be between 10ms and 1m, got {}",
+                super::duration_text(kv.timeout)
+            ));
+        }
+    }
+
     /// Every problem with this configuration, each naming its key
     /// (`routes[2].plugin: unknown plugin "biling" (declared: …)`), or `Ok`.
     /// A missing `.wasm` file is not a problem here: the watcher may add it later.
@@ -68,6 +122,7 @@ impl RouterConfig {
         if let Err(why) = check_exchange_name(&self.broker.prefix) {
             e.push(format!("broker.prefix: {why}"));
         }
+        self.validate_kv(e);
         if self.runtime.max_instances < 1 {
             e.push("runtime.max_instances: must be at least 1, got 0".into());
         }

@@ -7,10 +7,12 @@
 //! as text, the way Redis keeps them, so that backends agree byte for byte.
 
 mod embedded;
+mod redis;
 
 use std::time::Duration;
 
 pub use embedded::EmbeddedStore;
+pub use redis::{RedisSettings, RedisStore};
 
 /// What can go wrong in a store. The split matters: the first three are the
 /// plugin's own doing and are returned to it; `Unavailable` is the store's, and
