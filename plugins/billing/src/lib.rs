@@ -25,24 +25,31 @@
 //!
 //! - `bill:<bill_id>`: the bill as JSON (the `bill.created` data, plus `status`,
 //!   `last_payment_id`, `failure_reason`).
-//! - `payment:<payment_id>`: the id of the event that applied that payment.
+//! - `payment:<payment_id>`: the claim on that payment, JSON:
+//!   `{"event": "<id of the event that applies it>", "decided": "applied" | "ignored"}`
+//!   (`decided` missing while the event is being applied).
 //!
 //! # Delivery rules
 //!
+//! Several replicas may run billing at once on shared state (Redis), so every
+//! decision is made by the store, never by a read followed by a write:
+//!
 //! - A payment for a bill not known yet is retried (`bill <id> not known yet`):
 //!   events from different producers arrive out of order.
-//! - A payment id already applied by a *different* event is a duplicate payment:
-//!   nothing changes, nothing is emitted.
-//! - The *same* event again (redelivered, e.g. after a crash between the state
-//!   write and the publish) emits the same output again without changing state;
-//!   the host gives it the same output id, so consumers dedupe.
+//! - The first event to claim a payment id (`set-if-absent` on `payment:<id>`)
+//!   is the only one that may apply it. Any *other* event carrying the same
+//!   payment id is a duplicate payment (the provider sent it twice, on this
+//!   replica or another): nothing changes, nothing is emitted.
+//! - The bill is changed with `compare-and-set`: when two payments of one bill
+//!   race, one writes, the other reads the new bill and decides again.
+//! - The claiming event delivered again (redelivered after a crash, say) repeats
+//!   what it decided: the same output when it applied the payment (the host gives
+//!   it the same output id, so consumers dedupe), nothing when it ignored it. A
+//!   claim left undecided by a crash is decided by the redelivery.
 //! - A `paid` bill ignores a later `payment.failed`, and a second, different
 //!   successful payment (both logged).
-//!
-//! Writes go bill first, then the payment record: a crash in between leaves the
-//! payment unrecorded, and the redelivery applies it again, which changes nothing.
-//! The rules assume one event per bill at a time (route billing with `ordered`
-//! when several replicas consume): kv has no compare-and-set.
+//! - `bill.created` writes only if the bill is absent: a late duplicate never
+//!   resets a bill that a payment has moved on.
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -120,12 +127,6 @@ fn bill_created(event: &Event) -> Result<Vec<Output>, Failure> {
     let mut fields = object(event)?;
     let bill_id = required_id(event, &fields, "bill_id")?;
     let key = bill_key(&bill_id);
-    if kv::get(&key)?.is_some() {
-        log::debug(format!(
-            "bill {bill_id} is already known; bill.created ignored"
-        ));
-        return Ok(vec![]);
-    }
     // Our own bookkeeping fields are ours, whatever the producer sent.
     for own in ["bill_id", "status", "last_payment_id", "failure_reason"] {
         fields.remove(own);
@@ -137,8 +138,18 @@ fn bill_created(event: &Event) -> Result<Vec<Output>, Failure> {
         failure_reason: None,
         fields,
     };
-    kv::set_json(&key, &bill, None)?;
-    log::info(format!("bill {} recorded", bill.bill_id));
+    let value = serde_json::to_vec(&bill)
+        .map_err(|e| Failure::reject(format!("bill {} cannot be stored: {e}", bill.bill_id)))?;
+    // Only if absent: a repeated bill.created must not reset a bill that a
+    // payment (on any replica) has moved on since.
+    if kv::set_if_absent(&key, &value, None)? {
+        log::info(format!("bill {} recorded", bill.bill_id));
+    } else {
+        log::debug(format!(
+            "bill {} is already known; bill.created ignored",
+            bill.bill_id
+        ));
+    }
     Ok(vec![])
 }
 
@@ -172,6 +183,41 @@ struct Payment {
     fields: Map<String, Value>,
 }
 
+/// What the claiming event decided about its payment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Decision {
+    /// The bill was changed and the output emitted.
+    Applied,
+    /// The bill was left as it was (already paid); nothing emitted.
+    Ignored,
+}
+
+/// The claim stored under `payment:<payment_id>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claim {
+    /// The event that claimed the payment: the only one that may apply it.
+    pub event: String,
+    /// What it decided; `None` until it has.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decided: Option<Decision>,
+}
+
+impl Claim {
+    /// A stored claim. Bare bytes are the record an earlier version of this
+    /// plugin wrote (the event id, after the bill): an applied payment.
+    fn parse(raw: &[u8]) -> Claim {
+        serde_json::from_slice(raw).unwrap_or_else(|_| Claim {
+            event: String::from_utf8_lossy(raw).into_owned(),
+            decided: Some(Decision::Applied),
+        })
+    }
+}
+
+/// How many times a payment reads the bill again after losing a race for it
+/// before it gives up and lets the event be retried later.
+const MAX_BILL_RACES: usize = 16;
+
 fn payment(event: &Event, outcome: Outcome) -> Result<Vec<Output>, Failure> {
     let fields = object(event)?;
     let payment = Payment {
@@ -180,55 +226,109 @@ fn payment(event: &Event, outcome: Outcome) -> Result<Vec<Output>, Failure> {
         fields,
     };
     let (bill_id, payment_id) = (&payment.bill_id, &payment.payment_id);
+    // Unknown bill: retried, and nothing claimed, so that a later delivery of
+    // this or another event can still apply the payment.
+    known_bill(bill_id)?;
 
     let payment_key = payment_key(payment_id);
-    if let Some(applied_by) = kv::get(&payment_key)? {
-        if applied_by != event.id.as_bytes() {
-            log::info(format!(
-                "payment {payment_id} was already applied by event {}; duplicate ignored",
-                String::from_utf8_lossy(&applied_by)
-            ));
-            return Ok(vec![]);
-        }
-        // This very event was applied before and is delivered again: the outputs
-        // may never have been published. Same output, no state change.
-        let bill = known_bill(bill_id)?;
-        log::debug(format!("event {} redelivered; output repeated", event.id));
-        return Ok(vec![output(&bill, &payment, outcome)?]);
-    }
-
-    let mut bill = known_bill(bill_id)?;
-    if bill.status == Status::Paid {
-        if outcome == Outcome::Failed {
-            log::info(format!(
-                "bill {bill_id} is already paid; failed payment {payment_id} ignored"
-            ));
-            return Ok(vec![]);
-        }
-        if bill.last_payment_id.as_deref() != Some(payment_id.as_str()) {
-            log::warn(format!(
-                "bill {bill_id} is already paid by payment {}; second payment {payment_id} ignored",
-                bill.last_payment_id.as_deref().unwrap_or("?")
-            ));
-            return Ok(vec![]);
-        }
-        // Same payment, not recorded: the last attempt stopped between the two
-        // writes. Applying it again below changes nothing and records it.
-    }
-
-    bill.status = outcome.status();
-    bill.last_payment_id = Some(payment_id.clone());
-    bill.failure_reason = match outcome {
-        Outcome::Paid => None,
-        Outcome::Failed => Some(reason(&payment.fields)),
+    let mine = Claim {
+        event: event.id.clone(),
+        decided: None,
     };
-    kv::set_json(&bill_key(bill_id), &bill, None)?;
-    kv::set(&payment_key, event.id.as_bytes(), None)?;
-    log::info(format!(
-        "bill {bill_id}: payment {payment_id} applied, status {}",
-        bill.status.as_str()
-    ));
-    Ok(vec![output(&bill, &payment, outcome)?])
+    if !kv::set_if_absent(&payment_key, &claim_bytes(&mine)?, None)? {
+        let Some(raw) = kv::get(&payment_key)? else {
+            return Err(Failure::retry(format!(
+                "the claim on payment {payment_id} vanished; trying again"
+            )));
+        };
+        let claim = Claim::parse(&raw);
+        if claim.event != event.id {
+            log::info(format!(
+                "payment {payment_id} is applied by event {}; duplicate in event {} ignored",
+                claim.event, event.id
+            ));
+            return Ok(vec![]);
+        }
+        match claim.decided {
+            // This very event decided before and is delivered again: the output
+            // may never have been published. Same output, no state change.
+            Some(Decision::Applied) => {
+                let bill = known_bill(bill_id)?;
+                log::debug(format!("event {} redelivered; output repeated", event.id));
+                return Ok(vec![output(&bill, &payment, outcome)?]);
+            }
+            Some(Decision::Ignored) => return Ok(vec![]),
+            // Claimed by an earlier attempt that stopped before deciding.
+            None => {}
+        }
+    }
+
+    let (decision, bill) = apply(&payment, outcome)?;
+    let decided = Claim {
+        event: event.id.clone(),
+        decided: Some(decision),
+    };
+    kv::set(&payment_key, &claim_bytes(&decided)?, None)?;
+    match decision {
+        Decision::Applied => Ok(vec![output(&bill, &payment, outcome)?]),
+        Decision::Ignored => Ok(vec![]),
+    }
+}
+
+/// Applies a claimed payment to its bill: read, decide, compare-and-set, and
+/// again if another writer changed the bill in between.
+fn apply(payment: &Payment, outcome: Outcome) -> Result<(Decision, Bill), Failure> {
+    let (bill_id, payment_id) = (&payment.bill_id, &payment.payment_id);
+    let key = bill_key(bill_id);
+    for _ in 0..MAX_BILL_RACES {
+        let raw = kv::get(&key)?
+            .ok_or_else(|| Failure::retry(format!("bill {bill_id} not known yet")))?;
+        let mut bill: Bill = serde_json::from_slice(&raw)
+            .map_err(|e| Failure::reject(format!("stored bill {bill_id} is not a bill: {e}")))?;
+        if bill.last_payment_id.as_deref() == Some(payment_id.as_str()) {
+            // An earlier attempt wrote the bill, then stopped.
+            return Ok((Decision::Applied, bill));
+        }
+        if bill.status == Status::Paid {
+            if outcome == Outcome::Failed {
+                log::info(format!(
+                    "bill {bill_id} is already paid; failed payment {payment_id} ignored"
+                ));
+            } else {
+                log::warn(format!(
+                    "bill {bill_id} is already paid by payment {}; second payment {payment_id} ignored",
+                    bill.last_payment_id.as_deref().unwrap_or("?")
+                ));
+            }
+            return Ok((Decision::Ignored, bill));
+        }
+        bill.status = outcome.status();
+        bill.last_payment_id = Some(payment_id.clone());
+        bill.failure_reason = match outcome {
+            Outcome::Paid => None,
+            Outcome::Failed => Some(reason(&payment.fields)),
+        };
+        let next = serde_json::to_vec(&bill)
+            .map_err(|e| Failure::reject(format!("bill {bill_id} cannot be stored: {e}")))?;
+        if kv::compare_and_set(&key, Some(&raw), &next, None)? {
+            log::info(format!(
+                "bill {bill_id}: payment {payment_id} applied, status {}",
+                bill.status.as_str()
+            ));
+            return Ok((Decision::Applied, bill));
+        }
+        log::debug(format!(
+            "bill {bill_id} changed while payment {payment_id} was applied; reading it again"
+        ));
+    }
+    Err(Failure::retry(format!(
+        "bill {bill_id} kept changing under payment {payment_id}; trying again later"
+    )))
+}
+
+fn claim_bytes(claim: &Claim) -> Result<Vec<u8>, Failure> {
+    serde_json::to_vec(claim)
+        .map_err(|e| Failure::reject(format!("claim cannot be serialized: {e}")))
 }
 
 /// The output for `payment` on `bill`. It depends only on the payment event and
@@ -401,7 +501,13 @@ mod tests {
             (b.status, b.last_payment_id.as_deref()),
             (Status::Paid, Some("p-1"))
         );
-        assert_eq!(kv::get("payment:p-1").unwrap(), Some(event_id.into_bytes()));
+        assert_eq!(
+            kv::get_json::<Claim>("payment:p-1").unwrap(),
+            Some(Claim {
+                event: event_id,
+                decided: Some(Decision::Applied)
+            })
+        );
     }
 
     #[test]
@@ -469,17 +575,98 @@ mod tests {
         assert_eq!(bill("b-1").status, Status::Paid);
     }
 
+    fn claim(event: &str, decided: Option<Decision>) -> Vec<u8> {
+        serde_json::to_vec(&Claim {
+            event: event.into(),
+            decided,
+        })
+        .unwrap()
+    }
+
     #[test]
-    fn a_crash_between_the_two_writes_is_repaired_by_the_redelivery() {
+    fn a_crash_after_the_bill_write_is_finished_by_the_redelivery() {
         testing::reset();
         create_bill("b-1");
         let event = payment_event("payment.success", "b-1", "p-1");
         let first = Billing::handle(event.clone()).unwrap();
-        // Simulate the crash: the bill was written, the payment record was not.
-        kv::delete("payment:p-1").unwrap();
+        // The crash: the bill was written, the claim not yet marked decided.
+        kv::set("payment:p-1", &claim(&event.id, None), None).unwrap();
         let again = Billing::handle(event.clone()).unwrap();
         assert_eq!(again, first);
-        assert_eq!(kv::get("payment:p-1").unwrap(), Some(event.id.into_bytes()));
+        assert_eq!(
+            kv::get("payment:p-1").unwrap(),
+            Some(claim(&event.id, Some(Decision::Applied)))
+        );
+    }
+
+    #[test]
+    fn a_crash_right_after_the_claim_is_applied_by_the_redelivery() {
+        testing::reset();
+        create_bill("b-1");
+        let event = payment_event("payment.success", "b-1", "p-1");
+        // The crash: claimed, bill untouched.
+        kv::set("payment:p-1", &claim(&event.id, None), None).unwrap();
+        let outputs = Billing::handle(event).unwrap();
+        assert_eq!(outputs[0].kind, "bill.paid");
+        assert_eq!(bill("b-1").status, Status::Paid);
+    }
+
+    #[test]
+    fn a_payment_claimed_by_another_event_is_a_duplicate_even_before_it_is_applied() {
+        testing::reset();
+        create_bill("b-1");
+        // Another replica has claimed p-1 and is applying it right now.
+        kv::set("payment:p-1", &claim("evt-on-replica-2", None), None).unwrap();
+        let before = testing::kv_dump();
+        let outputs = Billing::handle(payment_event("payment.success", "b-1", "p-1")).unwrap();
+        assert!(outputs.is_empty());
+        assert_eq!(
+            testing::kv_dump(),
+            before,
+            "the claimant applies it, not us"
+        );
+    }
+
+    #[test]
+    fn an_ignored_payment_stays_ignored_when_redelivered() {
+        testing::reset();
+        create_bill("b-1");
+        Billing::handle(payment_event("payment.success", "b-1", "p-1")).unwrap();
+        let late = payment_event("payment.failed", "b-1", "p-2");
+        assert!(Billing::handle(late.clone()).unwrap().is_empty());
+        assert_eq!(
+            kv::get("payment:p-2").unwrap(),
+            Some(claim(&late.id, Some(Decision::Ignored)))
+        );
+        let before = testing::kv_dump();
+        assert!(Billing::handle(late).unwrap().is_empty());
+        assert_eq!(testing::kv_dump(), before);
+    }
+
+    #[test]
+    fn payment_records_of_the_previous_version_are_understood() {
+        testing::reset();
+        create_bill("b-1");
+        let event = payment_event("payment.success", "b-1", "p-1");
+        let first = Billing::handle(event.clone()).unwrap();
+        // What the previous version stored: the bare event id, after the bill.
+        kv::set("payment:p-1", event.id.as_bytes(), None).unwrap();
+        assert_eq!(Billing::handle(event).unwrap(), first, "redelivery repeats");
+        let other = payment_event("payment.success", "b-1", "p-1");
+        assert!(
+            Billing::handle(other).unwrap().is_empty(),
+            "duplicate ignored"
+        );
+    }
+
+    #[test]
+    fn a_late_bill_created_does_not_reset_a_paid_bill() {
+        testing::reset();
+        create_bill("b-1");
+        Billing::handle(payment_event("payment.success", "b-1", "p-1")).unwrap();
+        let before = testing::kv_dump();
+        create_bill("b-1");
+        assert_eq!(testing::kv_dump(), before);
     }
 
     #[test]
@@ -487,7 +674,7 @@ mod tests {
         testing::reset();
         create_bill("b-1");
         Billing::handle(payment_event("payment.success", "b-1", "p-1")).unwrap();
-        let before = testing::kv_dump();
+        let before = bill("b-1");
         testing::take_logs();
 
         assert!(
@@ -500,7 +687,7 @@ mod tests {
                 .unwrap()
                 .is_empty()
         );
-        assert_eq!(testing::kv_dump(), before);
+        assert_eq!(bill("b-1"), before, "the bill is unchanged");
         let logs = testing::logs();
         assert!(
             logs[0]
