@@ -71,7 +71,7 @@ pub fn require_broker() -> bool {
     false
 }
 
-fn on_ci() -> bool {
+pub(crate) fn on_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false")
 }
 
@@ -366,7 +366,7 @@ impl Drop for ThrowawayNode {
 }
 
 /// A port nobody listens on right now (the OS picks it).
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
         .and_then(|l| l.local_addr())
         .map(|a| a.port())

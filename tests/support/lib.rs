@@ -5,6 +5,8 @@
 //! before the suite runs; a missing one fails the test with that instruction.
 
 pub mod broker;
+pub mod process;
+pub mod redis;
 pub mod running;
 
 use std::path::PathBuf;

@@ -1,0 +1,118 @@
+//! A router as its own process: `switchboard run` on a folder of its own, the
+//! way a replica runs in production (each with its own state folder and HTTP
+//! port, sharing the broker and the kv store).
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::broker::free_port;
+use crate::wasm;
+
+/// A running `switchboard run`; stopped with SIGTERM (drained) on drop.
+pub struct Replica {
+    child: Option<Child>,
+    /// Its HTTP interface, `http://127.0.0.1:<port>`.
+    pub url: String,
+    dir: tempfile::TempDir,
+}
+
+impl Replica {
+    /// Writes `router_toml` and copies the named components (`(file name,
+    /// component)`) into a new folder's `plugins/`, then starts the process
+    /// there and waits until `/readyz` says it is ready.
+    pub fn start(router_toml: &str, plugins: &[(&str, &str)]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("plugins")).unwrap();
+        for (file, component) in plugins {
+            std::fs::copy(wasm(component), dir.path().join("plugins").join(file)).unwrap();
+        }
+        std::fs::write(dir.path().join("router.toml"), router_toml).unwrap();
+        let port = free_port();
+        let log = std::fs::File::create(dir.path().join("switchboard.log")).unwrap();
+        let child = Command::new(crate::target_dir().join("release/switchboard"))
+            .arg("run")
+            .arg("--config")
+            .arg(dir.path().join("router.toml"))
+            .env("SWITCHBOARD_HTTP_LISTEN", format!("127.0.0.1:{port}"))
+            .env_remove("RABBITMQ_URL")
+            .env_remove("REDIS_URL")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let replica = Self {
+            child: Some(child),
+            url: format!("http://127.0.0.1:{port}"),
+            dir,
+        };
+        replica.wait_ready(Duration::from_secs(60));
+        replica
+    }
+
+    fn wait_ready(&self, timeout: Duration) {
+        let until = Instant::now() + timeout;
+        loop {
+            let ready = ureq::get(format!("{}/readyz", self.url))
+                .call()
+                .is_ok_and(|r| r.status() == 200);
+            if ready {
+                return;
+            }
+            assert!(
+                Instant::now() < until,
+                "the replica did not get ready; its log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// `GET path` as JSON.
+    pub fn get(&self, path: &str) -> Value {
+        let mut response = ureq::get(format!("{}{path}", self.url)).call().unwrap();
+        serde_json::from_reader(response.body_mut().as_reader()).unwrap()
+    }
+
+    /// What this process's workers did with `plugin`'s events (`/plugins`).
+    pub fn dispatch(&self, plugin: &str) -> Value {
+        let plugins = self.get("/plugins");
+        let list = plugins.as_array().cloned().unwrap_or_default();
+        list.into_iter()
+            .find(|p| p["name"] == plugin)
+            .map(|p| p["dispatch"].clone())
+            .unwrap_or(Value::Null)
+    }
+
+    /// Everything it logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("switchboard.log")
+    }
+
+    /// SIGTERM, then waits for the process to drain and exit.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let until = Instant::now() + Duration::from_secs(30);
+            while child.try_wait().ok().flatten().is_none() && Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
