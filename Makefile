@@ -7,7 +7,7 @@ PLUGINS := notification billing analytics
 GUESTS  := scripted-guest noop-guest wrong-world-guest contract-0-1-0-guest
 OUT     := target/$(WASM)/release
 
-.PHONY: run test lint fmt plugins guests wasm-target bench bench-broker clean
+.PHONY: run test lint fmt plugins guests wasm-target bench bench-broker bench-kv clean
 
 ## run: build the plugins and the appliance, then run it with router.toml
 run: plugins
@@ -45,6 +45,10 @@ bench: plugins guests
 bench-broker: plugins guests
 	$(CARGO) build --release -p switchboard -p switchboard-bench
 	./target/release/switchboard-bench broker $(ARGS)
+
+## bench-kv: one kv call on the embedded store vs Redis (needs Redis at 127.0.0.1:6379)
+bench-kv: plugins guests
+	$(CARGO) run --release -p switchboard-bench -- kv $(ARGS)
 
 wasm-target:
 	@rustup target list --installed | grep -qx $(WASM) || rustup target add $(WASM)

@@ -21,6 +21,7 @@ use switchboard::runtime::{
 
 mod broker;
 mod embedded;
+mod kv;
 
 const ROUNDS: usize = 7;
 
@@ -308,6 +309,8 @@ enum Bench {
     /// Consume, publish one output with a confirm, ack: raw lapin, Node.js
     /// amqplib and Switchboard against the same RabbitMQ.
     Broker(broker::BrokerArgs),
+    /// One kv call's cost, embedded store vs Redis, side by side.
+    Kv(kv::KvArgs),
     /// The raw lapin consumer of `broker`, run as its child process.
     #[command(hide = true)]
     RawPassthrough(broker::RawArgs),
@@ -326,6 +329,7 @@ fn main() -> anyhow::Result<()> {
         Some(Bench::Embedded) => embedded::run(),
         Some(Bench::Broker(args)) => broker::run(args),
         Some(Bench::RawPassthrough(args)) => broker::raw_passthrough(args),
+        Some(Bench::Kv(args)) => kv::run(&args),
         None => {
             runtime_bench()?;
             embedded::run()

@@ -94,23 +94,8 @@ impl RedisNamespace {
 
 impl Drop for RedisNamespace {
     fn drop(&mut self) {
-        let pattern = format!("{}:*", self.prefix);
-        let port = self
-            .url
-            .rsplit(':')
-            .next()
-            .and_then(|p| p.split('/').next().map(str::to_string));
-        // Best effort: redis-cli deletes what the test wrote.
-        if let Some(port) = port {
-            let _ = Command::new("sh")
-                .arg("-c")
-                .arg(format!(
-                    "redis-cli -p {port} --scan --pattern '{pattern}' | xargs -r redis-cli -p {port} DEL"
-                ))
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status();
-        }
+        // Best effort: the server may be a throwaway one, already stopped.
+        let _ = self.store.remove_all();
     }
 }
 

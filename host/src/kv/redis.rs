@@ -175,6 +175,38 @@ impl RedisStore {
         })
     }
 
+    /// Removes every key under this store's prefix (all plugins' state), e.g.
+    /// when a router is decommissioned; returns how many. Uses `SCAN`, so Redis
+    /// keeps serving others meanwhile.
+    pub fn remove_all(&self) -> Result<u64, KvError> {
+        let pattern = format!("{}:*", self.prefix);
+        let keys: Vec<Vec<u8>> = self.run("SCAN", |conn| {
+            let mut keys = Vec::new();
+            let mut cursor = 0_u64;
+            loop {
+                let (next, batch): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(&pattern)
+                    .arg("COUNT")
+                    .arg(1000)
+                    .query(conn)?;
+                keys.extend(batch);
+                if next == 0 {
+                    return Ok(keys);
+                }
+                cursor = next;
+            }
+        })?;
+        let mut removed = 0;
+        for chunk in keys.chunks(500) {
+            removed += self.run("DEL", |conn| {
+                redis::cmd("DEL").arg(chunk).query::<u64>(conn)
+            })?;
+        }
+        Ok(removed)
+    }
+
     /// Where this store's data lives, without credentials.
     pub fn describe(&self) -> String {
         format!(
@@ -365,14 +397,7 @@ mod tests {
 
     /// Removes every key the test made.
     fn cleanup(store: &RedisStore) {
-        let pattern = format!("{}:*", store.prefix);
-        let _ = store.run("cleanup", |conn| {
-            let keys: Vec<Vec<u8>> = redis::cmd("KEYS").arg(&pattern).query(conn)?;
-            if !keys.is_empty() {
-                redis::cmd("DEL").arg(keys).query::<i64>(conn)?;
-            }
-            Ok(())
-        });
+        store.remove_all().unwrap();
     }
 
     #[test]
@@ -382,6 +407,11 @@ mod tests {
         };
         crate::kv::conformance::all(&store);
         cleanup(&store);
+        assert_eq!(
+            store.get("c", "n").unwrap(),
+            None,
+            "remove_all removed it all"
+        );
     }
 
     #[test]
