@@ -363,6 +363,14 @@ impl Appliance {
     /// refuses it, nothing changes. Plugin load failures do not fail the apply:
     /// they show in the plugin's status.
     pub fn apply(&self, config: RouterConfig) -> anyhow::Result<()> {
+        let pending = self.inner.config.load().restart_only_changes(&config);
+        if !pending.is_empty() {
+            tracing::warn!(
+                settings = %pending.join(", "),
+                "these settings changed in router.toml but are read only at start; \
+                 they apply after a restart (the rest of the change is applied now)"
+            );
+        }
         self.inner
             .bus
             .as_bus()

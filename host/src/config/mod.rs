@@ -88,7 +88,7 @@ impl Default for RouterConfig {
 }
 
 /// `[broker]`: the RabbitMQ connection and what the router declares on it.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct BrokerConfig {
     /// `amqp://user:password@host:5672/vhost` (or `amqps://`). Overridden by the
@@ -133,7 +133,7 @@ impl Default for BrokerConfig {
 }
 
 /// `[kv]`: the store behind the plugins' `kv` capability.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct KvConfig {
     /// `"embedded"` (the default: a file in `state_dir`, private to this
@@ -199,7 +199,7 @@ pub enum Unroutable {
 }
 
 /// `[http]`: the HTTP server.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct HttpConfig {
     /// Address to listen on. Overridden by `SWITCHBOARD_HTTP_LISTEN`; use
@@ -216,7 +216,7 @@ impl Default for HttpConfig {
 }
 
 /// `[runtime]`: the WebAssembly engine.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RuntimeSection {
     /// Pre-reserve instance slots (wasmtime's pooling allocator): faster
@@ -456,6 +456,31 @@ impl RouterConfig {
     /// The embedded key-value store's file.
     pub fn kv_path(&self) -> PathBuf {
         self.state_dir.join("kv.redb")
+    }
+
+    /// The settings read only at start that differ between `self` (running) and
+    /// `next` (a reloaded file), by name: a reload cannot apply them.
+    pub fn restart_only_changes(&self, next: &RouterConfig) -> Vec<&'static str> {
+        let mut changed = Vec::new();
+        if self.plugins_dir != next.plugins_dir {
+            changed.push("plugins_dir");
+        }
+        if self.state_dir != next.state_dir {
+            changed.push("state_dir");
+        }
+        if self.broker != next.broker {
+            changed.push("[broker]");
+        }
+        if self.kv != next.kv {
+            changed.push("[kv]");
+        }
+        if self.http != next.http {
+            changed.push("[http]");
+        }
+        if self.runtime != next.runtime {
+            changed.push("[runtime]");
+        }
+        changed
     }
 
     /// The Redis settings, when `[kv] backend = "redis"` (validation makes sure

@@ -531,3 +531,17 @@ fn kv_settings_are_checked_without_showing_the_password() {
     assert_eq!(line, 2);
     assert!(message.contains("memcached"), "{message}");
 }
+
+#[test]
+fn a_reload_names_the_settings_that_need_a_restart() {
+    let running = parse("[kv]\nbackend = \"redis\"\nurl = \"redis://a:6379\"\n").unwrap();
+    let same_kv = parse(
+        "[kv]\nbackend = \"redis\"\nurl = \"redis://a:6379\"\n[defaults]\nmax_attempts = 9\n",
+    )
+    .unwrap();
+    assert!(running.restart_only_changes(&same_kv).is_empty());
+    let moved =
+        parse("[kv]\nbackend = \"redis\"\nurl = \"redis://b:6379\"\n[broker]\nprefix = \"x\"\n")
+            .unwrap();
+    assert_eq!(running.restart_only_changes(&moved), ["[broker]", "[kv]"]);
+}
