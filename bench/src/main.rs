@@ -167,7 +167,7 @@ fn runtime_bench() -> anyhow::Result<()> {
             200,
         ),
         (
-            "analytics (4 kv writes)",
+            "analytics (claim, 3 counters, record: 5 kv calls)",
             "analytics",
             "analytics",
             noop_events,

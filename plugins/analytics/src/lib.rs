@@ -10,7 +10,8 @@
 //!   event's RFC 3339 `time`, or `unknown` when it does not start with a date;
 //! - `count:tenant:<tenant id, or none>:<kind>`
 //! - `seen:<event id>`, kept 7 days: the event was counted; its value is the
-//!   `analytics.tracked` record, as JSON.
+//!   `analytics.tracked` record, as JSON. While the event is being counted it
+//!   is `pending` instead, for at most 30 s.
 //!
 //! # Delivery rules
 //!
@@ -19,8 +20,12 @@
 //!   recorded `analytics.tracked` output is emitted again (the host gives it the
 //!   same output id, so consumers dedupe): a redelivery after a crash between the
 //!   handler and the publish must not lose it.
-//! - Counters are written before `seen`: a crash in between counts the event
-//!   twice, never zero times.
+//! - Before counting, a delivery claims the event with `set-if-absent` on
+//!   `seen:<id>` (`pending`, 30 s lease): of two copies of one event handled at
+//!   the same moment (by two replicas sharing Redis), one counts; the other is
+//!   retried and then finds the record.
+//! - Counters are written before the record: a crash in between counts the event
+//!   twice once the lease has run out, never zero times.
 //!
 //! # Config
 //!
@@ -35,6 +40,13 @@ use switchboard_plugin::{Event, Failure, Output, Plugin, config, export, kv, log
 
 /// How long an event id is remembered.
 pub const SEEN_TTL: Duration = Duration::from_secs(7 * 24 * 60 * 60);
+
+/// How long a delivery may take to count an event before another delivery of
+/// the same event may count it instead (the first one crashed).
+pub const CLAIM_LEASE: Duration = Duration::from_secs(30);
+
+/// `seen:<id>` while the event is being counted.
+const PENDING: &[u8] = b"pending";
 
 /// Kind of the forwarded output.
 pub const TRACKED: &str = "analytics.tracked";
@@ -66,7 +78,19 @@ impl Plugin for Analytics {
             return Ok(vec![]);
         }
         let seen_key = format!("seen:{}", event.id);
-        if let Some(recorded) = kv::get(&seen_key)? {
+        if !kv::set_if_absent(&seen_key, PENDING, Some(CLAIM_LEASE))? {
+            let Some(recorded) = kv::get(&seen_key)? else {
+                return Err(Failure::retry(format!(
+                    "the claim on event {} ran out while it was read; trying again",
+                    event.id
+                )));
+            };
+            if recorded == PENDING {
+                return Err(Failure::retry(format!(
+                    "event {} is being counted by another delivery; checking again later",
+                    event.id
+                )));
+            }
             log::debug(format!("event {} already counted", event.id));
             // A record that does not parse (written by another version) is only
             // a lost re-emission, not a reason to fail the event.
@@ -188,6 +212,31 @@ mod tests {
         assert_eq!(kv::get(&format!("seen:{}", event.id)).unwrap(), None);
         Analytics::handle(event).unwrap();
         assert_eq!(count("count:kind:user.created").as_deref(), Some("2"));
+    }
+
+    #[test]
+    fn a_copy_being_counted_elsewhere_is_retried_not_counted() {
+        testing::reset();
+        let event = testing::event("user.created", &json!({}));
+        // Another replica has claimed this event and is counting it.
+        kv::set(&format!("seen:{}", event.id), b"pending", Some(CLAIM_LEASE)).unwrap();
+        let failure = Analytics::handle(event.clone()).unwrap_err();
+        assert!(!failure.is_reject(), "{failure}");
+        assert!(
+            failure
+                .message()
+                .contains("being counted by another delivery")
+        );
+        assert_eq!(count("count:kind:user.created"), None);
+
+        // The other replica crashed: once its lease runs out, this copy counts.
+        testing::advance(CLAIM_LEASE);
+        Analytics::handle(event.clone()).unwrap();
+        assert_eq!(count("count:kind:user.created").as_deref(), Some("1"));
+        let recorded: Tracked = kv::get_json(&format!("seen:{}", event.id))
+            .unwrap()
+            .unwrap();
+        assert_eq!(recorded.count_kind, 1);
     }
 
     #[test]
