@@ -58,6 +58,22 @@ pub fn run(args: &CheckArgs, out: &mut dyn Write, err: &mut dyn Write) -> anyhow
         Some(url) => writeln!(out, "broker   {url} (prefix {:?})", config.broker.prefix)?,
         None => writeln!(out, "broker   embedded bus")?,
     }
+    match config.redis_settings() {
+        // Reachability is reported, not counted as a problem: the router starts
+        // without Redis and retries the events that need it until it answers.
+        Some(settings) => {
+            let reach = match crate::kv::RedisStore::new(&settings).and_then(|s| s.ping()) {
+                Ok(()) => "reachable".to_string(),
+                Err(e) => format!("NOT reachable now ({e}); events that use kv will be retried"),
+            };
+            writeln!(
+                out,
+                "kv       redis {} (keys {}:<plugin>:<key>): {reach}",
+                settings.url, settings.prefix
+            )?;
+        }
+        None => writeln!(out, "kv       embedded ({})", config.kv_path().display())?,
+    }
     writeln!(out, "http     {}", config.http.listen)?;
     writeln!(out, "plugins  {}", config.plugins_dir.display())?;
     print_routes(&config, out)?;
@@ -333,6 +349,40 @@ mod tests {
         assert!(out.contains("limits    timeout 5s, memory 64MiB, instance_reuse 1000"));
         assert!(out.contains("config    bill.paid.subject"), "{out}");
         assert!(out.contains("ok: 3 plugins, 3 routes"), "{out}");
+    }
+
+    #[test]
+    fn the_kv_store_is_shown_and_an_unreachable_redis_is_reported_not_counted() {
+        let checked = check("");
+        assert!(
+            checked.out.contains("kv       embedded ("),
+            "{}",
+            checked.out
+        );
+
+        // A port nobody listens on, with a password that must not show.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let checked = check(&format!(
+            "[kv]\nbackend = \"redis\"\nurl = \"redis://:hunter22@127.0.0.1:{port}/0\"\n\
+             timeout = \"200ms\"\n"
+        ));
+        assert_eq!(checked.code, 0, "{}{}", checked.out, checked.err);
+        let line = checked
+            .out
+            .lines()
+            .find(|l| l.starts_with("kv "))
+            .unwrap_or_default();
+        assert!(
+            line.starts_with(&format!(
+                "kv       redis redis://***@127.0.0.1:{port}/0 (keys switchboard:<plugin>:<key>): NOT reachable now"
+            )),
+            "{line}"
+        );
+        assert!(!checked.out.contains("hunter22"), "{}", checked.out);
     }
 
     #[test]
