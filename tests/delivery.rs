@@ -109,8 +109,9 @@ impl Appliance {
     ) {
         let plugin = Arc::new(self.h.load(name, component, config, Limits::default()));
         let bus: Arc<dyn Bus> = Arc::new(self.bus.clone());
+        let metrics = switchboard::metrics::Metrics::new().plugin(name);
         self.workers
-            .push(PluginWorkers::start(bus, plugin, settings).unwrap());
+            .push(PluginWorkers::start(bus, plugin, settings, metrics).unwrap());
     }
 
     fn publish(&self, out: Outgoing) {

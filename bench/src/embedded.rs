@@ -79,10 +79,12 @@ fn throughput(
             concurrency,
             ..DispatchSettings::default()
         };
+        let metrics = switchboard::metrics::Metrics::new().plugin(plugin.name());
         workers.push(PluginWorkers::start(
             Arc::new(bus.clone()),
             plugin,
             settings,
+            metrics,
         )?);
     }
     let messages: Vec<Outgoing> = (0..n).map(|i| message(i, kind, data)).collect();

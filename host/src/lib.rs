@@ -35,6 +35,7 @@ pub mod config;
 pub mod dispatch;
 pub mod envelope;
 pub mod kv;
+pub mod metrics;
 pub mod route;
 pub mod runtime;
 pub mod watch;

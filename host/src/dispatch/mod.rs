@@ -37,6 +37,8 @@ use serde::Serialize;
 pub use backoff::Backoff;
 use dedupe::DedupeWindow;
 
+use crate::metrics::PluginMetrics;
+
 use crate::bus::{Bus, BusError, Delivery, FailureInfo, Outgoing, Settlement};
 use crate::envelope;
 use crate::runtime::{Failure, Plugin};
@@ -128,6 +130,7 @@ struct Shared {
     settings: ArcSwap<DispatchSettings>,
     dedupe: Option<DedupeWindow>,
     stats: Arc<DispatchStats>,
+    metrics: PluginMetrics,
     stop: AtomicBool,
 }
 
@@ -155,6 +158,7 @@ impl PluginWorkers {
         bus: Arc<dyn Bus>,
         plugin: Arc<Plugin>,
         settings: DispatchSettings,
+        metrics: PluginMetrics,
     ) -> Result<Self, BusError> {
         let name = plugin.name().to_string();
         let shared = Arc::new(Shared {
@@ -164,6 +168,7 @@ impl PluginWorkers {
             plugin: ArcSwap::new(plugin),
             settings: ArcSwap::from_pointee(settings.clone()),
             stats: Arc::default(),
+            metrics,
             stop: AtomicBool::new(false),
         });
         let mut threads = Vec::with_capacity(settings.concurrency);
@@ -299,7 +304,9 @@ impl Shared {
         let kind = kind.as_str();
         let info = self.failure_info(&delivery, plugin, kind, reason);
         let attempt = delivery.delivered.attempt;
+        self.metrics.failed(kind);
         let settlement = if retryable && attempt < settings.max_attempts {
+            self.metrics.retried.inc();
             tracing::debug!(plugin = %self.name, attempt, kind, reason = %info.reason, "event will be retried");
             Settlement::Retry {
                 delay: settings.backoff.delay(attempt),
@@ -315,6 +322,7 @@ impl Shared {
                 reason = %info.reason,
                 "event dead-lettered"
             );
+            self.metrics.dead_lettered(kind);
             Settlement::DeadLetter { failure: info }
         };
         self.settle(delivery, settlement);
@@ -325,6 +333,7 @@ impl Shared {
             self.stats.abandoned.fetch_add(1, Ordering::Relaxed);
             return;
         }
+        self.metrics.received.inc();
         let plugin = self.plugin.load_full();
         let settings = self.settings.load();
         let d = &delivery.delivered;
@@ -341,10 +350,9 @@ impl Shared {
                 );
             }
         };
-        // Debug level: at info, building this span for every event costs more
-        // than running a no-op plugin. Lines that matter at info and above
-        // (dead letters) carry the event's id and correlation id themselves.
-        let span = tracing::debug_span!(
+        // Every line logged while the event is handled, the plugin's own
+        // included, carries these fields (in JSON: `span`).
+        let span = tracing::info_span!(
             "event",
             plugin = %self.name,
             kind = %event.kind,
@@ -377,6 +385,7 @@ impl Shared {
             && !window.claim(&event.id)
         {
             self.stats.deduplicated.fetch_add(1, Ordering::Relaxed);
+            self.metrics.deduplicated.inc();
             return self.settle(delivery, Settlement::Ack);
         }
         // From here on, a failure gives up the claim (if a dedupe window made one).
@@ -385,7 +394,12 @@ impl Shared {
             ..unclaimed
         };
 
-        let outputs = match plugin.handle(&event) {
+        let started = std::time::Instant::now();
+        let handled = plugin.handle(&event);
+        self.metrics
+            .handler_seconds
+            .observe(started.elapsed().as_secs_f64());
+        let outputs = match handled {
             Ok(outputs) => outputs,
             Err(failure) => {
                 let failed = Failed {
@@ -423,6 +437,7 @@ impl Shared {
         }
         let published = batch.len() as u64;
         if batch.is_empty() {
+            self.metrics.succeeded.inc();
             return self.settle(delivery, Settlement::Ack);
         }
         // Not with a dedupe window: its claim must be given up if the outputs
@@ -436,6 +451,8 @@ impl Shared {
                 Ok(()) => {
                     self.stats.outputs.fetch_add(published, Ordering::Relaxed);
                     self.stats.handled.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.outputs.inc_by(published);
+                    self.metrics.succeeded.inc();
                     return;
                 }
                 Err(refused) => {
@@ -462,6 +479,8 @@ impl Shared {
             );
         }
         self.stats.outputs.fetch_add(published, Ordering::Relaxed);
+        self.metrics.outputs.inc_by(published);
+        self.metrics.succeeded.inc();
         self.settle(delivery, Settlement::Ack);
     }
 }

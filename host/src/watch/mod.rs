@@ -140,15 +140,20 @@ fn on_change(appliance: &Appliance, config_file: &Path, path: &Path) {
 fn reload_config(appliance: &Appliance, config_file: &Path) {
     match RouterConfig::load(config_file) {
         Ok(config) => match appliance.apply(config) {
-            Ok(()) => tracing::info!("router.toml applied"),
+            Ok(()) => {
+                tracing::info!("router.toml applied");
+                appliance.config_reloaded(true);
+            }
             Err(e) => {
                 tracing::error!(error = %format!("{e:#}"), "router.toml refused; the running configuration stays");
                 appliance.set_config_error(Some(format!("{e:#}")));
+                appliance.config_reloaded(false);
             }
         },
         Err(e) => {
             tracing::error!(error = %e, "router.toml refused; the running configuration stays");
             appliance.set_config_error(Some(e.to_string()));
+            appliance.config_reloaded(false);
         }
     }
 }

@@ -68,6 +68,8 @@ pub struct RabbitSettings {
     pub timeout: Duration,
     /// Where the declared bindings are recorded between runs.
     pub state_file: Option<PathBuf>,
+    /// Observes each batch's publish-to-confirm time, when metrics are kept.
+    pub confirm_seconds: Option<prometheus_client::metrics::histogram::Histogram>,
 }
 
 impl RabbitSettings {
@@ -82,6 +84,7 @@ impl RabbitSettings {
             unroutable: config.broker.unroutable,
             timeout: config.broker.timeout,
             state_file: Some(config.state_dir.join("broker-topology.json")),
+            confirm_seconds: None,
         })
     }
 }
@@ -602,8 +605,14 @@ async fn publish_confirmed(
 ) -> Result<Vec<bool>, BusError> {
     loop {
         let session = wait_session(inner, deadline).await?;
+        let started = Instant::now();
         match publish_on(&session, batch, deadline).await {
-            Ok(routed) => return Ok(routed),
+            Ok(routed) => {
+                if let Some(histogram) = &inner.settings.confirm_seconds {
+                    histogram.observe(started.elapsed().as_secs_f64());
+                }
+                return Ok(routed);
+            }
             Err(PublishError::Refused(why)) => return Err(BusError::Unavailable(why)),
             Err(PublishError::Lost(why)) => {
                 if Instant::now() >= deadline {
