@@ -34,6 +34,7 @@ use crate::config::{PluginSettings, RouterConfig};
 use crate::dispatch::{DispatchSettings, DispatchStats, PluginWorkers};
 use crate::envelope::{self, EnvelopeError};
 use crate::kv::KvStore;
+use crate::metrics::{LoadResult, Metrics, QueueFigures};
 use crate::route::Binding;
 use crate::runtime::{Limits, LoadError, Plugin, PluginSpec, Runtime};
 
@@ -200,6 +201,7 @@ struct Slot {
 
 struct Inner {
     runtime: Runtime,
+    metrics: Arc<Metrics>,
     kv: Arc<dyn KvStore>,
     bus: Transport,
     config: ArcSwap<RouterConfig>,
@@ -313,13 +315,18 @@ impl Appliance {
             .with_context(|| format!("cannot create {}", config.state_dir.display()))?;
         let runtime = Runtime::new(config.runtime_config())?;
         let kv = config.open_kv()?;
+        let metrics = Arc::new(Metrics::new());
         let bus = match RabbitSettings::from_config(&config) {
-            Some(settings) => Transport::Rabbit(RabbitBus::start(settings)?),
+            Some(mut settings) => {
+                settings.confirm_seconds = Some(metrics.confirm_seconds.clone());
+                Transport::Rabbit(RabbitBus::start(settings)?)
+            }
             None => Transport::Embedded(EmbeddedBus::new()),
         };
         let appliance = Self {
             inner: Arc::new(Inner {
                 runtime,
+                metrics,
                 kv,
                 bus,
                 config: ArcSwap::from_pointee(config.clone()),
@@ -412,6 +419,53 @@ impl Appliance {
         *lock(&self.inner.config_error) = error;
     }
 
+    /// The metrics, as `/metrics` serves them: counters as they stand, and the
+    /// bus and queue gauges read now (on RabbitMQ, from the broker).
+    pub fn metrics_text(&self) -> String {
+        let metrics = &self.inner.metrics;
+        match self.transport() {
+            Transport::Rabbit(rabbit) => {
+                let link = rabbit.status();
+                metrics.set_bus(link.connected && link.declared, link.reconnects);
+            }
+            Transport::Embedded(_) => metrics.set_bus(true, 0),
+        }
+        for status in self.statuses() {
+            let figures = if let Some(b) = &status.broker {
+                QueueFigures {
+                    messages: u64::from(b.messages),
+                    consumers: u64::from(b.consumers),
+                    waiting_retries: u64::from(b.waiting_retries),
+                    dead_letters: u64::from(b.dead_letters),
+                }
+            } else if let Some(q) = &status.queue {
+                let workers = lock(&self.inner.slots)
+                    .get(&status.name)
+                    .and_then(|s| s.workers.as_ref().map(|w| w.settings().concurrency))
+                    .unwrap_or(0);
+                QueueFigures {
+                    messages: q.depth as u64,
+                    consumers: workers as u64,
+                    waiting_retries: q.waiting_retries as u64,
+                    dead_letters: q.dead_letters as u64,
+                }
+            } else {
+                continue;
+            };
+            metrics.set_queue(&status.name, figures);
+        }
+        metrics.encode()
+    }
+
+    /// Records how a router.toml reload ended, for the metrics.
+    pub fn config_reloaded(&self, ok: bool) {
+        self.inner.metrics.config_reloaded(if ok {
+            LoadResult::ok
+        } else {
+            LoadResult::error
+        });
+    }
+
     /// Why the last configuration edit was refused, if it was.
     pub fn config_error(&self) -> Option<String> {
         lock(&self.inner.config_error).clone()
@@ -470,6 +524,7 @@ impl Appliance {
         match self.load(&slot.settings) {
             Ok(plugin) => {
                 tracing::info!(plugin = %name, version = plugin.version(), "plugin loaded");
+                self.inner.metrics.plugin_loaded(&name, LoadResult::ok);
                 slot.error = None;
                 slot.loaded_at = Some(envelope::now_rfc3339());
                 slot.loads += 1;
@@ -484,6 +539,7 @@ impl Appliance {
                     tracing::warn!(plugin = %name, file = %slot.settings.wasm.display(), "plugin file not found; waiting for it");
                 } else {
                     tracing::error!(plugin = %name, error = %e, "plugin not loaded");
+                    self.inner.metrics.plugin_loaded(&name, LoadResult::error);
                 }
                 slot.error = Some(e.to_string());
                 if slot.workers.is_none() {
@@ -499,7 +555,8 @@ impl Appliance {
 
     fn start_workers(&self, slot: &mut Slot, plugin: Arc<Plugin>) {
         let bus = self.inner.bus.bus();
-        match PluginWorkers::start(bus, plugin, dispatch_settings(&slot.settings)) {
+        let metrics = self.inner.metrics.plugin(&slot.settings.name);
+        match PluginWorkers::start(bus, plugin, dispatch_settings(&slot.settings), metrics) {
             Ok(workers) => {
                 slot.workers = Some(workers);
                 slot.state = PluginState::Serving;
@@ -633,10 +690,28 @@ impl Appliance {
         body: &[u8],
         content_type: Option<&str>,
     ) -> Result<String, IngressError> {
+        self.ingress_with(exchange, routing_key, body, content_type, &[])
+    }
+
+    /// [`Appliance::ingress`] with message headers, e.g. the request's W3C
+    /// `traceparent` and `tracestate`, which then flow on to every output.
+    pub fn ingress_with(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        content_type: Option<&str>,
+        headers: &[(String, String)],
+    ) -> Result<String, IngressError> {
         if !self.inner.accepting.load(Ordering::SeqCst) {
             return Err(IngressError::Closed);
         }
-        let (message, id) = envelope::ingress_message(routing_key, body, content_type)?;
+        let (mut message, id) = envelope::ingress_message(routing_key, body, content_type)?;
+        for (name, value) in headers {
+            if !message.headers.iter().any(|(k, _)| k == name) {
+                message.headers.push((name.clone(), value.clone()));
+            }
+        }
         let out = Outgoing {
             exchange: exchange.into(),
             routing_key: routing_key.into(),
