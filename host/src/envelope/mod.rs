@@ -265,6 +265,11 @@ fn parse_hops(text: &str) -> Result<u32, EnvelopeError> {
         .map_err(|_| EnvelopeError::BadHops(text.into()))
 }
 
+/// W3C trace context headers: carried from an input to every output it causes
+/// (unless the output sets its own), so that a trace follows a flow through
+/// plugins and the broker.
+pub const TRACE_HEADERS: [&str; 2] = ["traceparent", "tracestate"];
+
 /// The message to publish for output `index` that `plugin` produced from `input`.
 ///
 /// Outputs are always published as seed envelopes (the body is the JSON of
@@ -273,8 +278,9 @@ fn parse_hops(text: &str) -> Result<u32, EnvelopeError> {
 /// `message_id`. Headers: `switchboard-hops` (the input's hops + 1),
 /// `switchboard-source` (the plugin), then the output's own headers, less any that
 /// the host owns or that would make the message look like a binary-mode CloudEvent
-/// (`cloudEvents_*`, `cloudEvents:*`). Where to publish (`output.exchange`) is the
-/// caller's business.
+/// (`cloudEvents_*`, `cloudEvents:*`), then the input's W3C `traceparent` and
+/// `tracestate` where the output did not set them. Where to publish
+/// (`output.exchange`) is the caller's business.
 pub fn encode_output(
     plugin: &str,
     input: &Event,
@@ -296,6 +302,14 @@ pub fn encode_output(
             })
             .cloned(),
     );
+    for name in TRACE_HEADERS {
+        if headers.iter().any(|(k, _)| k == name) {
+            continue;
+        }
+        if let Some((_, value)) = input.headers.iter().find(|(k, _)| k == name) {
+            headers.push((name.to_owned(), value.clone()));
+        }
+    }
     let message_id = envelope.id.clone();
     let body =
         serde_json::to_vec(&envelope).map_err(|e| EnvelopeError::Unserializable(e.to_string()))?;

@@ -609,6 +609,41 @@ fn encoded_output_decodes_back_with_host_fields() {
 }
 
 #[test]
+fn trace_context_flows_from_input_to_outputs() {
+    let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let input = decode(
+        "payments",
+        "payment.success",
+        &with_headers(
+            message(seed_body(), None),
+            &[("traceparent", parent), ("tracestate", "vendor=1")],
+        ),
+        1,
+    )
+    .unwrap();
+    let out = output("bill.paid", br#"{}"#, &[]);
+    let msg = encode_output("billing", &input, 0, &out).unwrap();
+    assert_eq!(msg.header("traceparent"), Some(parent));
+    assert_eq!(msg.header("tracestate"), Some("vendor=1"));
+    // Through a second plugin, still the same trace.
+    let next = decode("billing", "bill.paid", &msg, 1).unwrap();
+    let third = encode_output("notification", &next, 0, &out).unwrap();
+    assert_eq!(third.header("traceparent"), Some(parent));
+    // An output that sets its own (a new span) keeps it.
+    let own = "00-4bf92f3577b34da6a3ce929d0e0e4736-b7ad6b7169203331-01";
+    let out = output("bill.paid", br#"{}"#, &[("traceparent", own)]);
+    let msg = encode_output("billing", &input, 0, &out).unwrap();
+    assert_eq!(msg.header("traceparent"), Some(own));
+    assert_eq!(
+        msg.headers
+            .iter()
+            .filter(|(k, _)| k == "traceparent")
+            .count(),
+        1
+    );
+}
+
+#[test]
 fn outputs_of_cloudevents_and_raw_inputs_are_seed_envelopes() {
     let ce = decode(
         "e",

@@ -247,6 +247,7 @@ impl Runtime {
             name: name.as_str().into(),
             config: Arc::new(config),
             kv: KvState { store: kv },
+            log_limit: capability::logging::RateLimit::default(),
         });
         let plugin = Plugin::new(PluginParts {
             context,

@@ -16,6 +16,8 @@ pub(crate) struct PluginContext {
     pub(crate) name: Arc<str>,
     pub(crate) config: PluginConfig,
     pub(crate) kv: KvState,
+    /// How fast this plugin may log, across all its instances.
+    pub(crate) log_limit: super::capability::logging::RateLimit,
 }
 
 /// The data of one instance's `Store`.

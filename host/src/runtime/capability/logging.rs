@@ -1,13 +1,79 @@
-//! `logging.log`: a plugin's log lines go into the host's `tracing` output,
-//! tagged with the plugin and the event being handled. A guest cannot flood the
-//! log: lines are cut at [`MAX_LINE`] bytes and at most [`MAX_LINES_PER_EVENT`]
-//! are kept per event, with one warning saying how many were dropped.
+//! `logging.log`: a plugin's log lines go into the host's `tracing` output
+//! (target `plugin`), tagged with the plugin and the event being handled, inside
+//! the event's span (kind, id, correlation id, attempt). A guest cannot flood the
+//! log: lines are cut at [`MAX_LINE`] bytes, at most [`MAX_LINES_PER_EVENT`] are
+//! kept per event, and each plugin may log at most [`LINES_PER_SECOND`] lines a
+//! second on average (bursts of [`BURST`]), across all its instances; what is
+//! dropped is counted and reported in one warning per second at most.
+
+use std::sync::Mutex;
+use std::time::Instant;
 
 use crate::runtime::bindings::switchboard::plugin::logging::{Host, Level};
 use crate::runtime::store::InstanceState;
 
 pub(crate) const MAX_LINE: usize = 4096;
 pub(crate) const MAX_LINES_PER_EVENT: u32 = 100;
+/// Sustained log lines per second per plugin.
+pub(crate) const LINES_PER_SECOND: f64 = 200.0;
+/// Lines a plugin may log at once after a quiet spell.
+pub(crate) const BURST: f64 = 1000.0;
+
+/// A token bucket shared by a plugin's instances.
+#[derive(Debug)]
+pub(crate) struct RateLimit {
+    state: Mutex<Bucket>,
+}
+
+#[derive(Debug)]
+struct Bucket {
+    tokens: f64,
+    refilled: Instant,
+    dropped: u64,
+    warned: Option<Instant>,
+}
+
+impl Default for RateLimit {
+    fn default() -> Self {
+        Self {
+            state: Mutex::new(Bucket {
+                tokens: BURST,
+                refilled: Instant::now(),
+                dropped: 0,
+                warned: None,
+            }),
+        }
+    }
+}
+
+impl RateLimit {
+    /// Whether one more line may be logged now. When not, the line is counted;
+    /// the return value's second part is how many to report as dropped now
+    /// (at most once a second).
+    fn take(&self, now: Instant) -> (bool, Option<u64>) {
+        let mut b = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let elapsed = now.saturating_duration_since(b.refilled).as_secs_f64();
+        b.tokens = (b.tokens + elapsed * LINES_PER_SECOND).min(BURST);
+        b.refilled = now;
+        let allowed = b.tokens >= 1.0;
+        if allowed {
+            b.tokens -= 1.0;
+        } else {
+            b.dropped += 1;
+        }
+        let due = b.dropped > 0
+            && b.warned
+                .is_none_or(|at| now.saturating_duration_since(at).as_secs() >= 1);
+        let report = due.then(|| {
+            b.warned = Some(now);
+            std::mem::take(&mut b.dropped)
+        });
+        (allowed, report)
+    }
+}
 
 /// Per-call logging state.
 #[derive(Debug, Default)]
@@ -50,6 +116,17 @@ impl Host for InstanceState {
         }
         let plugin = &*self.plugin.name;
         let event_id = self.event_id.as_str();
+        let (allowed, dropped) = self.plugin.log_limit.take(Instant::now());
+        if let Some(dropped) = dropped {
+            tracing::warn!(
+                plugin,
+                dropped,
+                "plugin log lines dropped: over {LINES_PER_SECOND} lines a second"
+            );
+        }
+        if !allowed {
+            return;
+        }
         let message = truncate(&message);
         match level {
             Level::Trace => tracing::trace!(target: "plugin", plugin, event_id, "{message}"),
@@ -64,6 +141,29 @@ impl Host for InstanceState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_noisy_plugin_is_held_to_its_rate_and_told_once_a_second() {
+        let limit = RateLimit::default();
+        let start = Instant::now();
+        let taken: Vec<(bool, Option<u64>)> = (0..5000).map(|_| limit.take(start)).collect();
+        let allowed = taken.iter().filter(|(ok, _)| *ok).count();
+        assert_eq!(allowed, BURST as usize, "a burst, then nothing");
+        let reports: Vec<u64> = taken.iter().filter_map(|(_, r)| *r).collect();
+        assert_eq!(
+            reports,
+            [1],
+            "the first drop is reported at once, then quiet"
+        );
+        // A second later: refilled by the rate, and the rest reported once.
+        let later = start + std::time::Duration::from_secs(1);
+        let (ok, reported) = limit.take(later);
+        assert!(ok);
+        assert_eq!(reported, Some(3999));
+        let more = (0..1000).filter(|_| limit.take(later).0).count();
+        assert_eq!(more, LINES_PER_SECOND as usize - 1);
+        assert_eq!(limit.take(later).1, None, "at most one report a second");
+    }
 
     #[test]
     fn truncates_on_a_char_boundary() {
