@@ -24,6 +24,17 @@ impl Replica {
     /// component)`) into a new folder's `plugins/`, then starts the process
     /// there and waits until `/readyz` says it is ready.
     pub fn start(router_toml: &str, plugins: &[(&str, &str)]) -> Self {
+        Self::start_with(router_toml, plugins, &[], &[])
+    }
+
+    /// [`Replica::start`] with extra arguments to `switchboard run` and extra
+    /// environment variables.
+    pub fn start_with(
+        router_toml: &str,
+        plugins: &[(&str, &str)],
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("plugins")).unwrap();
         for (file, component) in plugins {
@@ -36,6 +47,8 @@ impl Replica {
             .arg("run")
             .arg("--config")
             .arg(dir.path().join("router.toml"))
+            .args(args)
+            .envs(env.iter().copied())
             .env("SWITCHBOARD_HTTP_LISTEN", format!("127.0.0.1:{port}"))
             .env_remove("RABBITMQ_URL")
             .env_remove("REDIS_URL")

@@ -101,6 +101,43 @@ impl Running {
         )
     }
 
+    /// Any request, with an optional bearer token and JSON body: (status, body
+    /// as text, and the `www-authenticate` header if any).
+    pub fn request(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&Value>,
+    ) -> (u16, String) {
+        let url = format!("{}{path}", self.url);
+        let auth = token.map(|t| format!("Bearer {t}"));
+        let mut response = match (method, body) {
+            ("GET", _) => {
+                let mut request = self.agent.get(&url);
+                if let Some(auth) = &auth {
+                    request = request.header("authorization", auth);
+                }
+                request.call().unwrap()
+            }
+            ("POST", body) => {
+                let mut request = self
+                    .agent
+                    .post(&url)
+                    .header("content-type", "application/json");
+                if let Some(auth) = &auth {
+                    request = request.header("authorization", auth);
+                }
+                request
+                    .send(body.map(Value::to_string).unwrap_or_default())
+                    .unwrap()
+            }
+            (other, _) => panic!("unsupported method {other}"),
+        };
+        let status = response.status().as_u16();
+        (status, response.body_mut().read_to_string().unwrap())
+    }
+
     /// GET a JSON endpoint.
     pub fn get(&self, path: &str) -> Value {
         let mut response = self

@@ -6,16 +6,26 @@
 //! | POST | `/events/{exchange}/{routing_key}` | publish an event (envelope, CloudEvent, or any JSON as data) → 202 `{"id"}`; 503 + `Retry-After` when a queue is full |
 //! | GET | `/events/stream?exchange=…&match=…` | server-sent events: every message published (ingress and outputs) matching the exchange and topic pattern |
 //! | GET | `/healthz` | the process is alive |
+//! | GET | `/metrics` | Prometheus metrics (OpenMetrics text) |
 //! | GET | `/readyz` | ready for traffic (503 while shutting down) |
 //! | GET | `/plugins` | each plugin's state, version, last load error, queue counters |
 //! | GET | `/dlq/{plugin}` | the plugin's dead letters with their reasons |
 //! | POST | `/dlq/{plugin}/redrive?limit=N` | move dead letters back to the plugin's queue |
+//! | GET | `/api/plugins` | each plugin: content hash, loaded at, routes, limits, status, last error |
+//! | GET | `/api/routes` | every route: exchange, kind, pattern, plugin |
+//! | GET | `/api/dlq/{plugin}?offset=&limit=` | a page of dead letters with their reasons |
+//! | POST | `/api/dlq/{plugin}/redrive?limit=N` | as `/dlq/{plugin}/redrive` |
+//! | POST | `/api/plugins/{name}/reload` | load the plugin's file again |
+//!
+//! With `[http] token`, ingress and every POST need `Authorization: Bearer
+//! <token>` (401 without); with `protect_reads` too, every GET but the probes.
 
 use std::convert::Infallible;
 
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -28,24 +38,48 @@ use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 
+mod api;
+mod auth;
+
 use crate::appliance::{Appliance, IngressError};
 use crate::bus::DeadLetter;
 use crate::route::TopicPattern;
 
 /// The router serving every endpoint.
 pub fn router(appliance: Appliance) -> Router {
-    Router::new()
+    // Changing something: the token, whenever one is configured.
+    let writes = Router::new()
         .route("/events/{exchange}/{routing_key}", post(ingress))
+        .route("/dlq/{plugin}/redrive", post(redrive))
+        .route("/api/dlq/{plugin}/redrive", post(redrive))
+        .route("/api/plugins/{name}/reload", post(api::reload))
+        .route_layer(middleware::from_fn_with_state(
+            appliance.clone(),
+            auth::require_for_writes,
+        ));
+    // Reading: the token when `protect_reads` says so.
+    let reads = Router::new()
         .route("/events/stream", get(stream))
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(ready))
+        .route("/metrics", get(metrics))
         .route("/plugins", get(plugins))
         .route("/dlq/{plugin}", get(dead_letters))
-        .route("/dlq/{plugin}/redrive", post(redrive))
+        .route("/api/plugins", get(api::plugins))
+        .route("/api/routes", get(api::routes))
+        .route("/api/dlq/{plugin}", get(api::dead_letters))
+        .route_layer(middleware::from_fn_with_state(
+            appliance.clone(),
+            auth::require_for_reads,
+        ));
+    // Probes: always open.
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(ready))
+        .merge(writes)
+        .merge(reads)
         .with_state(appliance)
 }
 
-fn error(status: StatusCode, message: impl std::fmt::Display) -> Response {
+pub(crate) fn error(status: StatusCode, message: impl std::fmt::Display) -> Response {
     (status, Json(json!({"error": message.to_string()}))).into_response()
 }
 
@@ -59,11 +93,26 @@ async fn ingress(
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok());
     let content_type = content_type.map(str::to_string);
+    // W3C trace context rides along as message headers, on to every output.
+    let trace: Vec<(String, String)> = crate::envelope::TRACE_HEADERS
+        .iter()
+        .filter_map(|name| {
+            let value = headers.get(*name)?.to_str().ok()?.trim();
+            (!value.is_empty() && value.len() <= 512)
+                .then(|| ((*name).to_string(), value.to_string()))
+        })
+        .collect();
     // On RabbitMQ an ingress waits for the broker's confirm: off the async threads.
     let accepted = {
         let appliance = appliance.clone();
         tokio::task::spawn_blocking(move || {
-            appliance.ingress(&exchange, &routing_key, &body, content_type.as_deref())
+            appliance.ingress_with(
+                &exchange,
+                &routing_key,
+                &body,
+                content_type.as_deref(),
+                &trace,
+            )
         })
         .await
     };
@@ -149,6 +198,14 @@ async fn ready(State(appliance): State<Appliance>) -> Response {
         Ok(Ok(())) => (StatusCode::OK, "ready").into_response(),
         Ok(Err(why)) => (StatusCode::SERVICE_UNAVAILABLE, format!("broker: {why}")).into_response(),
         Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "readiness check failed").into_response(),
+    }
+}
+
+async fn metrics(State(appliance): State<Appliance>) -> Response {
+    // Reading queue figures may ask the broker: off the async threads.
+    match tokio::task::spawn_blocking(move || appliance.metrics_text()).await {
+        Ok(text) => ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response(),
+        Err(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "the metrics task failed"),
     }
 }
 

@@ -7,6 +7,7 @@
 //!   the way the official RabbitMQ images and most platforms hand them out.
 //! - `REDIS_URL` replaces `[kv] url` (used with `[kv] backend = "redis"`).
 //! - `SWITCHBOARD_HTTP_LISTEN` replaces `[http] listen`.
+//! - `SWITCHBOARD_ADMIN_TOKEN` replaces `[http] token`.
 //!
 //! An empty variable counts as unset. A malformed one is reported by `validate`,
 //! naming the variable.
@@ -50,6 +51,9 @@ impl RouterConfig {
             && self.kv.backend == super::KvBackend::Redis
         {
             self.kv.url = Some(Secret::new(url.trim()));
+        }
+        if let Some(token) = var("SWITCHBOARD_ADMIN_TOKEN") {
+            self.http.token = Some(Secret::new(token.trim()));
         }
         if let Some(listen) = var("SWITCHBOARD_HTTP_LISTEN") {
             match listen.trim().parse() {

@@ -205,12 +205,22 @@ pub struct HttpConfig {
     /// Address to listen on. Overridden by `SWITCHBOARD_HTTP_LISTEN`; use
     /// `0.0.0.0:8080` in a container.
     pub listen: SocketAddr,
+    /// Bearer token for the admin API: with one, ingress and every endpoint that
+    /// changes something (re-drive, reload) answer 401 without
+    /// `Authorization: Bearer <token>`. Overridden by `SWITCHBOARD_ADMIN_TOKEN`;
+    /// keep it there. Applies on reload.
+    pub token: Option<Secret>,
+    /// With a token: also require it to read (plugins, routes, dead letters,
+    /// the event stream, metrics). `/healthz` and `/readyz` stay open for probes.
+    pub protect_reads: bool,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 8080)),
+            token: None,
+            protect_reads: false,
         }
     }
 }
@@ -474,8 +484,8 @@ impl RouterConfig {
         if self.kv != next.kv {
             changed.push("[kv]");
         }
-        if self.http != next.http {
-            changed.push("[http]");
+        if self.http.listen != next.http.listen {
+            changed.push("[http] listen");
         }
         if self.runtime != next.runtime {
             changed.push("[runtime]");

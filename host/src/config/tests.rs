@@ -545,3 +545,31 @@ fn a_reload_names_the_settings_that_need_a_restart() {
             .unwrap();
     assert_eq!(running.restart_only_changes(&moved), ["[broker]", "[kv]"]);
 }
+
+#[test]
+fn the_admin_token_comes_from_the_environment_and_must_be_long_enough() {
+    let mut config = parse("").unwrap();
+    config.apply_env(env(&[("SWITCHBOARD_ADMIN_TOKEN", "0123456789abcdef0123")]));
+    assert_eq!(
+        config.http.token.as_ref().unwrap().expose(),
+        "0123456789abcdef0123"
+    );
+    assert!(config.validate().is_ok());
+    assert!(
+        !format!("{config:?}").contains("0123456789abcdef0123"),
+        "never printed"
+    );
+
+    let errors = problems("[http]\ntoken = \"short\"\n");
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(
+        errors[0].starts_with("http.token: must be at least 16"),
+        "{errors:?}"
+    );
+    assert!(!errors[0].contains("short\""), "{errors:?}");
+    let errors = problems("[http]\nprotect_reads = true\n");
+    assert!(
+        errors[0].starts_with("http.protect_reads: needs a token"),
+        "{errors:?}"
+    );
+}

@@ -123,6 +123,18 @@ impl RouterConfig {
             e.push(format!("broker.prefix: {why}"));
         }
         self.validate_kv(e);
+        if let Some(token) = &self.http.token
+            && token.expose().trim().len() < 16
+        {
+            e.push(
+                "http.token: must be at least 16 characters (e.g. `openssl rand -hex 32`)".into(),
+            );
+        }
+        if self.http.protect_reads && self.http.token.is_none() {
+            e.push(
+                "http.protect_reads: needs a token (http.token or SWITCHBOARD_ADMIN_TOKEN)".into(),
+            );
+        }
         if self.runtime.max_instances < 1 {
             e.push("runtime.max_instances: must be at least 1, got 0".into());
         }

@@ -1,0 +1,189 @@
+//! `/api/*`: the admin API, in JSON, for people and tools that run the router.
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::error;
+use crate::appliance::Appliance;
+use crate::bus::DeadLetter;
+use crate::config::{RouterConfig, duration_text};
+
+/// The routes to `plugin`, as `{exchange, pattern}`.
+fn routes_of(config: &RouterConfig, plugin: &str) -> Vec<Value> {
+    config
+        .routes
+        .iter()
+        .filter(|r| r.plugin == plugin)
+        .flat_map(|r| {
+            r.patterns
+                .iter()
+                .map(|p| json!({"exchange": r.exchange, "pattern": p}))
+        })
+        .collect()
+}
+
+/// `GET /api/plugins`: every configured plugin, with what an operator asks
+/// first: which version serves since when, what reaches it, its limits, how it
+/// is doing and why it last failed to load.
+pub(super) async fn plugins(State(appliance): State<Appliance>) -> Response {
+    let listed = tokio::task::spawn_blocking(move || {
+        let config = appliance.config();
+        appliance
+            .statuses()
+            .into_iter()
+            .map(|status| {
+                let settings = config.plugin_settings(&status.name);
+                let limits = settings.as_ref().map(|s| {
+                    json!({
+                        "timeout": duration_text(s.timeout),
+                        "memory_bytes": s.memory.as_u64(),
+                        "instance_reuse": s.instance_reuse,
+                        "concurrency": s.concurrency,
+                        "prefetch": s.prefetch,
+                        "max_attempts": s.max_attempts,
+                        "max_hops": s.max_hops,
+                        "queue_capacity": s.queue_capacity,
+                        "ordered": s.ordered,
+                    })
+                });
+                json!({
+                    "name": status.name,
+                    "file": status.file,
+                    "content_hash": status.version,
+                    "loaded_at": status.loaded_at,
+                    "loads": status.loads,
+                    "status": status.state,
+                    "last_error": status.error,
+                    "routes": routes_of(&config, &status.name),
+                    "output_exchange": settings.as_ref().and_then(|s| s.output_exchange.clone()),
+                    "limits": limits,
+                    "queue": status.queue,
+                    "broker": status.broker,
+                    "dispatch": status.dispatch,
+                })
+            })
+            .collect::<Vec<Value>>()
+    })
+    .await;
+    match listed {
+        Ok(list) => Json(list).into_response(),
+        Err(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "the status task failed"),
+    }
+}
+
+/// `GET /api/routes`: every (exchange, pattern) → plugin binding.
+pub(super) async fn routes(State(appliance): State<Appliance>) -> Response {
+    let config = appliance.config();
+    let list: Vec<Value> = config
+        .routes
+        .iter()
+        .flat_map(|r| {
+            let kind = config.exchange(&r.exchange).map(|e| e.kind);
+            let enabled = config.plugins.get(&r.plugin).is_some_and(|p| p.enabled);
+            r.patterns.iter().map(move |p| {
+                json!({
+                    "exchange": r.exchange,
+                    "kind": kind,
+                    "pattern": p,
+                    "plugin": r.plugin,
+                    "enabled": enabled,
+                })
+            })
+        })
+        .collect();
+    Json(list).into_response()
+}
+
+#[derive(Debug, Deserialize)]
+pub(super) struct Page {
+    offset: Option<usize>,
+    limit: Option<usize>,
+}
+
+/// Most dead letters one page holds.
+const MAX_PAGE: usize = 1000;
+
+/// `GET /api/dlq/{plugin}?offset=&limit=`: a page of dead letters, oldest
+/// first, each with its reason, attempts and the plugin version that failed.
+pub(super) async fn dead_letters(
+    State(appliance): State<Appliance>,
+    Path(plugin): Path<String>,
+    Query(page): Query<Page>,
+) -> Response {
+    if !appliance.config().plugins.contains_key(&plugin) {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("no plugin {plugin:?} is configured"),
+        );
+    }
+    let offset = page.offset.unwrap_or(0);
+    let limit = page.limit.unwrap_or(100).clamp(1, MAX_PAGE);
+    let transport = appliance.transport().clone();
+    let name = plugin.clone();
+    let letters = tokio::task::spawn_blocking(move || {
+        transport.dead_letters(&name, offset.saturating_add(limit))
+    })
+    .await;
+    match letters {
+        Ok(Ok(letters)) => {
+            let items: Vec<Value> = letters
+                .iter()
+                .skip(offset)
+                .map(DeadLetter::to_json)
+                .collect();
+            let next = (items.len() == limit).then_some(offset + limit);
+            Json(json!({
+                "plugin": plugin,
+                "offset": offset,
+                "limit": limit,
+                "items": items,
+                "next_offset": next,
+            }))
+            .into_response()
+        }
+        Ok(Err(e)) => error(StatusCode::SERVICE_UNAVAILABLE, e),
+        Err(_) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the dead-letter task failed",
+        ),
+    }
+}
+
+/// `POST /api/plugins/{name}/reload`: load the plugin's file again. A version
+/// that does not load is refused (422) and the running one keeps serving.
+pub(super) async fn reload(
+    State(appliance): State<Appliance>,
+    Path(name): Path<String>,
+) -> Response {
+    if !appliance.config().plugins.contains_key(&name) {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("no plugin {name:?} is configured"),
+        );
+    }
+    let done = {
+        let appliance = appliance.clone();
+        let name = name.clone();
+        tokio::task::spawn_blocking(move || appliance.reload_plugin(&name)).await
+    };
+    match done {
+        Ok(Ok(())) => {
+            let status = appliance.statuses().into_iter().find(|s| s.name == name);
+            Json(json!({
+                "plugin": name,
+                "content_hash": status.as_ref().and_then(|s| s.version.clone()),
+                "loaded_at": status.and_then(|s| s.loaded_at),
+            }))
+            .into_response()
+        }
+        Ok(Err(why)) => error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("{why}; the running version keeps serving"),
+        ),
+        Err(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "the reload task failed"),
+    }
+}

@@ -1,0 +1,65 @@
+//! The admin token: `Authorization: Bearer <token>` when `[http] token` (or
+//! `SWITCHBOARD_ADMIN_TOKEN`) is set. Read from the running configuration on
+//! every request, so a reload that rotates the token applies at once.
+
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::Response;
+
+use crate::appliance::Appliance;
+
+/// Whether `request` carries the configured token (true when none is configured).
+fn authorized(appliance: &Appliance, request: &Request) -> bool {
+    let config = appliance.config();
+    let Some(token) = &config.http.token else {
+        return true;
+    };
+    let given = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    given.is_some_and(|given| {
+        constant_time_eq::constant_time_eq(given.as_bytes(), token.expose().trim().as_bytes())
+    })
+}
+
+fn unauthorized() -> Response {
+    let mut response = super::error(
+        StatusCode::UNAUTHORIZED,
+        "this endpoint needs the admin token: Authorization: Bearer <token>",
+    );
+    response.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Bearer realm=\"switchboard\""),
+    );
+    response
+}
+
+/// Ingress and everything that changes state.
+pub(super) async fn require_for_writes(
+    State(appliance): State<Appliance>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if authorized(&appliance, &request) {
+        next.run(request).await
+    } else {
+        unauthorized()
+    }
+}
+
+/// Reads, when `[http] protect_reads` is on.
+pub(super) async fn require_for_reads(
+    State(appliance): State<Appliance>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if !appliance.config().http.protect_reads || authorized(&appliance, &request) {
+        next.run(request).await
+    } else {
+        unauthorized()
+    }
+}
