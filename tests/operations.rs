@@ -376,6 +376,12 @@ plugin = "notification"
                "data": {"bill_id": "b-1", "amount": 10, "currency": "EUR",
                         "customer": {"email": "ada@example.com"}}}),
     );
+    // The bill first, so that the payment is handled at its first attempt.
+    let until = Instant::now() + Duration::from_secs(20);
+    while replica.dispatch("billing")["handled"].as_u64().unwrap_or(0) < 1 {
+        assert!(Instant::now() < until, "bill.created never handled:\n{}", replica.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
     post(
         "payment.success",
         json!({"id": "p-1", "type": "payment.success", "source": "tests", "correlation_id": "flow-42",
@@ -427,4 +433,89 @@ plugin = "notification"
             .any(|l| l["span"]["id"] == "p-1" && l["span"]["attempt"] == 1),
         "{log}"
     );
+}
+
+#[test]
+fn metrics_on_rabbitmq_read_the_broker() {
+    use switchboard_tests::broker::{Amqp, Confirmed, Publish, TestVhost, require_broker};
+    if !require_broker() {
+        return;
+    }
+    let vhost = TestVhost::new("metrics");
+    let r = start(
+        &format!(
+            r##"
+plugins_dir = "plugins"
+state_dir = "state"
+[broker]
+url = "{}"
+[defaults]
+concurrency = 2
+max_attempts = 2
+[defaults.backoff]
+initial = "100ms"
+max = "100ms"
+jitter = 0.0
+[[exchanges]]
+name = "events"
+[plugins.worker]
+[[routes]]
+exchange = "events"
+patterns = ["emit", "reject"]
+plugin = "worker"
+"##,
+            vhost.url()
+        ),
+        &[("worker.wasm", "scripted_guest")],
+    );
+    let amqp = Amqp::connect(&vhost.url()).unwrap();
+    for i in 0..10 {
+        let kind = if i < 8 { "emit" } else { "reject" };
+        let body = envelope(&format!("m-{i}"), kind, json!({"count": 1}));
+        assert_eq!(
+            amqp.publish(&Publish::json("events", kind, &body)),
+            Confirmed::Routed
+        );
+    }
+    r.wait_for("the events to be settled", |r| {
+        let m = samples(&r.request("GET", "/metrics", None, None).1);
+        sample(&m, "switchboard_events_succeeded_total{plugin=\"worker\"}") == 8.0
+            && sample(&m, "switchboard_queue_dead_letters{plugin=\"worker\"}") == 2.0
+    });
+    let (_, text) = r.request("GET", "/metrics", None, None);
+    let m = samples(&text);
+    assert_eq!(sample(&m, "switchboard_bus_connected"), 1.0, "{text}");
+    assert_eq!(sample(&m, "switchboard_bus_reconnects_total"), 0.0);
+    // One consumer per plugin per replica, whatever the concurrency.
+    assert_eq!(
+        sample(&m, "switchboard_queue_consumers{plugin=\"worker\"}"),
+        1.0
+    );
+    assert_eq!(
+        sample(&m, "switchboard_queue_messages{plugin=\"worker\"}"),
+        0.0
+    );
+    assert_eq!(
+        sample(
+            &m,
+            "switchboard_events_dead_lettered_total{plugin=\"worker\",reason=\"reject\"}"
+        ),
+        2.0
+    );
+    // Every output and every dead letter waited for a broker confirm.
+    assert!(
+        sample(&m, "switchboard_bus_confirm_duration_seconds_count") >= 10.0,
+        "{text}"
+    );
+    assert_eq!(
+        sample(&m, "switchboard_outputs_published_total{plugin=\"worker\"}"),
+        8.0
+    );
+
+    vhost.close_all_connections("metrics test");
+    r.wait_for("the reconnect to show", |r| {
+        let m = samples(&r.request("GET", "/metrics", None, None).1);
+        sample(&m, "switchboard_bus_reconnects_total") >= 1.0
+            && sample(&m, "switchboard_bus_connected") == 1.0
+    });
 }
