@@ -580,6 +580,7 @@ impl Appliance {
     /// A plugin left the configuration: its routes are already unbound; let its
     /// queue drain, then stop its workers and delete the queue.
     fn retire(&self, name: String, slot: Slot) {
+        self.inner.metrics.remove_queue(&name);
         let bus = self.inner.bus.clone();
         let workers = slot.workers;
         let spawned = std::thread::Builder::new().name(format!("retire-{name}")).spawn(move || {
