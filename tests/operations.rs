@@ -379,7 +379,11 @@ plugin = "notification"
     // The bill first, so that the payment is handled at its first attempt.
     let until = Instant::now() + Duration::from_secs(20);
     while replica.dispatch("billing")["handled"].as_u64().unwrap_or(0) < 1 {
-        assert!(Instant::now() < until, "bill.created never handled:\n{}", replica.log());
+        assert!(
+            Instant::now() < until,
+            "bill.created never handled:\n{}",
+            replica.log()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     post(
