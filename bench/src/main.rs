@@ -318,10 +318,12 @@ enum Bench {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    // Log as `switchboard run` does (info level, every event in a span), into a
-    // sink: what logging costs is part of what is measured.
+    // Log as `switchboard run` does (info level unless SWITCHBOARD_LOG says
+    // otherwise; every event in a span), into a sink: what logging costs is part
+    // of what is measured.
+    let filter = std::env::var("SWITCHBOARD_LOG").unwrap_or_else(|_| "info".into());
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
         .with_writer(std::io::sink)
         .init();
     match cli.command {
