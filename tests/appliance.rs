@@ -276,6 +276,60 @@ fn a_route_added_to_router_toml_applies_live_and_a_bad_edit_is_refused() {
     assert_eq!(counters(&r, "worker").1, 2);
 }
 
+/// A Kubernetes ConfigMap volume: `router.toml` → `..data/router.toml`, `..data`
+/// → a timestamped folder; an update writes a new folder, swaps `..data` by a
+/// rename and deletes the old folder. The router must follow.
+#[test]
+fn a_configmap_style_symlink_swap_reloads_router_toml() {
+    use std::os::unix::fs::symlink;
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path();
+    std::fs::create_dir_all(dir.join("plugins")).unwrap();
+    std::fs::copy(wasm("scripted_guest"), dir.join("plugins/worker.wasm")).unwrap();
+    let first = "..2026_11_22_19_00_00.1";
+    std::fs::create_dir(dir.join(first)).unwrap();
+    std::fs::write(
+        dir.join(first).join("router.toml"),
+        worker_config("", &["echo"]),
+    )
+    .unwrap();
+    symlink(first, dir.join("..data")).unwrap();
+    symlink("..data/router.toml", dir.join("router.toml")).unwrap();
+    let r = start_in(dir);
+    assert_eq!(r.appliance.config().routes.len(), 1);
+
+    let second = "..2026_11_22_19_05_00.2";
+    std::fs::create_dir(dir.join(second)).unwrap();
+    std::fs::write(
+        dir.join(second).join("router.toml"),
+        worker_config("", &["echo", "late.*"]),
+    )
+    .unwrap();
+    symlink(second, dir.join("..data_tmp")).unwrap();
+    std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
+    std::fs::remove_dir_all(dir.join(first)).unwrap();
+    r.wait_for("the updated routes", |r| {
+        r.appliance.config().routes.len() == 2
+    });
+    assert_eq!(r.appliance.config_error(), None);
+
+    // And the next update too (the watch did not die with the first folder).
+    let third = "..2026_11_22_19_10_00.3";
+    std::fs::create_dir(dir.join(third)).unwrap();
+    std::fs::write(
+        dir.join(third).join("router.toml"),
+        worker_config("", &["echo", "late.*", "later.*"]),
+    )
+    .unwrap();
+    symlink(third, dir.join("..data_tmp")).unwrap();
+    std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
+    std::fs::remove_dir_all(dir.join(second)).unwrap();
+    r.wait_for("the second update", |r| {
+        r.appliance.config().routes.len() == 3
+    });
+    drop(r);
+}
+
 #[test]
 fn a_plugin_starts_when_its_file_arrives() {
     let r = start(&worker_config("", &["echo"]), &[]);

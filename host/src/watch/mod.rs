@@ -10,8 +10,11 @@
 //!   applied live, an invalid one is refused and the running configuration
 //!   stays.
 //!
-//! Only changes count: reads (a load opens the file it loads) are ignored, and a
-//! `.wasm` whose content is the version already serving is not reloaded.
+//! Only changes count: reads (a load opens the file it loads) are ignored, a
+//! `.wasm` whose content is the version already serving is not reloaded, and
+//! `router.toml` is reloaded when its content changes, however that happens: an
+//! editor's rename, or Kubernetes swapping a ConfigMap volume's `..data`
+//! symlink (the folder is watched as named, not where its symlinks lead).
 //!
 //! The watcher stops when the returned [`Watcher`] is dropped.
 
@@ -47,7 +50,10 @@ fn canonical(path: &Path) -> PathBuf {
 /// Starts watching `config_path` (its folder, since editors replace files by
 /// renaming) and the configured plugins folder.
 pub fn start(appliance: Appliance, config_path: &Path) -> anyhow::Result<Watcher> {
-    let config_file = canonical(config_path);
+    // As named: a ConfigMap's router.toml is a symlink into a folder that the
+    // next update deletes, so neither the file nor its target may be watched.
+    let config_file =
+        std::path::absolute(config_path).unwrap_or_else(|_| config_path.to_path_buf());
     let config_dir = config_file
         .parent()
         .map(Path::to_path_buf)
@@ -78,7 +84,7 @@ pub fn start(appliance: Appliance, config_path: &Path) -> anyhow::Result<Watcher
     // Dropping the watcher drops the sender, which ends this thread.
     std::thread::Builder::new()
         .name("switchboard-watch".into())
-        .spawn(move || debounce(&rx, &appliance, &config_file))
+        .spawn(move || debounce(&rx, &appliance, &config_file, &config_dir))
         .context("cannot start the watcher thread")?;
     tracing::info!(config = %config_path.display(), plugins = %plugins_dir.display(), "watching for changes");
     Ok(Watcher { _watcher: watcher })
@@ -86,7 +92,13 @@ pub fn start(appliance: Appliance, config_path: &Path) -> anyhow::Result<Watcher
 
 /// Collects changed paths until the file system has been quiet for
 /// [`DEBOUNCE`], then applies them.
-fn debounce(rx: &crossbeam_channel::Receiver<PathBuf>, appliance: &Appliance, config_file: &Path) {
+fn debounce(
+    rx: &crossbeam_channel::Receiver<PathBuf>,
+    appliance: &Appliance,
+    config_file: &Path,
+    config_dir: &Path,
+) {
+    let mut config_seen = content_hash(config_file);
     while let Ok(first) = rx.recv() {
         let mut paths = BTreeSet::from([first]);
         loop {
@@ -98,18 +110,32 @@ fn debounce(rx: &crossbeam_channel::Receiver<PathBuf>, appliance: &Appliance, co
                 Err(RecvTimeoutError::Disconnected) => return,
             }
         }
+        // Anything in the config's folder may be the config changing (a rename,
+        // a symlink swap): reload when its content did.
+        if paths.iter().any(|p| p.parent() == Some(config_dir)) {
+            let now = content_hash(config_file);
+            if now != config_seen {
+                config_seen = now;
+                reload_config(appliance, config_file);
+            }
+        }
         for path in paths {
-            on_change(appliance, config_file, &path);
+            on_change(appliance, &path);
         }
     }
 }
 
-fn on_change(appliance: &Appliance, config_file: &Path, path: &Path) {
+/// A hash of the file's content as a read sees it (through symlinks); `None`
+/// when it cannot be read.
+fn content_hash(path: &Path) -> Option<[u8; 32]> {
+    use sha2::Digest as _;
+    std::fs::read(path)
+        .ok()
+        .map(|bytes| sha2::Sha256::digest(&bytes).into())
+}
+
+fn on_change(appliance: &Appliance, path: &Path) {
     let path = canonical(path);
-    if path == config_file {
-        reload_config(appliance, config_file);
-        return;
-    }
     if path.extension().is_none_or(|e| e != "wasm") {
         return;
     }
