@@ -59,6 +59,9 @@ pub fn start(appliance: Appliance, config_path: &Path) -> anyhow::Result<Watcher
         .map(Path::to_path_buf)
         .unwrap_or_default();
     let plugins_dir = canonical(&appliance.config().plugins_dir);
+    // What the running configuration was read from, taken before anything is
+    // watched: a change from here on is a change.
+    let config_seen = content_hash(&config_file);
     let (tx, rx) = crossbeam_channel::unbounded::<PathBuf>();
     let mut watcher =
         notify::recommended_watcher(move |result: notify::Result<notify::Event>| match result {
@@ -84,7 +87,7 @@ pub fn start(appliance: Appliance, config_path: &Path) -> anyhow::Result<Watcher
     // Dropping the watcher drops the sender, which ends this thread.
     std::thread::Builder::new()
         .name("switchboard-watch".into())
-        .spawn(move || debounce(&rx, &appliance, &config_file, &config_dir))
+        .spawn(move || debounce(&rx, &appliance, &config_file, &config_dir, config_seen))
         .context("cannot start the watcher thread")?;
     tracing::info!(config = %config_path.display(), plugins = %plugins_dir.display(), "watching for changes");
     Ok(Watcher { _watcher: watcher })
@@ -97,8 +100,8 @@ fn debounce(
     appliance: &Appliance,
     config_file: &Path,
     config_dir: &Path,
+    mut config_seen: Option<[u8; 32]>,
 ) {
-    let mut config_seen = content_hash(config_file);
     while let Ok(first) = rx.recv() {
         let mut paths = BTreeSet::from([first]);
         loop {
