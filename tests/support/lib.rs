@@ -102,3 +102,17 @@ pub fn event(id: &str, kind: &str, data: Value) -> Event {
 pub fn data(output: &switchboard::runtime::Output) -> Value {
     serde_json::from_slice(&output.data).unwrap()
 }
+
+/// Asks `child` to stop as a service manager would (SIGTERM), waits up to
+/// `grace` for it to exit, then kills it.
+pub fn terminate(child: &mut std::process::Child, grace: std::time::Duration) {
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let until = std::time::Instant::now() + grace;
+    while child.try_wait().ok().flatten().is_none() && std::time::Instant::now() < until {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}

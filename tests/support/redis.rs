@@ -154,10 +154,7 @@ impl ThrowawayRedis {
     /// and waits until it has.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &child.id().to_string()])
-                .status();
-            let _ = child.wait();
+            crate::terminate(&mut child, Duration::from_secs(30));
         }
     }
 

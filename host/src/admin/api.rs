@@ -7,7 +7,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::error;
+use super::{error, fetch_dead_letters};
 use crate::appliance::Appliance;
 use crate::bus::DeadLetter;
 use crate::config::{RouterConfig, duration_text};
@@ -114,43 +114,27 @@ pub(super) async fn dead_letters(
     Path(plugin): Path<String>,
     Query(page): Query<Page>,
 ) -> Response {
-    if !appliance.config().plugins.contains_key(&plugin) {
-        return error(
-            StatusCode::NOT_FOUND,
-            format!("no plugin {plugin:?} is configured"),
-        );
-    }
     let offset = page.offset.unwrap_or(0);
     let limit = page.limit.unwrap_or(100).clamp(1, MAX_PAGE);
-    let transport = appliance.transport().clone();
-    let name = plugin.clone();
-    let letters = tokio::task::spawn_blocking(move || {
-        transport.dead_letters(&name, offset.saturating_add(limit))
-    })
-    .await;
-    match letters {
-        Ok(Ok(letters)) => {
-            let items: Vec<Value> = letters
-                .iter()
-                .skip(offset)
-                .map(DeadLetter::to_json)
-                .collect();
-            let next = (items.len() == limit).then_some(offset + limit);
-            Json(json!({
-                "plugin": plugin,
-                "offset": offset,
-                "limit": limit,
-                "items": items,
-                "next_offset": next,
-            }))
-            .into_response()
-        }
-        Ok(Err(e)) => error(StatusCode::SERVICE_UNAVAILABLE, e),
-        Err(_) => error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "the dead-letter task failed",
-        ),
-    }
+    let letters = match fetch_dead_letters(&appliance, &plugin, offset.saturating_add(limit)).await
+    {
+        Ok(letters) => letters,
+        Err(response) => return response,
+    };
+    let items: Vec<Value> = letters
+        .iter()
+        .skip(offset)
+        .map(DeadLetter::to_json)
+        .collect();
+    let next = (items.len() == limit).then_some(offset + limit);
+    Json(json!({
+        "plugin": plugin,
+        "offset": offset,
+        "limit": limit,
+        "items": items,
+        "next_offset": next,
+    }))
+    .into_response()
 }
 
 /// `POST /api/plugins/{name}/reload`: load the plugin's file again. A version

@@ -221,33 +221,45 @@ struct DeadLetterQuery {
     limit: Option<usize>,
 }
 
+/// The first `count` dead letters of a configured plugin, read off the async
+/// threads (on RabbitMQ it asks the broker); `Err` is the response to give.
+pub(crate) async fn fetch_dead_letters(
+    appliance: &Appliance,
+    plugin: &str,
+    count: usize,
+) -> Result<Vec<DeadLetter>, Response> {
+    if !appliance.config().plugins.contains_key(plugin) {
+        return Err(error(
+            StatusCode::NOT_FOUND,
+            format!("no plugin {plugin:?} is configured"),
+        ));
+    }
+    let transport = appliance.transport().clone();
+    let plugin = plugin.to_string();
+    match tokio::task::spawn_blocking(move || transport.dead_letters(&plugin, count)).await {
+        Ok(Ok(letters)) => Ok(letters),
+        Ok(Err(e)) => Err(error(StatusCode::SERVICE_UNAVAILABLE, e)),
+        Err(_) => Err(error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the dead-letter task failed",
+        )),
+    }
+}
+
 async fn dead_letters(
     State(appliance): State<Appliance>,
     Path(plugin): Path<String>,
     Query(query): Query<DeadLetterQuery>,
 ) -> Response {
-    if !appliance.config().plugins.contains_key(&plugin) {
-        return error(
-            StatusCode::NOT_FOUND,
-            format!("no plugin {plugin:?} is configured"),
-        );
-    }
-    let limit = query.limit.unwrap_or(1000);
-    let transport = appliance.transport().clone();
-    let letters = tokio::task::spawn_blocking(move || transport.dead_letters(&plugin, limit)).await;
-    match letters {
-        Ok(Ok(letters)) => Json(
+    match fetch_dead_letters(&appliance, &plugin, query.limit.unwrap_or(1000)).await {
+        Ok(letters) => Json(
             letters
                 .iter()
                 .map(DeadLetter::to_json)
                 .collect::<Vec<Value>>(),
         )
         .into_response(),
-        Ok(Err(e)) => error(StatusCode::SERVICE_UNAVAILABLE, e),
-        Err(_) => error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "the dead-letter task failed",
-        ),
+        Err(response) => response,
     }
 }
 
