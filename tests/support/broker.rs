@@ -608,48 +608,46 @@ impl Amqp {
 
     /// Publishes `message` and waits for the broker's confirm.
     pub fn publish(&self, message: &Publish) -> Confirmed {
-        let mut properties = BasicProperties::default().with_delivery_mode(2);
-        if let Some(content_type) = &message.content_type {
-            properties = properties.with_content_type(content_type.as_str().into());
-        }
-        if let Some(id) = &message.message_id {
-            properties = properties.with_message_id(id.as_str().into());
-        }
-        if !message.headers.is_empty() {
-            let mut headers = FieldTable::default();
-            for (name, value) in &message.headers {
-                headers.insert(
-                    name.as_str().into(),
-                    AMQPValue::LongString(value.as_str().into()),
-                );
+        self.publish_all(std::slice::from_ref(message))[0]
+    }
+
+    /// Publishes every message, then waits for all the broker's confirms (one
+    /// round trip's wait for the lot): what each one came to, in order.
+    pub fn publish_all(&self, messages: &[Publish]) -> Vec<Confirmed> {
+        let what = format!("publishing {} messages", messages.len());
+        let confirmations = self.block_on(&what, async {
+            let mut pending = Vec::with_capacity(messages.len());
+            for message in messages {
+                let confirm = self
+                    .channel
+                    .basic_publish(
+                        message.exchange.as_str().into(),
+                        message.routing_key.as_str().into(),
+                        BasicPublishOptions {
+                            mandatory: true,
+                            ..BasicPublishOptions::default()
+                        },
+                        &message.body,
+                        properties(message),
+                    )
+                    .await?;
+                pending.push(confirm);
             }
-            properties = properties.with_headers(headers);
-        }
-        let what = format!(
-            "publishing to {} / {}",
-            message.exchange, message.routing_key
-        );
-        let confirmation = self.block_on(&what, async {
-            self.channel
-                .basic_publish(
-                    message.exchange.as_str().into(),
-                    message.routing_key.as_str().into(),
-                    BasicPublishOptions {
-                        mandatory: true,
-                        ..BasicPublishOptions::default()
-                    },
-                    &message.body,
-                    properties,
-                )
-                .await?
-                .await
+            let mut confirmations = Vec::with_capacity(pending.len());
+            for confirm in pending {
+                confirmations.push(confirm.await?);
+            }
+            Ok(confirmations)
         });
-        match confirmation {
-            Confirmation::Ack(None) => Confirmed::Routed,
-            Confirmation::Ack(Some(_)) => Confirmed::Unroutable,
-            Confirmation::Nack(_) => Confirmed::Nacked,
-            Confirmation::NotRequested => unreachable!("the channel is in confirm mode"),
-        }
+        confirmations
+            .into_iter()
+            .map(|confirmation| match confirmation {
+                Confirmation::Ack(None) => Confirmed::Routed,
+                Confirmation::Ack(Some(_)) => Confirmed::Unroutable,
+                Confirmation::Nack(_) => Confirmed::Nacked,
+                Confirmation::NotRequested => unreachable!("the channel is in confirm mode"),
+            })
+            .collect()
     }
 
     /// Takes (and acknowledges) messages from `queue` until there are `count`
@@ -740,6 +738,28 @@ fn is_not_found(error: &lapin::Error) -> bool {
         lapin::ErrorKind::ProtocolError(e)
             if *e.kind() == AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND)
     )
+}
+
+/// A message's AMQP properties: persistent, with what [`Publish`] sets.
+fn properties(message: &Publish) -> BasicProperties {
+    let mut properties = BasicProperties::default().with_delivery_mode(2);
+    if let Some(content_type) = &message.content_type {
+        properties = properties.with_content_type(content_type.as_str().into());
+    }
+    if let Some(id) = &message.message_id {
+        properties = properties.with_message_id(id.as_str().into());
+    }
+    if !message.headers.is_empty() {
+        let mut headers = FieldTable::default();
+        for (name, value) in &message.headers {
+            headers.insert(
+                name.as_str().into(),
+                AMQPValue::LongString(value.as_str().into()),
+            );
+        }
+        properties = properties.with_headers(headers);
+    }
+    properties
 }
 
 fn received_from(delivery: lapin::message::Delivery) -> Received {

@@ -4,6 +4,7 @@
 //! Components are built by `make test` (`cargo build --target wasm32-wasip2`)
 //! before the suite runs; a missing one fails the test with that instruction.
 
+pub mod account;
 pub mod broker;
 pub mod process;
 pub mod redis;
@@ -115,4 +116,29 @@ pub fn terminate(child: &mut std::process::Child, grace: std::time::Duration) {
     }
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// `component` with a custom section appended: the same code, other bytes (a
+/// new content hash, so a new version to the watcher and the cache).
+pub fn with_custom_section(component: &[u8], name: &str, payload: &[u8]) -> Vec<u8> {
+    fn leb128(mut n: usize, out: &mut Vec<u8>) {
+        loop {
+            let byte = (n & 0x7f) as u8;
+            n >>= 7;
+            if n == 0 {
+                out.push(byte);
+                return;
+            }
+            out.push(byte | 0x80);
+        }
+    }
+    let mut content = Vec::new();
+    leb128(name.len(), &mut content);
+    content.extend_from_slice(name.as_bytes());
+    content.extend_from_slice(payload);
+    let mut bytes = component.to_vec();
+    bytes.push(0); // custom section id
+    leb128(content.len(), &mut bytes);
+    bytes.extend_from_slice(&content);
+    bytes
 }

@@ -17,6 +17,9 @@ pub struct Replica {
     /// Its HTTP interface, `http://127.0.0.1:<port>`.
     pub url: String,
     dir: tempfile::TempDir,
+    port: u16,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
 }
 
 impl Replica {
@@ -42,36 +45,85 @@ impl Replica {
         }
         std::fs::write(dir.path().join("router.toml"), router_toml).unwrap();
         let port = free_port();
-        let log = std::fs::File::create(dir.path().join("switchboard.log")).unwrap();
+        let mut replica = Self {
+            child: None,
+            url: format!("http://127.0.0.1:{port}"),
+            dir,
+            port,
+            args: args.iter().map(ToString::to_string).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
+                .collect(),
+        };
+        replica.spawn();
+        replica.wait_ready(Duration::from_secs(60));
+        replica
+    }
+
+    /// Starts `switchboard run` in this replica's folder, appending to its log.
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .unwrap();
         let child = Command::new(crate::target_dir().join("release/switchboard"))
             .arg("run")
             .arg("--config")
-            .arg(dir.path().join("router.toml"))
-            .args(args)
-            .envs(env.iter().copied())
-            .env("SWITCHBOARD_HTTP_LISTEN", format!("127.0.0.1:{port}"))
+            .arg(self.dir.path().join("router.toml"))
+            .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .env(
+                "SWITCHBOARD_HTTP_LISTEN",
+                format!("127.0.0.1:{}", self.port),
+            )
             .env_remove("RABBITMQ_URL")
             .env_remove("REDIS_URL")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .unwrap();
-        let replica = Self {
-            child: Some(child),
-            url: format!("http://127.0.0.1:{port}"),
-            dir,
-        };
-        replica.wait_ready(Duration::from_secs(60));
-        replica
+        self.child = Some(child);
+    }
+
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// The folder it runs in (`router.toml`, `plugins/`, `state/`).
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
+    /// `kill -9`: no drain, no goodbye to the broker.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the process again in the same folder, on the same port (after
+    /// [`Replica::kill`] or [`Replica::stop`]), and waits until it is ready.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "stop or kill the replica first");
+        self.spawn();
+        self.wait_ready(Duration::from_secs(60));
+    }
+
+    /// Whether `/readyz` answers 200.
+    pub fn is_ready(&self) -> bool {
+        ureq::get(format!("{}/readyz", self.url))
+            .call()
+            .is_ok_and(|r| r.status() == 200)
     }
 
     fn wait_ready(&self, timeout: Duration) {
         let until = Instant::now() + timeout;
         loop {
-            let ready = ureq::get(format!("{}/readyz", self.url))
-                .call()
-                .is_ok_and(|r| r.status() == 200);
-            if ready {
+            if self.is_ready() {
                 return;
             }
             assert!(
@@ -87,6 +139,15 @@ impl Replica {
     pub fn get(&self, path: &str) -> Value {
         let mut response = ureq::get(format!("{}{path}", self.url)).call().unwrap();
         serde_json::from_reader(response.body_mut().as_reader()).unwrap()
+    }
+
+    /// `plugin`'s entry in `/api/plugins` (content hash, loads, status, ...).
+    pub fn plugin(&self, plugin: &str) -> Value {
+        let plugins = self.get("/api/plugins");
+        let list = plugins.as_array().cloned().unwrap_or_default();
+        list.into_iter()
+            .find(|p| p["name"] == plugin)
+            .unwrap_or(Value::Null)
     }
 
     /// What this process's workers did with `plugin`'s events (`/plugins`).
