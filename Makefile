@@ -4,7 +4,7 @@
 CARGO   ?= cargo
 WASM    := wasm32-wasip2
 PLUGINS := notification billing analytics
-GUESTS  := scripted-guest noop-guest wrong-world-guest contract-0-1-0-guest tally-guest
+GUESTS  := scripted-guest noop-guest wrong-world-guest contract-0-1-0-guest tally-guest trap-guest
 OUT     := target/$(WASM)/release
 
 .PHONY: run test lint fmt plugins guests wasm-target bench bench-broker bench-kv clean

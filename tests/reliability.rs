@@ -445,3 +445,127 @@ fn a_hundred_hot_swaps_under_load_lose_nothing_on_the_embedded_bus() {
     account.assert_complete(0);
     assert_eq!(account.dead_lettered, 0, "{account}");
 }
+
+/// `EMBEDDED` with the worker's cool-down and retries short enough for a test.
+fn embedded_with_cooldown() -> String {
+    EMBEDDED.replace(
+        "[plugins.worker]\n",
+        "[plugins.worker]\nmax_attempts = 3\n\
+         cooldown = { after = 3, initial = \"200ms\", max = \"1s\" }\n",
+    )
+}
+
+#[test]
+fn bad_reloads_under_load_leave_the_old_version_serving_and_lose_nothing() {
+    let r = start(
+        &embedded_with_cooldown(),
+        &[
+            ("worker.wasm", "scripted_guest"),
+            ("tally.wasm", "tally_guest"),
+        ],
+    );
+    let good = std::fs::read(wasm("scripted_guest")).unwrap();
+    let serving = r.status("worker").version.unwrap();
+    let mut ledger = Ledger::new();
+    let mut ids = Vec::new();
+    let mut next = 0;
+    let mut send = |r: &Running, ledger: &mut Ledger, count: usize| {
+        for _ in 0..count {
+            let id = format!("b-{next}");
+            next += 1;
+            assert!(ingress(r, &id), "the queue is large enough");
+            ledger.published(id.clone());
+            ids.push(id);
+        }
+    };
+
+    // Files that cannot be a new version: refused, the old one keeps serving.
+    let wrong_world = std::fs::read(wasm("wrong_world_guest")).unwrap();
+    let refused: [(&str, &[u8], &str); 3] = [
+        (
+            "garbage",
+            b"\x00asm garbage, not a component",
+            "invalid component",
+        ),
+        ("truncated", &good[..good.len() / 2], "invalid component"),
+        ("wrong world", &wrong_world, "does not implement"),
+    ];
+    for (what, bytes, expected) in refused {
+        send(&r, &mut ledger, 100);
+        r.write_plugin("worker.wasm", bytes);
+        r.wait_for(what, |r| r.status("worker").error.is_some());
+        let status = r.status("worker");
+        let error = status.error.unwrap();
+        eprintln!("refused {what}: {error}");
+        assert!(error.contains(expected), "{what}: {error}");
+        assert_eq!(status.version.as_deref(), Some(serving.as_str()), "{what}");
+        send(&r, &mut ledger, 100);
+        r.write_plugin("worker.wasm", &good);
+        r.wait_for("the error to clear", |r| r.status("worker").error.is_none());
+    }
+
+    // An invalid router.toml: refused, the running config stays.
+    let config = std::fs::read_to_string(r.dir.join("router.toml")).unwrap();
+    for (what, text) in [
+        ("a syntax error", format!("{config}\n[[routes]\n")),
+        (
+            "an unknown plugin",
+            format!(
+                "{config}\n[[routes]]\nexchange = \"events\"\npattern = \"x\"\nplugin = \"ghost\"\n"
+            ),
+        ),
+    ] {
+        send(&r, &mut ledger, 100);
+        r.write_config(&text);
+        r.wait_for(what, |r| r.appliance.config_error().is_some());
+        eprintln!(
+            "refused router.toml with {what}: {}",
+            r.appliance.config_error().unwrap()
+        );
+        send(&r, &mut ledger, 100);
+        r.write_config(&config);
+        r.wait_for("the error to clear", |r| {
+            r.appliance.config_error().is_none()
+        });
+    }
+    r.wait_idle();
+
+    // A release that loads but traps on every event: the cool-down pauses it,
+    // its events wait in the queue, and rolling back handles them.
+    let trap = std::fs::read(wasm("trap_guest")).unwrap();
+    r.write_plugin("worker.wasm", &trap);
+    r.wait_for("the broken release to serve", |r| {
+        r.status("worker").version.as_deref() != Some(serving.as_str())
+    });
+    send(&r, &mut ledger, 300);
+    r.wait_for("the cool-down", |r| {
+        r.status("worker")
+            .dispatch
+            .is_some_and(|d| d.paused.load(Ordering::Relaxed))
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let pauses = r
+        .status("worker")
+        .dispatch
+        .map_or(0, |d| d.pauses.load(Ordering::Relaxed));
+    r.write_plugin("worker.wasm", &good);
+    r.wait_for("the rollback", |r| {
+        r.status("worker").version.as_deref() == Some(serving.as_str())
+    });
+    r.wait_idle();
+    dead_letters(&r, &mut ledger);
+    let (_, dir) = r.stop_and_keep(Duration::from_secs(10));
+    tally(&mut ledger, &dir.path().join("state"), &ids);
+    let account = ledger.account();
+    report(
+        "embedded bad reloads",
+        &account,
+        &format!("{pauses} cool-down pauses while the trapping release served for 2 s"),
+    );
+    account.assert_complete(0);
+    assert!(pauses >= 1);
+    // Only the attempts the cool-down let through can have used up an event's
+    // retries: most of the 300 waited for the rollback.
+    assert!(account.dead_lettered <= 30, "{account}");
+    assert!(account.reasons.keys().all(|k| k == "trap"), "{account}");
+}

@@ -21,6 +21,7 @@ use switchboard::runtime::{
 
 mod broker;
 mod embedded;
+mod hostile;
 mod kv;
 
 const ROUNDS: usize = 7;
@@ -311,6 +312,8 @@ enum Bench {
     Broker(broker::BrokerArgs),
     /// One kv call's cost, embedded store vs Redis, side by side.
     Kv(kv::KvArgs),
+    /// A healthy plugin's throughput alone and beside each hostile plugin.
+    Hostile(hostile::HostileArgs),
     /// The raw lapin consumer of `broker`, run as its child process.
     #[command(hide = true)]
     RawPassthrough(broker::RawArgs),
@@ -332,6 +335,7 @@ fn main() -> anyhow::Result<()> {
         Some(Bench::Broker(args)) => broker::run(args),
         Some(Bench::RawPassthrough(args)) => broker::raw_passthrough(args),
         Some(Bench::Kv(args)) => kv::run(&args),
+        Some(Bench::Hostile(args)) => hostile::run_all(&args),
         None => {
             runtime_bench()?;
             embedded::run()

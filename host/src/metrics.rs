@@ -81,6 +81,10 @@ pub struct PluginMetrics {
     pub deduplicated: Counter,
     pub outputs: Counter,
     pub handler_seconds: Histogram,
+    /// Cool-down pauses begun.
+    pub pauses: Counter,
+    /// 1 while the plugin is paused.
+    pub paused: Gauge,
     failed: Family<ReasonLabels, Counter>,
     dead_lettered: Family<ReasonLabels, Counter>,
 }
@@ -128,6 +132,8 @@ pub struct Metrics {
     deduplicated: Family<PluginLabel, Counter>,
     outputs: Family<PluginLabel, Counter>,
     handler_seconds: Histograms,
+    pauses: Family<PluginLabel, Counter>,
+    paused: Family<PluginLabel, Gauge>,
     /// Publish-to-confirm time of each batch published to the broker.
     pub confirm_seconds: Histogram,
     bus_connected: Gauge,
@@ -158,6 +164,8 @@ impl Metrics {
         let deduplicated = Family::default();
         let outputs = Family::default();
         let handler_seconds: Histograms = Family::new_with_constructor(handler_histogram);
+        let pauses = Family::default();
+        let paused = Family::default();
         let confirm_seconds = confirm_histogram();
         let bus_connected = Gauge::default();
         let bus_reconnects = Counter::default();
@@ -210,6 +218,16 @@ impl Metrics {
             "Time spent in a plugin's handler per event",
             Unit::Seconds,
             handler_seconds.clone(),
+        );
+        r.register(
+            "plugin_pauses",
+            "Cool-down pauses begun: the plugin kept breaking its sandbox",
+            pauses.clone(),
+        );
+        r.register(
+            "plugin_paused",
+            "1 while the plugin is paused by its cool-down",
+            paused.clone(),
         );
         r.register_with_unit(
             "bus_confirm_duration",
@@ -272,6 +290,8 @@ impl Metrics {
             deduplicated,
             outputs,
             handler_seconds,
+            pauses,
+            paused,
             confirm_seconds,
             bus_connected,
             bus_reconnects,
@@ -298,6 +318,8 @@ impl Metrics {
             deduplicated: self.deduplicated.get_or_create(&label).clone(),
             outputs: self.outputs.get_or_create(&label).clone(),
             handler_seconds: self.handler_seconds.get_or_create(&label).clone(),
+            pauses: self.pauses.get_or_create(&label).clone(),
+            paused: self.paused.get_or_create(&label).clone(),
             failed: self.failed.clone(),
             dead_lettered: self.dead_lettered.clone(),
         }

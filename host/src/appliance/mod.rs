@@ -282,6 +282,7 @@ fn dispatch_settings(s: &PluginSettings) -> DispatchSettings {
         concurrency: usize::from(s.concurrency.max(1)),
         max_attempts: s.max_attempts,
         backoff: s.backoff.clone(),
+        cooldown: s.cooldown.clone(),
         max_hops: s.max_hops,
         output_exchange: s.output_exchange.clone(),
         dedupe: s.dedupe,

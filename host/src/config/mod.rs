@@ -32,7 +32,7 @@ use serde::Deserialize;
 
 use crate::runtime::RuntimeConfig;
 
-pub use plugin::{Backoff, PluginConfig, PluginDefaults, PluginSettings};
+pub use plugin::{Backoff, Cooldown, PluginConfig, PluginDefaults, PluginSettings};
 pub use secret::Secret;
 pub use units::{duration_text, size_text};
 pub use validate::{MAX_EXCHANGE_NAME, MAX_PLUGIN_NAME, check_exchange_name, check_plugin_name};

@@ -41,6 +41,8 @@ pub struct PluginDefaults {
     pub queue_capacity: usize,
     /// Delays between attempts.
     pub backoff: Backoff,
+    /// Pausing a plugin whose events keep breaking its sandbox.
+    pub cooldown: Cooldown,
 }
 
 impl Default for PluginDefaults {
@@ -55,6 +57,37 @@ impl Default for PluginDefaults {
             max_hops: 10,
             queue_capacity: 10_000,
             backoff: Backoff::default(),
+            cooldown: Cooldown::default(),
+        }
+    }
+}
+
+/// `cooldown`: after `after` events in a row broke the plugin's sandbox
+/// (timeout, out of memory, stack overflow, trap, panic), or after one timeout,
+/// the plugin's workers stop taking events for `initial`; then one event probes it. A probe that
+/// breaks again doubles the pause, up to `max`; any other outcome ends the
+/// cool-down. Paused events wait in the plugin's queue: nothing is lost, and a
+/// broken plugin neither burns CPU that healthy plugins need nor burns its
+/// events into the dead-letter queue.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Cooldown {
+    /// Broken events in a row that pause the plugin; 0 never pauses it.
+    pub after: u32,
+    /// The first pause (`"1s"`).
+    #[serde(deserialize_with = "units::duration")]
+    pub initial: Duration,
+    /// The longest pause (`"1m"`); at least `initial`, at most 1h.
+    #[serde(deserialize_with = "units::duration")]
+    pub max: Duration,
+}
+
+impl Default for Cooldown {
+    fn default() -> Self {
+        Self {
+            after: 3,
+            initial: Duration::from_secs(1),
+            max: Duration::from_secs(60),
         }
     }
 }
@@ -133,6 +166,8 @@ pub struct PluginConfig {
     /// Replaces `[defaults.backoff]` as a whole: fields this table leaves out take
     /// the built-in defaults, not those of `[defaults.backoff]`.
     pub backoff: Option<Backoff>,
+    /// Replaces `[defaults.cooldown]` as a whole, like `backoff`.
+    pub cooldown: Option<Cooldown>,
 }
 
 impl Default for PluginConfig {
@@ -153,6 +188,7 @@ impl Default for PluginConfig {
             max_hops: None,
             queue_capacity: None,
             backoff: None,
+            cooldown: None,
         }
     }
 }
@@ -193,6 +229,8 @@ pub struct PluginSettings {
     pub queue_capacity: usize,
     /// Delays between attempts.
     pub backoff: Backoff,
+    /// Pausing the plugin when its events keep breaking its sandbox.
+    pub cooldown: Cooldown,
 }
 
 impl PluginSettings {
@@ -231,6 +269,10 @@ impl PluginSettings {
                 .backoff
                 .clone()
                 .unwrap_or_else(|| defaults.backoff.clone()),
+            cooldown: plugin
+                .cooldown
+                .clone()
+                .unwrap_or_else(|| defaults.cooldown.clone()),
         }
     }
 

@@ -573,3 +573,36 @@ fn the_admin_token_comes_from_the_environment_and_must_be_long_enough() {
         "{errors:?}"
     );
 }
+
+#[test]
+fn cooldown_defaults_overrides_and_limits() {
+    let config = parse(
+        "[defaults.cooldown]\nafter = 5\n\
+         [plugins.billing]\n[plugins.ledger]\ncooldown = { initial = \"2s\", max = \"10s\" }\n",
+    )
+    .unwrap();
+    let billing = config.plugin_settings("billing").unwrap();
+    assert_eq!(billing.cooldown.after, 5);
+    assert_eq!(billing.cooldown.initial, Duration::from_secs(1));
+    let ledger = config.plugin_settings("ledger").unwrap();
+    // A plugin's table replaces the defaults' as a whole, like `backoff`.
+    assert_eq!(ledger.cooldown.after, 3);
+    assert_eq!(
+        (ledger.cooldown.initial, ledger.cooldown.max),
+        (Duration::from_secs(2), Duration::from_secs(10))
+    );
+    let errors = parse(
+        "[defaults.cooldown]\ninitial = \"2m\"\nmax = \"1m\"\n\
+         [plugins.a.cooldown]\nmax = \"2h\"\n",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        errors.contains("defaults.cooldown: initial (2m) is longer than max (1m)"),
+        "{errors}"
+    );
+    assert!(
+        errors.contains("plugins.a.cooldown.max: must be between"),
+        "{errors}"
+    );
+}

@@ -10,7 +10,7 @@ use std::time::Duration;
 use bytesize::ByteSize;
 
 use super::units::{duration_text, size_text};
-use super::{Backoff, KvBackend, PluginConfig, PluginDefaults, RouterConfig};
+use super::{Backoff, Cooldown, KvBackend, PluginConfig, PluginDefaults, RouterConfig};
 
 /// Longest plugin name: it is part of queue names and key-value namespaces.
 pub const MAX_PLUGIN_NAME: usize = 64;
@@ -313,6 +313,7 @@ fn check_defaults(e: &mut Vec<String>, d: &PluginDefaults) {
         u64::try_from(d.queue_capacity).unwrap_or(u64::MAX),
     );
     check_backoff(e, "defaults.backoff", &d.backoff);
+    check_cooldown(e, "defaults.cooldown", &d.cooldown);
 }
 
 /// The overrides a plugin sets; what it inherits was checked in `[defaults]`.
@@ -349,6 +350,9 @@ fn check_plugin(e: &mut Vec<String>, key: &str, p: &PluginConfig) {
     if let Some(b) = &p.backoff {
         check_backoff(e, &k("backoff"), b);
     }
+    if let Some(c) = &p.cooldown {
+        check_cooldown(e, &k("cooldown"), c);
+    }
     if p.dedupe == Some(Duration::ZERO) {
         e.push(format!(
             "{}: must be longer than 0 (leave it out for no deduplication)",
@@ -359,6 +363,29 @@ fn check_plugin(e: &mut Vec<String>, key: &str, p: &PluginConfig) {
         && file.as_os_str().is_empty()
     {
         e.push(format!("{}: empty path", k("file")));
+    }
+}
+
+/// Longest cool-down pause.
+const MAX_COOLDOWN: Duration = Duration::from_secs(3600);
+/// Shortest cool-down pause (the workers look at it every few milliseconds).
+const MIN_COOLDOWN: Duration = Duration::from_millis(10);
+
+fn check_cooldown(e: &mut Vec<String>, key: &str, c: &Cooldown) {
+    duration_range(
+        e,
+        &format!("{key}.initial"),
+        c.initial,
+        MIN_COOLDOWN,
+        MAX_COOLDOWN,
+    );
+    duration_range(e, &format!("{key}.max"), c.max, MIN_COOLDOWN, MAX_COOLDOWN);
+    if c.initial > c.max {
+        e.push(format!(
+            "{key}: initial ({}) is longer than max ({})",
+            duration_text(c.initial),
+            duration_text(c.max)
+        ));
     }
 }
 

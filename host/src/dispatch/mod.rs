@@ -16,6 +16,9 @@
 //!    transient, else dead-letter with kind, reason, attempts, plugin version and
 //!    first-failure time.
 //!
+//! A plugin whose events keep breaking its sandbox is paused ([`cooldown`]):
+//! its workers take nothing until a probe event shows it works again.
+//!
 //! Workers are OS threads (guest code is CPU work; a hand-off per event to a
 //! blocking pool would cost more than the no-op plugin itself). A worker group
 //! lives as long as its plugin is configured; stopping it leaves undelivered
@@ -23,18 +26,21 @@
 //! an event already started finishes on the version it started with.
 
 mod backoff;
+pub mod cooldown;
 mod dedupe;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use crossbeam_channel::RecvTimeoutError;
 use serde::Serialize;
 
 pub use backoff::Backoff;
+pub use cooldown::Cooldown;
+use cooldown::{Admit, Breaker, Outcome};
 use dedupe::DedupeWindow;
 
 use crate::metrics::PluginMetrics;
@@ -61,6 +67,8 @@ pub struct DispatchSettings {
     /// How long publishing outputs may wait for room or confirms before the
     /// input is retried instead.
     pub publish_timeout: Duration,
+    /// When to pause a plugin whose events keep breaking its sandbox.
+    pub cooldown: Cooldown,
 }
 
 impl Default for DispatchSettings {
@@ -73,6 +81,7 @@ impl Default for DispatchSettings {
             output_exchange: None,
             dedupe: None,
             publish_timeout: Duration::from_secs(5),
+            cooldown: Cooldown::default(),
         }
     }
 }
@@ -95,6 +104,10 @@ pub struct DispatchStats {
     /// Deliveries skipped because their broker channel had closed (the broker
     /// had already put them back in the queue).
     pub abandoned: AtomicU64,
+    /// Cool-down pauses begun (see [`cooldown`]).
+    pub pauses: AtomicU64,
+    /// Whether the plugin is paused now.
+    pub paused: AtomicBool,
 }
 
 /// A failed delivery: what kind of failure, why, and whether a retry may help.
@@ -131,6 +144,7 @@ struct Shared {
     dedupe: Option<DedupeWindow>,
     stats: Arc<DispatchStats>,
     metrics: PluginMetrics,
+    breaker: Breaker,
     stop: AtomicBool,
 }
 
@@ -169,6 +183,7 @@ impl PluginWorkers {
             settings: ArcSwap::from_pointee(settings.clone()),
             stats: Arc::default(),
             metrics,
+            breaker: Breaker::default(),
             stop: AtomicBool::new(false),
         });
         let mut threads = Vec::with_capacity(settings.concurrency);
@@ -233,14 +248,51 @@ impl PluginWorkers {
 impl Shared {
     fn run(&self, mut rx: crossbeam_channel::Receiver<Delivery>) {
         while !self.stop.load(Ordering::Relaxed) {
-            match rx.recv_timeout(Duration::from_millis(50)) {
+            let cooldown = self.settings.load().cooldown.clone();
+            let probe = match self.breaker.admit(&cooldown, Instant::now()) {
+                Admit::Go => false,
+                Admit::Probe => true,
+                Admit::Wait(pause) => {
+                    // In short steps, so that a stop is not kept waiting.
+                    std::thread::sleep(pause.min(Duration::from_millis(50)));
+                    continue;
+                }
+            };
+            let outcome = match rx.recv_timeout(Duration::from_millis(50)) {
                 Ok(delivery) => self.process(delivery),
-                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Timeout) => Outcome::Neutral,
                 // The queue was replaced (resized) or deleted: follow it or end.
-                Err(RecvTimeoutError::Disconnected) => match self.bus.consume(&self.name) {
-                    Ok(next) => rx = next,
-                    Err(_) => std::thread::sleep(Duration::from_millis(50)),
-                },
+                Err(RecvTimeoutError::Disconnected) => {
+                    match self.bus.consume(&self.name) {
+                        Ok(next) => rx = next,
+                        Err(_) => std::thread::sleep(Duration::from_millis(50)),
+                    }
+                    Outcome::Neutral
+                }
+            };
+            self.cool_down(&cooldown, outcome, probe);
+        }
+    }
+
+    /// Tells the breaker how an event went; pauses the plugin when it trips.
+    fn cool_down(&self, cooldown: &Cooldown, outcome: Outcome, probe: bool) {
+        let now = Instant::now();
+        if let Some(paused) = self.breaker.record(cooldown, outcome, probe, now) {
+            self.stats.pauses.fetch_add(1, Ordering::Relaxed);
+            self.metrics.pauses.inc();
+            tracing::warn!(
+                plugin = %self.name,
+                broken_in_a_row = paused.broken_in_a_row,
+                pause_ms = u64::try_from(paused.pause.as_millis()).unwrap_or(u64::MAX),
+                "plugin keeps breaking its sandbox (timeout, memory, stack, trap or panic); \
+                 its events wait in its queue until a probe event succeeds"
+            );
+        }
+        let paused = self.breaker.is_paused(now);
+        if self.stats.paused.swap(paused, Ordering::Relaxed) != paused {
+            self.metrics.paused.set(i64::from(paused));
+            if !paused && outcome == Outcome::Fine {
+                tracing::info!(plugin = %self.name, "plugin works again; cool-down over");
             }
         }
     }
@@ -328,10 +380,11 @@ impl Shared {
         self.settle(delivery, settlement);
     }
 
-    fn process(&self, delivery: Delivery) {
+    /// Handles one delivery; says whether the plugin ran, and if it broke.
+    fn process(&self, delivery: Delivery) -> Outcome {
         if !delivery.is_live() {
             self.stats.abandoned.fetch_add(1, Ordering::Relaxed);
-            return;
+            return Outcome::Neutral;
         }
         self.metrics.received.inc();
         let plugin = self.plugin.load_full();
@@ -341,13 +394,14 @@ impl Shared {
             Ok(event) => event,
             Err(e) => {
                 let reason = format!("cannot decode the message: {e}");
-                return self.fail(
+                self.fail(
                     delivery,
                     &plugin,
                     &settings,
                     Concerning::default(),
                     Failed::permanent("undecodable", reason),
                 );
+                return Outcome::Neutral;
             }
         };
         // Every line logged while the event is handled, the plugin's own
@@ -373,20 +427,22 @@ impl Shared {
                 "the event has passed through {hops} plugins (max_hops = {})",
                 settings.max_hops
             );
-            return self.fail(
+            self.fail(
                 delivery,
                 &plugin,
                 &settings,
                 unclaimed,
                 Failed::permanent("loop", reason),
             );
+            return Outcome::Neutral;
         }
         if let Some(window) = &self.dedupe
             && !window.claim(&event.id)
         {
             self.stats.deduplicated.fetch_add(1, Ordering::Relaxed);
             self.metrics.deduplicated.inc();
-            return self.settle(delivery, Settlement::Ack);
+            self.settle(delivery, Settlement::Ack);
+            return Outcome::Neutral;
         }
         // From here on, a failure gives up the claim (if a dedupe window made one).
         let concerning = || Concerning {
@@ -407,7 +463,12 @@ impl Shared {
                     reason: failure.reason().into(),
                     retryable: failure.is_retryable(),
                 };
-                return self.fail(delivery, &plugin, &settings, concerning(), failed);
+                self.fail(delivery, &plugin, &settings, concerning(), failed);
+                return match failure.kind() {
+                    "timeout" => Outcome::TimedOut,
+                    kind if cooldown::breaks_the_sandbox(kind) => Outcome::Broken,
+                    _ => Outcome::Fine,
+                };
             }
         };
 
@@ -431,14 +492,16 @@ impl Shared {
                         Failure::InvalidOutput(String::new()).kind(),
                         e.to_string(),
                     );
-                    return self.fail(delivery, &plugin, &settings, concerning(), failed);
+                    self.fail(delivery, &plugin, &settings, concerning(), failed);
+                    return Outcome::Fine;
                 }
             }
         }
         let published = batch.len() as u64;
         if batch.is_empty() {
             self.metrics.succeeded.inc();
-            return self.settle(delivery, Settlement::Ack);
+            self.settle(delivery, Settlement::Ack);
+            return Outcome::Fine;
         }
         // Not with a dedupe window: its claim must be given up if the outputs
         // are never confirmed, which only this worker can do.
@@ -453,35 +516,38 @@ impl Shared {
                     self.stats.handled.fetch_add(1, Ordering::Relaxed);
                     self.metrics.outputs.inc_by(published);
                     self.metrics.succeeded.inc();
-                    return;
+                    return Outcome::Fine;
                 }
                 Err(refused) => {
                     let (delivery, e) = *refused;
-                    return self.fail(
+                    self.fail(
                         delivery,
                         &plugin,
                         &settings,
                         concerning(),
                         publish_failure(e),
                     );
+                    return Outcome::Fine;
                 }
             }
         } else {
             delivery
         };
         if let Err(e) = self.bus.publish(batch, settings.publish_timeout) {
-            return self.fail(
+            self.fail(
                 delivery,
                 &plugin,
                 &settings,
                 concerning(),
                 publish_failure(e),
             );
+            return Outcome::Fine;
         }
         self.stats.outputs.fetch_add(published, Ordering::Relaxed);
         self.metrics.outputs.inc_by(published);
         self.metrics.succeeded.inc();
         self.settle(delivery, Settlement::Ack);
+        Outcome::Fine
     }
 }
 
