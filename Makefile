@@ -7,7 +7,7 @@ PLUGINS := notification billing analytics
 GUESTS  := scripted-guest noop-guest wrong-world-guest contract-0-1-0-guest tally-guest trap-guest
 OUT     := target/$(WASM)/release
 
-.PHONY: run test lint fmt plugins guests wasm-target bench bench-broker bench-kv clean
+.PHONY: run test reliability soak lint fmt plugins guests wasm-target bench bench-broker bench-kv bench-hostile clean
 
 ## run: build the plugins and the appliance, then run it with router.toml
 run: plugins
@@ -17,6 +17,17 @@ run: plugins
 ## test: the whole suite (unit, plugin, sandbox and end-to-end tests)
 test: plugins guests
 	$(CARGO) test --release --workspace
+
+## reliability: the fault, hostile-input, hostile-plugin and security tests alone
+## (also part of `make test`), with each scenario's account printed
+RELIABILITY_TESTS := reliability hostile_inputs hostile_plugins security
+reliability: plugins guests
+	$(CARGO) test --release -p switchboard-tests $(addprefix --test ,$(RELIABILITY_TESTS)) -- --test-threads=1 --nocapture
+
+## soak: `reliability` with ten times the load (SOAK=n to choose); figures in RELIABILITY.md
+SOAK ?= 10
+soak: plugins guests
+	SWITCHBOARD_SOAK=$(SOAK) $(CARGO) test --release -p switchboard-tests --test reliability -- --test-threads=1 --nocapture
 
 ## lint: formatting and clippy, as CI checks them
 lint: wasm-target
@@ -49,6 +60,10 @@ bench-broker: plugins guests
 ## bench-kv: one kv call on the embedded store vs Redis (needs Redis at 127.0.0.1:6379)
 bench-kv: plugins guests
 	$(CARGO) run --release -p switchboard-bench -- kv $(ARGS)
+
+## bench-hostile: a healthy plugin's throughput alone and beside each hostile plugin
+bench-hostile: plugins guests
+	$(CARGO) run --release -p switchboard-bench -- hostile $(ARGS)
 
 wasm-target:
 	@rustup target list --installed | grep -qx $(WASM) || rustup target add $(WASM)

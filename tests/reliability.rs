@@ -23,6 +23,16 @@ use switchboard_tests::process::Replica;
 use switchboard_tests::running::{Running, start, start_in};
 use switchboard_tests::{wasm, with_custom_section};
 
+/// How many times the CI-sized load each scenario runs: `SWITCHBOARD_SOAK=10`
+/// (`make soak`) for the longer runs RELIABILITY.md records.
+fn soak() -> usize {
+    std::env::var("SWITCHBOARD_SOAK")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| n >= 1)
+        .unwrap_or(1)
+}
+
 /// Deliveries one worker group may hold unacknowledged: what a crash can make
 /// the broker deliver twice.
 const PREFETCH: usize = 50;
@@ -124,7 +134,7 @@ fn kill_9_mid_load_then_restart_loses_nothing() {
     if !require_broker() {
         return;
     }
-    const N: usize = 10_000;
+    let n = 10_000 * soak();
     let vhost = TestVhost::new("kill9");
     let mut replica = Replica::start(
         &rabbit_config(&vhost.url()),
@@ -133,10 +143,10 @@ fn kill_9_mid_load_then_restart_loses_nothing() {
     let amqp = Amqp::connect(&vhost.url()).unwrap();
     amqp.declare_sink(Some("observed"), SinkLife::Durable, "out", "#");
     let mut ledger = Ledger::new();
-    publish(&amqp, &mut ledger, "k", 0..N);
+    publish(&amqp, &mut ledger, "k", 0..n);
     // Mid-load: about a third handled, the rest queued or in flight.
-    wait_until("a third of the outputs", Duration::from_secs(60), || {
-        depth(&amqp, "observed") >= N / 3
+    wait_until("a third of the outputs", Duration::from_secs(600), || {
+        depth(&amqp, "observed") >= n / 3
     });
     let at_kill = depth(&amqp, "observed");
     let pid = replica.pid();
@@ -150,7 +160,7 @@ fn kill_9_mid_load_then_restart_loses_nothing() {
         "observed",
         "switchboard.worker.dlq",
         Duration::from_secs(2),
-        Duration::from_secs(120),
+        Duration::from_secs(120 * soak() as u64),
     );
     let account = ledger.account();
     report(
@@ -170,7 +180,7 @@ fn a_broker_restart_mid_load_loses_nothing() {
     if !require_broker() {
         return;
     }
-    const N: usize = 5000;
+    let n = 5000 * soak();
     let node = ThrowawayNode::start();
     let replica = Replica::start(
         &rabbit_config(&node.url()),
@@ -181,9 +191,9 @@ fn a_broker_restart_mid_load_loses_nothing() {
     {
         let amqp = Amqp::connect(&node.url()).unwrap();
         amqp.declare_sink(Some("observed"), SinkLife::Durable, "out", "#");
-        publish(&amqp, &mut ledger, "before", 0..N);
-        wait_until("the first outputs", Duration::from_secs(60), || {
-            depth(&amqp, "observed") >= N / 5
+        publish(&amqp, &mut ledger, "before", 0..n);
+        wait_until("the first outputs", Duration::from_secs(600), || {
+            depth(&amqp, "observed") >= n / 5
         });
         at_restart = depth(&amqp, "observed");
     }
@@ -194,20 +204,20 @@ fn a_broker_restart_mid_load_loses_nothing() {
     });
     let reconnected = started.elapsed();
     let amqp = Amqp::connect(&node.url()).unwrap();
-    publish(&amqp, &mut ledger, "after", 0..N);
+    publish(&amqp, &mut ledger, "after", 0..n);
     ledger.collect_rabbit(
         &amqp,
         "observed",
         "switchboard.worker.dlq",
         Duration::from_secs(2),
-        Duration::from_secs(120),
+        Duration::from_secs(120 * soak() as u64),
     );
     let account = ledger.account();
     report(
         "rabbitmq broker restart",
         &account,
         &format!(
-            "restarted after {at_restart} of {N} outputs, router ready again in {} ms",
+            "restarted after {at_restart} of {n} outputs, router ready again in {} ms",
             reconnected.as_millis()
         ),
     );
@@ -242,7 +252,7 @@ fn a_hundred_hot_swaps_under_load_lose_nothing_on_rabbitmq() {
     if !require_broker() {
         return;
     }
-    const SWAPS: u64 = 100;
+    let swaps = 100 * soak() as u64;
     let vhost = TestVhost::new("swaps");
     let replica = Replica::start(
         &rabbit_config(&vhost.url()),
@@ -267,7 +277,7 @@ fn a_hundred_hot_swaps_under_load_lose_nothing_on_rabbitmq() {
             ledger
         });
         let plugins = replica.dir().join("plugins");
-        for swap in 0..SWAPS {
+        for swap in 0..swaps {
             let next = &versions[usize::from(swap % 2 == 1)];
             let tmp = plugins.join(".worker.wasm.tmp");
             std::fs::write(&tmp, next).unwrap();
@@ -288,13 +298,13 @@ fn a_hundred_hot_swaps_under_load_lose_nothing_on_rabbitmq() {
         "observed",
         "switchboard.worker.dlq",
         Duration::from_secs(1),
-        Duration::from_secs(120),
+        Duration::from_secs(120 * soak() as u64),
     );
     let account = ledger.account();
     report(
-        "rabbitmq 100 hot swaps",
+        "rabbitmq hot swaps",
         &account,
-        &format!("{SWAPS} swaps in {} ms", swapped_in.as_millis()),
+        &format!("{swaps} swaps in {} ms", swapped_in.as_millis()),
     );
     account.assert_complete(0);
     assert_eq!(account.dead_lettered, 0, "{account}");
@@ -344,7 +354,7 @@ fn dead_letters(r: &Running, ledger: &mut Ledger) {
 
 #[test]
 fn a_graceful_restart_mid_load_loses_nothing_on_the_embedded_bus() {
-    const N: usize = 2000;
+    let n = 2000 * soak();
     let r = start(
         EMBEDDED,
         &[
@@ -354,7 +364,7 @@ fn a_graceful_restart_mid_load_loses_nothing_on_the_embedded_bus() {
     );
     let mut ledger = Ledger::new();
     let mut ids = Vec::new();
-    for i in 0..N {
+    for i in 0..n {
         let id = format!("g-{i}");
         if ingress(&r, &id) {
             ledger.published(id.clone());
@@ -366,7 +376,7 @@ fn a_graceful_restart_mid_load_loses_nothing_on_the_embedded_bus() {
     let (spooled, dir) = r.stop_and_keep(Duration::from_millis(50));
     assert!(spooled > 0, "the restart was not mid-load");
     let mut r = start_in(dir.path());
-    for i in 0..N {
+    for i in 0..n {
         let id = format!("h-{i}");
         if ingress(&r, &id) {
             ledger.published(id.clone());
@@ -390,7 +400,7 @@ fn a_graceful_restart_mid_load_loses_nothing_on_the_embedded_bus() {
 
 #[test]
 fn a_hundred_hot_swaps_under_load_lose_nothing_on_the_embedded_bus() {
-    const SWAPS: u64 = 100;
+    let swaps = 100 * soak() as u64;
     let r = start(
         EMBEDDED,
         &[
@@ -417,7 +427,7 @@ fn a_hundred_hot_swaps_under_load_lose_nothing_on_the_embedded_bus() {
             }
             ids
         });
-        for swap in 0..SWAPS {
+        for swap in 0..swaps {
             r.write_plugin("worker.wasm", &versions[usize::from(swap % 2 == 1)]);
             r.wait_for("the new version to serve", |r| {
                 r.status("worker").loads == swap + 2
@@ -438,9 +448,9 @@ fn a_hundred_hot_swaps_under_load_lose_nothing_on_the_embedded_bus() {
     tally(&mut ledger, &dir.path().join("state"), &ids);
     let account = ledger.account();
     report(
-        "embedded 100 hot swaps",
+        "embedded hot swaps",
         &account,
-        &format!("{SWAPS} swaps in {} ms", swapped_in.as_millis()),
+        &format!("{swaps} swaps in {} ms", swapped_in.as_millis()),
     );
     account.assert_complete(0);
     assert_eq!(account.dead_lettered, 0, "{account}");

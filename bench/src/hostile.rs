@@ -29,7 +29,8 @@ pub(crate) struct HostileArgs {
     #[arg(long)]
     only: Vec<String>,
     /// For the infinite loop, a second row measured from this many seconds
-    /// after it starts (once its cool-down has grown).
+    /// after it starts (once its cool-down has grown), over as many seconds,
+    /// one round.
     #[arg(long, default_value_t = 60)]
     steady: u64,
 }
@@ -200,8 +201,8 @@ fn median(mut v: Vec<f64>) -> f64 {
 pub(crate) fn run_all(args: &HostileArgs) -> anyhow::Result<()> {
     let window = Duration::from_secs(args.seconds);
     println!(
-        "\n### A healthy plugin beside a hostile one (notification events/s over {} s, median of {} alternating rounds)\n",
-        args.seconds, args.rounds
+        "\n### A healthy plugin beside a hostile one (notification events/s, median of {} alternating rounds)\n",
+        args.rounds
     );
     println!("| hostile plugin | alone | beside it | ratio | cool-down pauses |");
     println!("|---|---:|---:|---:|---:|");
