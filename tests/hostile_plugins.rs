@@ -274,3 +274,40 @@ fn on_demand_allocation_works_too() {
     assert!(matches!(failure, Failure::OutOfMemory(_)), "{failure:?}");
     still_healthy(&plugin);
 }
+
+#[test]
+fn a_hundred_thousand_outputs_or_a_64_mib_output_are_contained_under_the_default_limits() {
+    let h = Harness::new();
+    let plugin = h.load("scripted", "scripted_guest", &[], Limits::default());
+    let many = plugin
+        .handle(&event("e1", "many-outputs", json!({"count": 100_000})))
+        .unwrap_err();
+    assert!(matches!(many, Failure::InvalidOutput(_)), "{many:?}");
+    assert!(many.reason().contains("1000"), "names the limit: {many:?}");
+    // 64 MiB of output cannot even be built in a 64 MiB instance: the guest
+    // runs out of memory before it returns.
+    let big = plugin
+        .handle(&event("e2", "big-output", json!({"bytes": 64 << 20})))
+        .unwrap_err();
+    assert!(
+        matches!(big, Failure::OutOfMemory(_) | Failure::InvalidOutput(_)),
+        "{big:?}"
+    );
+    // With room to build it, the output limit (16 MiB) refuses it.
+    let roomy = h.load(
+        "roomy",
+        "scripted_guest",
+        &[],
+        Limits {
+            memory: 256 << 20,
+            ..Limits::default()
+        },
+    );
+    let big = roomy
+        .handle(&event("e3", "big-output", json!({"bytes": 64 << 20})))
+        .unwrap_err();
+    assert!(matches!(big, Failure::InvalidOutput(_)), "{big:?}");
+    eprintln!("100k outputs: {many}\n64 MiB output: {big}");
+    still_healthy(&plugin);
+    still_healthy(&roomy);
+}
