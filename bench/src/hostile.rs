@@ -217,19 +217,23 @@ pub(crate) fn run_all(args: &HostileArgs) -> anyhow::Result<()> {
             kind,
             data.clone(),
             Duration::ZERO,
+            window,
+            args.rounds,
         ));
         if kind == "loop" {
             rows.push((
-                format!("{label}, {} s from {} s on", args.seconds, args.steady),
+                format!("{label}, {0} s from {0} s on", args.steady),
                 kind,
                 data,
                 steady,
+                steady,
+                1,
             ));
         }
     }
-    for (label, kind, data, skip) in rows {
+    for (label, kind, data, skip, window, rounds) in rows {
         let (mut alone, mut beside, mut pauses) = (Vec::new(), Vec::new(), Vec::new());
-        for _ in 0..args.rounds {
+        for _ in 0..rounds {
             alone.push(run(Duration::ZERO, window, None)?.0);
             let (rate, p) = run(skip, window, Some((kind, &data)))?;
             beside.push(rate);
