@@ -29,11 +29,8 @@ impl Secret {
         let Some((scheme, rest)) = self.0.split_once("://") else {
             return "***".into();
         };
-        let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-        let (authority, path) = rest.split_at(authority_end);
-        // The last '@': a password with an unescaped '@' is still hidden entirely.
-        match authority.rfind('@') {
-            Some(at) => format!("{scheme}://***@{}{path}", &authority[at + 1..]),
+        match credentials(rest) {
+            Some((_, after)) => format!("{scheme}://***@{after}"),
             None => self.0.clone(),
         }
     }
@@ -46,9 +43,7 @@ impl Secret {
         let Some((_, rest)) = self.0.split_once("://") else {
             return out.replace(&self.0, "***");
         };
-        let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-        if let Some(at) = rest[..authority_end].rfind('@') {
-            let userinfo = &rest[..at];
+        if let Some((userinfo, _)) = credentials(rest) {
             let password = userinfo.split_once(':').map_or("", |(_, p)| p);
             let decoded = percent_decode(password);
             for needle in [userinfo, password, decoded.as_str()] {
@@ -59,6 +54,18 @@ impl Secret {
         }
         out
     }
+}
+
+/// What comes after `scheme://` split at the end of the credentials: the user
+/// information and the rest (host, port, path), or `None` without credentials.
+///
+/// The credentials end at the **last** `@`, not at the first `/`, `?` or `#` as
+/// RFC 3986 would have it: people write passwords with those characters
+/// unescaped (`amqp://app:pa#ss@rabbit`), and such a URL must not print its
+/// password either. An `@` further on (`amqp://rabbit/vhost?x=a@b`) hides more
+/// than it needs to, which is the safe side.
+fn credentials(rest: &str) -> Option<(&str, &str)> {
+    rest.rfind('@').map(|at| (&rest[..at], &rest[at + 1..]))
 }
 
 /// `%xx` sequences decoded (invalid ones kept as they are).
@@ -127,6 +134,30 @@ mod tests {
     fn a_password_with_an_at_sign_is_hidden_whole() {
         let url = Secret::new("amqps://app:p@ss@rabbit/vhost?heartbeat=10");
         assert_eq!(url.to_string(), "amqps://***@rabbit/vhost?heartbeat=10");
+    }
+
+    #[test]
+    fn a_password_with_a_slash_question_mark_or_hash_is_hidden_whole() {
+        // Found by fuzzing: `#`, `/` and `?` end the authority in RFC 3986, so the
+        // whole URL, password included, used to be printed as it was.
+        for url in [
+            "amqp://app#:s3cret@rabbit",
+            "amqp://app:s3/cret@rabbit:5672/%2f",
+            "amqps://app:s3?cret@rabbit/vhost",
+            "redis://:s3#cret@cache:6379/0",
+            "://#s3cret@",
+        ] {
+            let secret = Secret::new(url);
+            for shown in [secret.to_string(), format!("{secret:?}")] {
+                assert!(!shown.contains("cret"), "{url} shown as {shown}");
+            }
+            let said = secret.scrub(&format!("cannot connect to {url}"));
+            assert!(!said.contains("cret"), "{url} scrubbed to {said}");
+        }
+        assert_eq!(
+            Secret::new("amqp://app:s3/cret@rabbit:5672/%2f").to_string(),
+            "amqp://***@rabbit:5672/%2f"
+        );
     }
 
     #[test]
