@@ -1,6 +1,8 @@
-//! A broker URL, which may carry a password: [`Secret`] keeps it out of `Debug`,
-//! `Display`, logs and error messages; only [`Secret::expose`] hands it out, for
-//! the one place that connects.
+//! Values that must not be printed. A broker or Redis URL may carry a password:
+//! [`Secret`] keeps the password out of `Debug`, `Display`, logs and error
+//! messages, and shows the rest. A [`Token`] (the admin token) is all secret and
+//! is never shown at all. Only `expose` hands either out, for the one place that
+//! connects or compares.
 
 use std::fmt;
 
@@ -66,6 +68,37 @@ impl Secret {
 /// than it needs to, which is the safe side.
 fn credentials(rest: &str) -> Option<(&str, &str)> {
     rest.rfind('@').map(|at| (&rest[..at], &rest[at + 1..]))
+}
+
+/// A secret that is not a URL, such as the admin token: printed as `***`
+/// whatever it holds (a token that happens to contain `://` is not a URL whose
+/// host may be shown).
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Token(String);
+
+impl Token {
+    /// Wraps a value that must not be printed.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The value itself, to compare with. Never log it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"***\"")
+    }
+}
+
+impl fmt::Display for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
 }
 
 /// `%xx` sequences decoded (invalid ones kept as they are).
@@ -158,6 +191,19 @@ mod tests {
             Secret::new("amqp://app:s3/cret@rabbit:5672/%2f").to_string(),
             "amqp://***@rabbit:5672/%2f"
         );
+    }
+
+    #[test]
+    fn a_token_never_shows_even_when_it_looks_like_a_url() {
+        // Found by fuzzing: the admin token was a `Secret`, which shows a URL
+        // without credentials as it is, so a token with `://` and no `@` was
+        // printed whole in the configuration's Debug.
+        for value in ["amqp://app:s3cret:1", "0123456789abcdef", "a://b@c"] {
+            let token = Token::new(value);
+            assert_eq!(token.to_string(), "***");
+            assert_eq!(format!("{token:?}"), r#""***""#);
+            assert_eq!(token.expose(), value);
+        }
     }
 
     #[test]
