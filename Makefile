@@ -7,7 +7,7 @@ PLUGINS := notification billing analytics
 GUESTS  := scripted-guest noop-guest wrong-world-guest contract-0-1-0-guest tally-guest trap-guest
 OUT     := target/$(WASM)/release
 
-.PHONY: run test reliability soak lint fmt plugins guests wasm-target bench bench-broker bench-kv bench-hostile clean
+.PHONY: run test reliability soak lint fmt plugins guests wasm-target bench bench-broker bench-kv bench-hostile fuzz clean
 
 ## run: build the plugins and the appliance, then run it with router.toml
 run: plugins
@@ -64,6 +64,27 @@ bench-kv: plugins guests
 ## bench-hostile: a healthy plugin's throughput alone and beside each hostile plugin
 bench-hostile: plugins guests
 	$(CARGO) run --release -p switchboard-bench -- hostile $(ARGS)
+
+## fuzz: each fuzz target in fuzz/ for FUZZ_SECONDS (needs nightly and cargo-fuzz;
+## not part of test or CI). Corpora and crashes go to target/fuzz/; one target:
+## FUZZ_TARGETS=router_toml. FUZZ_SANITIZER=address for ASan (slower).
+FUZZ_SECONDS   ?= 60
+FUZZ_TARGETS   ?= topic_match envelope_decode router_toml
+FUZZ_SANITIZER ?= none
+FUZZ_OUT       := target/fuzz
+
+fuzz:
+	@rustup run nightly rustc --version >/dev/null 2>&1 || { \
+	  echo "make fuzz needs the nightly toolchain: rustup toolchain install nightly" >&2; exit 1; }
+	@cargo +nightly fuzz --version >/dev/null 2>&1 || { \
+	  echo "make fuzz needs cargo-fuzz: cargo +nightly install cargo-fuzz --locked" >&2; exit 1; }
+	@set -e; for t in $(FUZZ_TARGETS); do \
+	  mkdir -p $(FUZZ_OUT)/corpus/$$t $(FUZZ_OUT)/artifacts/$$t; \
+	  cargo +nightly fuzz run --fuzz-dir fuzz --target-dir $(FUZZ_OUT) -s $(FUZZ_SANITIZER) \
+	    $$t $(FUZZ_OUT)/corpus/$$t fuzz/seeds/$$t -- \
+	    -max_total_time=$(FUZZ_SECONDS) -dict=fuzz/dicts/$$t.dict \
+	    -artifact_prefix=$(FUZZ_OUT)/artifacts/$$t/; \
+	done
 
 wasm-target:
 	@rustup target list --installed | grep -qx $(WASM) || rustup target add $(WASM)

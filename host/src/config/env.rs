@@ -12,7 +12,7 @@
 //! An empty variable counts as unset. A malformed one is reported by `validate`,
 //! naming the variable.
 
-use super::{RouterConfig, Secret};
+use super::{RouterConfig, Secret, Token};
 
 impl RouterConfig {
     /// Applies the environment, read through `lookup` (the process environment
@@ -53,7 +53,7 @@ impl RouterConfig {
             self.kv.url = Some(Secret::new(url.trim()));
         }
         if let Some(token) = var("SWITCHBOARD_ADMIN_TOKEN") {
-            self.http.token = Some(Secret::new(token.trim()));
+            self.http.token = Some(Token::new(token.trim()));
         }
         if let Some(listen) = var("SWITCHBOARD_HTTP_LISTEN") {
             match listen.trim().parse() {

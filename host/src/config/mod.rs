@@ -33,7 +33,7 @@ use serde::Deserialize;
 use crate::runtime::RuntimeConfig;
 
 pub use plugin::{Backoff, Cooldown, PluginConfig, PluginDefaults, PluginSettings};
-pub use secret::Secret;
+pub use secret::{Secret, Token};
 pub use units::{duration_text, size_text};
 pub use validate::{MAX_EXCHANGE_NAME, MAX_PLUGIN_NAME, check_exchange_name, check_plugin_name};
 
@@ -208,8 +208,8 @@ pub struct HttpConfig {
     /// Bearer token for the admin API: with one, ingress and every endpoint that
     /// changes something (re-drive, reload) answer 401 without
     /// `Authorization: Bearer <token>`. Overridden by `SWITCHBOARD_ADMIN_TOKEN`;
-    /// keep it there. Applies on reload.
-    pub token: Option<Secret>,
+    /// keep it there. Applies on reload. Never printed.
+    pub token: Option<Token>,
     /// With a token: also require it to read (plugins, routes, dead letters,
     /// the event stream, metrics). `/healthz` and `/readyz` stay open for probes.
     pub protect_reads: bool,

@@ -1,6 +1,8 @@
-//! A broker URL, which may carry a password: [`Secret`] keeps it out of `Debug`,
-//! `Display`, logs and error messages; only [`Secret::expose`] hands it out, for
-//! the one place that connects.
+//! Values that must not be printed. A broker or Redis URL may carry a password:
+//! [`Secret`] keeps the password out of `Debug`, `Display`, logs and error
+//! messages, and shows the rest. A [`Token`] (the admin token) is all secret and
+//! is never shown at all. Only `expose` hands either out, for the one place that
+//! connects or compares.
 
 use std::fmt;
 
@@ -29,11 +31,8 @@ impl Secret {
         let Some((scheme, rest)) = self.0.split_once("://") else {
             return "***".into();
         };
-        let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-        let (authority, path) = rest.split_at(authority_end);
-        // The last '@': a password with an unescaped '@' is still hidden entirely.
-        match authority.rfind('@') {
-            Some(at) => format!("{scheme}://***@{}{path}", &authority[at + 1..]),
+        match credentials(rest) {
+            Some((_, after)) => format!("{scheme}://***@{after}"),
             None => self.0.clone(),
         }
     }
@@ -46,9 +45,7 @@ impl Secret {
         let Some((_, rest)) = self.0.split_once("://") else {
             return out.replace(&self.0, "***");
         };
-        let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-        if let Some(at) = rest[..authority_end].rfind('@') {
-            let userinfo = &rest[..at];
+        if let Some((userinfo, _)) = credentials(rest) {
             let password = userinfo.split_once(':').map_or("", |(_, p)| p);
             let decoded = percent_decode(password);
             for needle in [userinfo, password, decoded.as_str()] {
@@ -58,6 +55,49 @@ impl Secret {
             }
         }
         out
+    }
+}
+
+/// What comes after `scheme://` split at the end of the credentials: the user
+/// information and the rest (host, port, path), or `None` without credentials.
+///
+/// The credentials end at the **last** `@`, not at the first `/`, `?` or `#` as
+/// RFC 3986 would have it: people write passwords with those characters
+/// unescaped (`amqp://app:pa#ss@rabbit`), and such a URL must not print its
+/// password either. An `@` further on (`amqp://rabbit/vhost?x=a@b`) hides more
+/// than it needs to, which is the safe side.
+fn credentials(rest: &str) -> Option<(&str, &str)> {
+    rest.rfind('@').map(|at| (&rest[..at], &rest[at + 1..]))
+}
+
+/// A secret that is not a URL, such as the admin token: printed as `***`
+/// whatever it holds (a token that happens to contain `://` is not a URL whose
+/// host may be shown).
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Token(String);
+
+impl Token {
+    /// Wraps a value that must not be printed.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The value itself, to compare with. Never log it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"***\"")
+    }
+}
+
+impl fmt::Display for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
     }
 }
 
@@ -127,6 +167,43 @@ mod tests {
     fn a_password_with_an_at_sign_is_hidden_whole() {
         let url = Secret::new("amqps://app:p@ss@rabbit/vhost?heartbeat=10");
         assert_eq!(url.to_string(), "amqps://***@rabbit/vhost?heartbeat=10");
+    }
+
+    #[test]
+    fn a_password_with_a_slash_question_mark_or_hash_is_hidden_whole() {
+        // Found by fuzzing: `#`, `/` and `?` end the authority in RFC 3986, so the
+        // whole URL, password included, used to be printed as it was.
+        for url in [
+            "amqp://app#:s3cret@rabbit",
+            "amqp://app:s3/cret@rabbit:5672/%2f",
+            "amqps://app:s3?cret@rabbit/vhost",
+            "redis://:s3#cret@cache:6379/0",
+            "://#s3cret@",
+        ] {
+            let secret = Secret::new(url);
+            for shown in [secret.to_string(), format!("{secret:?}")] {
+                assert!(!shown.contains("cret"), "{url} shown as {shown}");
+            }
+            let said = secret.scrub(&format!("cannot connect to {url}"));
+            assert!(!said.contains("cret"), "{url} scrubbed to {said}");
+        }
+        assert_eq!(
+            Secret::new("amqp://app:s3/cret@rabbit:5672/%2f").to_string(),
+            "amqp://***@rabbit:5672/%2f"
+        );
+    }
+
+    #[test]
+    fn a_token_never_shows_even_when_it_looks_like_a_url() {
+        // Found by fuzzing: the admin token was a `Secret`, which shows a URL
+        // without credentials as it is, so a token with `://` and no `@` was
+        // printed whole in the configuration's Debug.
+        for value in ["amqp://app:s3cret:1", "0123456789abcdef", "a://b@c"] {
+            let token = Token::new(value);
+            assert_eq!(token.to_string(), "***");
+            assert_eq!(format!("{token:?}"), r#""***""#);
+            assert_eq!(token.expose(), value);
+        }
     }
 
     #[test]

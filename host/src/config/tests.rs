@@ -3,6 +3,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use bytesize::ByteSize;
+use proptest::prelude::*;
 
 use super::*;
 
@@ -605,4 +606,253 @@ fn cooldown_defaults_overrides_and_limits() {
         errors.contains("plugins.a.cooldown.max: must be between"),
         "{errors}"
     );
+}
+
+// --- Hostile files ------------------------------------------------------------------
+
+/// The passwords in the URLs of [`FULL`] (broker, Redis): no error may ever
+/// show them.
+const PASSWORDS: [&str; 2] = ["Zq8Xv3Kp", "Wm4Rt7Yh"];
+
+/// Every section, with a secret in each place that takes one.
+const FULL: &str = r##"plugins_dir = "plugins"
+[broker]
+url = "amqp://app:Zq8Xv3Kp@rabbit:5672/%2f"
+queue_type = "classic"
+unroutable = "dead-letter"
+timeout = "5s"
+[kv]
+backend = "redis"
+url = "redis://:Wm4Rt7Yh@cache:6379/0"
+pool_size = 16
+[http]
+listen = "0.0.0.0:8080"
+token = "0123456789abcdef0123"
+protect_reads = true
+[runtime]
+max_instances = 4
+max_stack = "1MiB"
+[defaults]
+prefetch = 8
+memory = "32MiB"
+max_attempts = 3
+[defaults.backoff]
+initial = "100ms"
+multiplier = 3.0
+[[exchanges]]
+name = "events"
+kind = "topic"
+[[exchanges]]
+name = "audit"
+kind = "fanout"
+[plugins.billing]
+output_exchange = "events"
+dedupe = "10m"
+backoff = { initial = "1s", max = "1m" }
+[plugins.audit]
+enabled = false
+config = { forward = "false" }
+[[routes]]
+exchange = "events"
+pattern = "payment.*"
+plugin = "billing"
+[[routes]]
+exchange = "audit"
+patterns = ["#"]
+plugin = "audit"
+"##;
+
+/// Values that sit on the edges of the types the schema uses.
+const EDGE_VALUES: &[&str] = &[
+    "\"\"",
+    "0",
+    "-1",
+    "65536",
+    "4294967296",
+    "18446744073709551615",
+    "1e309",
+    "nan",
+    "true",
+    "[]",
+    "{}",
+    "\"0s\"",
+    "\"99999999999999h\"",
+    "\"-1MiB\"",
+    "\"18446744073709551615B\"",
+    "\"amq.x\"",
+    "\"a b\"",
+    "\"amqp://\"",
+    "\"redis://cache:99999\"",
+];
+
+/// How each validation problem starts: a key of the file, or the environment
+/// variable that set it.
+const KEY_ROOTS: &[&str] = &[
+    "broker.",
+    "kv.",
+    "http.",
+    "runtime.",
+    "defaults.",
+    "exchanges[",
+    "plugins.",
+    "routes[",
+    "RABBITMQ_",
+    "REDIS_",
+    "SWITCHBOARD_",
+];
+
+/// One edit of a file, by line, the way files get broken by hand.
+#[derive(Debug, Clone)]
+enum Edit {
+    Drop(prop::sample::Index),
+    Repeat(prop::sample::Index, prop::sample::Index),
+    Swap(prop::sample::Index, prop::sample::Index),
+    /// The value after `=` replaced by one of [`EDGE_VALUES`].
+    Revalue(prop::sample::Index, prop::sample::Index),
+    /// The line cut after this many characters.
+    Truncate(prop::sample::Index, prop::sample::Index),
+}
+
+fn edit() -> impl Strategy<Value = Edit> {
+    use prop::sample::Index;
+    prop_oneof![
+        any::<Index>().prop_map(Edit::Drop),
+        any::<(Index, Index)>().prop_map(|(a, b)| Edit::Repeat(a, b)),
+        any::<(Index, Index)>().prop_map(|(a, b)| Edit::Swap(a, b)),
+        any::<(Index, Index)>().prop_map(|(a, b)| Edit::Revalue(a, b)),
+        any::<(Index, Index)>().prop_map(|(a, b)| Edit::Truncate(a, b)),
+    ]
+}
+
+fn apply(text: &str, edits: &[Edit]) -> String {
+    let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
+    for edit in edits {
+        if lines.is_empty() {
+            break;
+        }
+        match edit {
+            Edit::Drop(at) => {
+                lines.remove(at.index(lines.len()));
+            }
+            Edit::Repeat(at, to) => {
+                let line = lines[at.index(lines.len())].clone();
+                lines.insert(to.index(lines.len() + 1), line);
+            }
+            Edit::Swap(a, b) => {
+                let (a, b) = (a.index(lines.len()), b.index(lines.len()));
+                lines.swap(a, b);
+            }
+            Edit::Revalue(at, value) => {
+                let at = at.index(lines.len());
+                if let Some((key, _)) = lines[at].split_once('=') {
+                    lines[at] = format!("{key}= {}", value.get(EDGE_VALUES));
+                }
+            }
+            Edit::Truncate(at, cut) => {
+                let at = at.index(lines.len());
+                let line = &mut lines[at];
+                let keep = cut.index(line.chars().count() + 1);
+                *line = line.chars().take(keep).collect();
+            }
+        }
+    }
+    lines.join("\n")
+}
+
+/// The passwords of [`PASSWORDS`] still where a secret goes: once in the file,
+/// in the credentials of a URL as TOML reads it.
+fn passwords_in_urls(text: &str) -> Vec<&'static str> {
+    let Ok(table) = text.parse::<toml::Table>() else {
+        return Vec::new();
+    };
+    let credentials: Vec<&str> = ["broker", "kv"]
+        .iter()
+        .filter_map(|section| table.get(*section)?.get("url")?.as_str())
+        .filter_map(|url| {
+            let (_, rest) = url.split_once("://")?;
+            rest.rfind('@').map(|at| &rest[..at])
+        })
+        .collect();
+    PASSWORDS
+        .into_iter()
+        .filter(|p| text.matches(p).count() == 1 && credentials.iter().any(|c| c.contains(p)))
+        .collect()
+}
+
+/// What every outcome of parsing `text` must be: a configuration, a parse error
+/// at a line of the file with a message, or problems that each name their key,
+/// and never the password.
+fn parses_or_says_where(text: &str) -> Result<(), TestCaseError> {
+    let error = match parse(text) {
+        Ok(config) => {
+            let debug = format!("{config:?}");
+            prop_assert!(PASSWORDS.iter().all(|p| !debug.contains(p)), "{}", debug);
+            return Ok(());
+        }
+        Err(error) => error,
+    };
+    match &error {
+        ConfigError::Parse {
+            line,
+            column,
+            message,
+            ..
+        } => {
+            let lines = text.split('\n').count();
+            prop_assert!((1..=lines).contains(line), "line {} of {}", line, lines);
+            prop_assert!(*column >= 1);
+            prop_assert!(!message.trim().is_empty());
+        }
+        ConfigError::Invalid { errors, .. } => {
+            prop_assert!(!errors.is_empty());
+            for problem in errors {
+                let (key, what) = problem.split_once(": ").unwrap_or(("", ""));
+                prop_assert!(
+                    KEY_ROOTS.iter().any(|root| key.starts_with(root)) && !what.trim().is_empty(),
+                    "{:?}",
+                    problem
+                );
+            }
+        }
+        ConfigError::Read { .. } => prop_assert!(false, "read a file: {}", error),
+    }
+    let shown = error.to_string();
+    for password in passwords_in_urls(text) {
+        prop_assert!(!shown.contains(password), "{}", shown);
+    }
+    Ok(())
+}
+
+#[test]
+fn the_full_example_is_valid_and_hides_its_passwords() {
+    let config = parse(FULL).unwrap();
+    assert_eq!(config.plugins.len(), 2);
+    assert_eq!(passwords_in_urls(FULL), PASSWORDS);
+    let debug = format!("{config:?}");
+    assert!(PASSWORDS.iter().all(|p| !debug.contains(p)), "{debug}");
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    #[test]
+    fn any_text_parses_or_says_where_it_is_wrong(text in any::<String>()) {
+        parses_or_says_where(&text)?;
+    }
+
+    #[test]
+    fn toml_shaped_text_parses_or_says_where_it_is_wrong(
+        text in "(\\[{1,2}[a-z_.]{0,12}\\]{1,2}\n|[a-z_]{1,14} = (\"[ -~]{0,12}\"|-?[0-9]{1,20}|true|\\[\\]|\\{\\})\n){0,12}",
+    ) {
+        parses_or_says_where(&text)?;
+    }
+
+    #[test]
+    fn edited_configurations_parse_or_name_what_is_wrong(
+        full in any::<bool>(),
+        edits in prop::collection::vec(edit(), 1..6),
+    ) {
+        let text = apply(if full { FULL } else { SHIPPED }, &edits);
+        parses_or_says_where(&text)?;
+    }
 }

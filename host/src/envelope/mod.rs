@@ -12,7 +12,8 @@
 //!
 //! - **Seed envelope** (`seed.rs`): the JSON object services already publish,
 //!   `{id, type, source, timestamp, tenant_id, correlation_id, causation_id, hops,
-//!   data, metadata}`. A missing `id` becomes a UUIDv7, a missing `timestamp` now.
+//!   data, metadata}`. A missing or empty `id` becomes a UUIDv7, a missing
+//!   `timestamp` now.
 //! - **CloudEvents 1.0, structured mode** (`cloudevents.rs`): content type
 //!   `application/cloudevents+json`, the whole event as JSON in the body.
 //! - **CloudEvents 1.0, binary mode** (`cloudevents.rs`): the body is the event's

@@ -23,7 +23,7 @@ use crate::runtime::{Event, Output};
 /// The JSON envelope, as services publish it and as outputs are published.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Envelope {
-    /// Unique event id; assigned on ingress when absent.
+    /// Unique event id; assigned on ingress and on delivery when absent or empty.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
     /// What happened, e.g. `payment.success`.
@@ -84,7 +84,8 @@ impl Envelope {
     }
 
     /// The event a plugin sees for this envelope, published to `exchange`, on
-    /// delivery `attempt`. A missing id or timestamp is filled in here.
+    /// delivery `attempt`. A missing (or empty) id or a missing timestamp is
+    /// filled in here.
     pub fn into_event(self, exchange: &str, attempt: u32) -> Result<Event, EnvelopeError> {
         let (content_type, data) = match (self.data_base64, self.content_type) {
             (Some(b64), content_type) => (
@@ -117,7 +118,12 @@ impl Envelope {
             headers.push((HOPS_HEADER.into(), hops.to_string()));
         }
         Ok(Event {
-            id: self.id.unwrap_or_else(|| Uuid::now_v7().to_string()),
+            // An empty id is no id: every such event would be a duplicate of the
+            // last one to the dedupe window, and their outputs would share ids.
+            id: self
+                .id
+                .filter(|id| !id.is_empty())
+                .unwrap_or_else(|| Uuid::now_v7().to_string()),
             kind: self.kind,
             exchange: exchange.into(),
             attempt,

@@ -128,6 +128,29 @@ fn seed_envelope_without_id_or_timestamp_gets_them() {
 }
 
 #[test]
+fn seed_envelope_with_an_empty_id_gets_one() {
+    // An empty id used to be kept: the dedupe window then took every such event
+    // for a duplicate of the last, and their outputs all had one id.
+    let first = decode(
+        "e",
+        "k",
+        &message(json_body(json!({"id": "", "type": "a.b"})), None),
+        1,
+    )
+    .unwrap();
+    let second = decode(
+        "e",
+        "k",
+        &message(json_body(json!({"id": "", "type": "a.b"})), None),
+        1,
+    )
+    .unwrap();
+    assert!(is_v7(&first.id), "{:?}", first.id);
+    assert!(is_v7(&second.id), "{:?}", second.id);
+    assert_ne!(first.id, second.id);
+}
+
+#[test]
 fn a_body_claiming_to_be_an_envelope_must_be_a_valid_one() {
     let err = decode_err(&message(json_body(json!({"type": "a.b", "id": 42})), None));
     assert!(matches!(err, EnvelopeError::Malformed(_)), "{err}");
@@ -959,6 +982,7 @@ proptest! {
                 prop_assert_eq!(event.exchange.as_str(), "ex");
                 prop_assert_eq!(event.attempt, attempt);
                 prop_assert!(!event.kind.is_empty());
+                prop_assert!(!event.id.is_empty());
                 prop_assert!(count(&event, HOPS_HEADER) <= 1);
                 if let Some(sent) = message.header(HOPS_HEADER) {
                     prop_assert_eq!(
