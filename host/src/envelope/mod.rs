@@ -172,6 +172,51 @@ pub enum EnvelopeError {
     Unserializable(String),
 }
 
+/// Longest piece of an input that an [`EnvelopeError`] quotes, in bytes.
+const QUOTE_MAX: usize = 200;
+
+impl EnvelopeError {
+    /// The same error with every piece of input it quotes cut to [`QUOTE_MAX`]
+    /// bytes: a hop count or a `specversion` may be a mebibyte long, and the
+    /// error goes to logs, dead-letter headers and HTTP replies.
+    fn bounded(self) -> Self {
+        let cut = |text: String| match crate::runtime::excerpt(&text, QUOTE_MAX) {
+            std::borrow::Cow::Borrowed(_) => text,
+            std::borrow::Cow::Owned(cut) => cut,
+        };
+        match self {
+            Self::Malformed(e) => Self::Malformed(cut(e)),
+            Self::BadBase64(e) => Self::BadBase64(cut(e)),
+            Self::BadHops(text) => Self::BadHops(cut(text)),
+            Self::UnsupportedFormat(ct) => Self::UnsupportedFormat(cut(ct)),
+            Self::NotAnObject(e) => Self::NotAnObject(cut(e)),
+            Self::UnsupportedSpecVersion(v) => Self::UnsupportedSpecVersion(cut(v)),
+            Self::BadAttribute { name, problem } => Self::BadAttribute {
+                name: cut(name),
+                problem: cut(problem),
+            },
+            Self::NotJson {
+                content_type,
+                error,
+            } => Self::NotJson {
+                content_type: cut(content_type),
+                error: cut(error),
+            },
+            Self::OutputNotJson { index, kind, error } => Self::OutputNotJson {
+                index,
+                kind: cut(kind),
+                error: cut(error),
+            },
+            Self::Unserializable(e) => Self::Unserializable(cut(e)),
+            other @ (Self::EmptyKind
+            | Self::EmptyRoutingKey
+            | Self::BatchUnsupported
+            | Self::MissingAttribute { .. }
+            | Self::NoContentType) => other,
+        }
+    }
+}
+
 /// How a CloudEvent was carried, for error messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CloudEventsMode {
@@ -204,8 +249,18 @@ struct Decoded {
 /// and `event.attempt` are the arguments; the kind is the envelope's `type`
 /// (routing key for raw bodies), which need not equal the routing key. Malformed
 /// input is an [`EnvelopeError`], never a panic: such a message can never be
-/// handled and belongs in the dead-letter queue at once.
+/// handled and belongs in the dead-letter queue at once. The error quotes at most
+/// a short excerpt of any input value.
 pub fn decode(
+    exchange: &str,
+    routing_key: &str,
+    message: &Message,
+    attempt: u32,
+) -> Result<Event, EnvelopeError> {
+    decode_unbounded(exchange, routing_key, message, attempt).map_err(EnvelopeError::bounded)
+}
+
+fn decode_unbounded(
     exchange: &str,
     routing_key: &str,
     message: &Message,
@@ -337,6 +392,14 @@ pub fn encode_output(
 ///   new UUIDv7 as `message_id`. Without a content type, or with a JSON one, it is
 ///   refused.
 pub fn ingress_message(
+    routing_key: &str,
+    body: &[u8],
+    content_type: Option<&str>,
+) -> Result<(Message, String), EnvelopeError> {
+    ingress_unbounded(routing_key, body, content_type).map_err(EnvelopeError::bounded)
+}
+
+fn ingress_unbounded(
     routing_key: &str,
     body: &[u8],
     content_type: Option<&str>,
