@@ -47,6 +47,13 @@
 //!    silently turning it into raw would change its kind and its data.
 //! 4. Anything else → raw.
 //!
+//! # Memory
+//!
+//! An input's `data` (and seed metadata, CloudEvents extensions) is passed on as
+//! the JSON text it arrived as, never parsed into a tree: a tree of a 16 MiB array
+//! of small numbers takes over 600 MiB, so one such message could take a replica's
+//! memory. Bodies are read one level deep ([`RawObject`]).
+//!
 //! # Headers and hops
 //!
 //! Whatever the format, the event's headers are the format's own metadata (seed
@@ -65,8 +72,12 @@ mod seed;
 #[cfg(test)]
 mod tests;
 
+use std::collections::BTreeMap;
+
 use bytes::Bytes;
+use serde::de::IgnoredAny;
 use serde_json::Value;
+use serde_json::value::RawValue;
 use uuid::Uuid;
 
 pub use seed::{Envelope, output_envelope};
@@ -276,8 +287,8 @@ fn decode_unbounded(
         .any(|(name, _)| cloudevents::attribute_name(name).is_some())
     {
         cloudevents::binary(message, exchange, attempt)?
-    } else if let Some(object) = seed::probe(&message.body) {
-        seed::decode(object, exchange, attempt)?
+    } else if seed::probe(&message.body) {
+        seed::decode(&message.body, exchange, attempt)?
     } else {
         raw::decode(routing_key, message, exchange, attempt)?
     };
@@ -476,6 +487,60 @@ pub fn output_id(input_id: &str, plugin: &str, index: usize) -> String {
 /// The current time, RFC 3339 in UTC with milliseconds.
 pub fn now_rfc3339() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+/// The members of a JSON object, each value kept as the JSON text it arrived as.
+///
+/// Bodies are read one level deep and no further: the values that can be large
+/// (`data`, metadata, extensions) are passed on as text, and parsing them into
+/// `serde_json::Value` trees only to print them again would cost up to forty
+/// times their size — a 16 MiB array of small numbers takes over 600 MiB.
+/// Duplicate names: the last one counts, as with `Value`.
+type RawObject<'a> = BTreeMap<String, &'a RawValue>;
+
+/// The object in `body`; `Err` says why it is none: it is not JSON (serde's
+/// message), or it is JSON of another kind (`"the body is an array"`).
+fn raw_object(body: &[u8]) -> Result<RawObject<'_>, String> {
+    let first = body.iter().find(|b| !b.is_ascii_whitespace());
+    if first != Some(&b'{') {
+        return match serde_json::from_slice::<IgnoredAny>(body) {
+            Ok(_) => {
+                let kind = first.map_or("null", |b| first_byte_type(*b));
+                Err(format!("the body is {kind}"))
+            }
+            Err(e) => Err(e.to_string()),
+        };
+    }
+    serde_json::from_slice(body).map_err(|e| e.to_string())
+}
+
+/// What kind of JSON value `raw` is, for error messages.
+fn raw_type(raw: &RawValue) -> &'static str {
+    raw.get().bytes().next().map_or("null", first_byte_type)
+}
+
+fn first_byte_type(first: u8) -> &'static str {
+    match first {
+        b'{' => "an object",
+        b'[' => "an array",
+        b'"' => "a string",
+        b't' | b'f' => "a boolean",
+        b'n' => "null",
+        _ => "a number",
+    }
+}
+
+fn is_null(raw: &RawValue) -> bool {
+    raw.get() == "null"
+}
+
+/// A string's text, unescaped; any other value's JSON text as it arrived.
+fn raw_text(raw: &RawValue) -> Result<String, serde_json::Error> {
+    if raw.get().starts_with('"') {
+        serde_json::from_str(raw.get())
+    } else {
+        Ok(raw.get().to_owned())
+    }
 }
 
 /// A content type without its parameters: `text/plain; charset=utf-8` → `text/plain`.
