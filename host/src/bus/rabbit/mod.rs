@@ -674,6 +674,22 @@ fn record_published(
     unroutable
 }
 
+/// Whether every message of `batch` has properties and headers that fit in one
+/// frame (`limit` bytes); `Err` says which does not.
+fn fits(batch: &[Outgoing], limit: usize) -> Result<(), String> {
+    for out in batch {
+        let len = amqp::header_len(&out.message);
+        if len > limit {
+            return Err(format!(
+                "a message to exchange {:?} with routing key {:?} has {len} bytes of \
+                 properties and headers, more than one AMQP frame holds ({limit})",
+                out.exchange, out.routing_key
+            ));
+        }
+    }
+    Ok(())
+}
+
 enum PublishError {
     /// The broker said no (nack): trying again now would not help.
     Refused(String),
@@ -696,16 +712,7 @@ async fn publish_on(
     // Checked before anything is sent: the batch goes whole or not at all, and
     // a header the broker cannot take would close the whole connection.
     let limit = amqp::header_limit(session.connection.configuration().frame_max());
-    for out in batch {
-        let len = amqp::header_len(&out.message);
-        if len > limit {
-            return Err(PublishError::TooLarge(format!(
-                "a message to exchange {:?} with routing key {:?} has {len} bytes of \
-                 properties and headers, more than one AMQP frame holds ({limit})",
-                out.exchange, out.routing_key
-            )));
-        }
-    }
+    fits(batch, limit).map_err(PublishError::TooLarge)?;
     let mut confirms = Vec::with_capacity(batch.len());
     for out in batch {
         let properties = amqp::properties(&out.message, &[]);
@@ -935,6 +942,12 @@ impl Bus for RabbitBus {
                 drop(exchanges);
                 return Err(Box::new((delivery, BusError::NoSuchExchange(missing))));
             }
+        }
+        // Refused here, not in the task below: a batch that can never be sent
+        // is a failure of the input (retried, then dead-lettered with the
+        // reason), not something to put back in the queue and try again at once.
+        if let Err(why) = fits(&batch, self.inner.header_limit()) {
+            return Err(Box::new((delivery, BusError::TooLarge(why))));
         }
         let Delivery { delivered, settle } = delivery;
         let settle = match settle.into_any().downcast::<RabbitSettle>() {
