@@ -35,6 +35,20 @@ impl Replica {
         args: &[&str],
         env: &[(&str, &str)],
     ) -> Self {
+        let replica = Self::launch(router_toml, plugins, args, env);
+        replica.wait_ready(Duration::from_secs(60));
+        replica
+    }
+
+    /// [`Replica::start_with`] without waiting for anything: for a process
+    /// that is not meant to get ready (say, its broker is unreachable). The
+    /// environment has no `RABBITMQ_URL` or `REDIS_URL` but those in `env`.
+    pub fn launch(
+        router_toml: &str,
+        plugins: &[(&str, &str)],
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("plugins")).unwrap();
         for (file, component) in plugins {
@@ -48,21 +62,39 @@ impl Replica {
             .arg("--config")
             .arg(dir.path().join("router.toml"))
             .args(args)
-            .envs(env.iter().copied())
-            .env("SWITCHBOARD_HTTP_LISTEN", format!("127.0.0.1:{port}"))
             .env_remove("RABBITMQ_URL")
             .env_remove("REDIS_URL")
+            .envs(env.iter().copied())
+            .env("SWITCHBOARD_HTTP_LISTEN", format!("127.0.0.1:{port}"))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .unwrap();
-        let replica = Self {
+        Self {
             child: Some(child),
             url: format!("http://127.0.0.1:{port}"),
             dir,
-        };
-        replica.wait_ready(Duration::from_secs(60));
-        replica
+        }
+    }
+
+    /// Waits until `/healthz` answers (the process serves HTTP).
+    pub fn wait_alive(&self, timeout: Duration) {
+        let until = Instant::now() + timeout;
+        while !self.is_healthy() {
+            assert!(
+                Instant::now() < until,
+                "the replica never answered /healthz; its log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Whether `/healthz` answers 200 now.
+    pub fn is_healthy(&self) -> bool {
+        ureq::get(format!("{}/healthz", self.url))
+            .call()
+            .is_ok_and(|r| r.status() == 200)
     }
 
     fn wait_ready(&self, timeout: Duration) {
@@ -97,6 +129,32 @@ impl Replica {
             .find(|p| p["name"] == plugin)
             .map(|p| p["dispatch"].clone())
             .unwrap_or(Value::Null)
+    }
+
+    /// The process id (the same for as long as the process lives).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    }
+
+    /// The most memory the process has held so far (`VmHWM`, resident set
+    /// high-water mark), in bytes; `None` once it has exited or off Linux.
+    pub fn peak_rss(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
+        let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kib * 1024)
+    }
+
+    /// Its folder: `router.toml`, `plugins/`, the log.
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
     }
 
     /// Everything it logged so far.
