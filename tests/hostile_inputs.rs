@@ -22,6 +22,7 @@ use serde_json::{Value, json};
 use switchboard::runtime::MAX_REASON;
 use switchboard_tests::broker::{Amqp, Confirmed, Publish, Received, TestVhost, require_broker};
 use switchboard_tests::process::Replica;
+use switchboard_tests::wait_until;
 
 /// 16 MiB: the size of the largest bodies sent.
 const HUGE: usize = 16 << 20;
@@ -627,15 +628,6 @@ fn hostile_messages() -> Vec<Hostile> {
     bad_cloudevents(&mut all);
     bad_hops(&mut all);
     all
-}
-
-/// Waits until `check` holds, at most `timeout`.
-fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
-    let until = Instant::now() + timeout;
-    while !check() {
-        assert!(Instant::now() < until, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 fn mib(bytes: u64) -> f64 {

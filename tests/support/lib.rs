@@ -116,3 +116,16 @@ pub fn terminate(child: &mut std::process::Child, grace: std::time::Duration) {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// Waits until `check` holds, polling every 50 ms; fails naming `what` after
+/// `timeout`.
+pub fn wait_until(what: &str, timeout: std::time::Duration, mut check: impl FnMut() -> bool) {
+    let until = std::time::Instant::now() + timeout;
+    while !check() {
+        assert!(
+            std::time::Instant::now() < until,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
