@@ -52,7 +52,7 @@
 //! An input's `data` (and seed metadata, CloudEvents extensions) is passed on as
 //! the JSON text it arrived as, never parsed into a tree: a tree of a 16 MiB array
 //! of small numbers takes over 600 MiB, so one such message could take a replica's
-//! memory. Bodies are read one level deep ([`RawObject`]).
+//! memory. Bodies are read one level deep (`RawObject`).
 //!
 //! # Headers and hops
 //!
