@@ -11,6 +11,7 @@ use switchboard_tests::broker::{
     Amqp, Confirmed, Publish, SinkLife, TestVhost, ThrowawayNode, require_broker,
 };
 use switchboard_tests::running::start;
+use switchboard_tests::wait_until;
 
 fn config(url: &str) -> String {
     format!(
@@ -43,14 +44,6 @@ plugin = "worker"
 
 fn envelope(id: &str, kind: &str) -> Value {
     json!({"id": id, "type": kind, "source": "tests", "data": {"ms": 2}})
-}
-
-fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
-    let until = Instant::now() + timeout;
-    while !check() {
-        assert!(Instant::now() < until, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 #[test]

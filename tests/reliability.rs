@@ -21,6 +21,7 @@ use switchboard_tests::broker::{
 };
 use switchboard_tests::process::Replica;
 use switchboard_tests::running::{Running, start, start_in};
+use switchboard_tests::wait_until;
 use switchboard_tests::{wasm, with_custom_section};
 
 /// How many times the CI-sized load each scenario runs: `SWITCHBOARD_SOAK=10`
@@ -113,14 +114,6 @@ fn publish(amqp: &Amqp, ledger: &mut Ledger, prefix: &str, range: std::ops::Rang
             assert_eq!(confirmed, Confirmed::Routed, "{id} was not routed");
             ledger.published(id.as_str());
         }
-    }
-}
-
-fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
-    let until = Instant::now() + timeout;
-    while !check() {
-        assert!(Instant::now() < until, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

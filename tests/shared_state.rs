@@ -11,6 +11,7 @@ use switchboard_tests::broker::{Amqp, Confirmed, Publish, SinkLife, TestVhost, r
 use switchboard_tests::process::Replica;
 use switchboard_tests::redis::{RedisNamespace, ThrowawayRedis, require_redis};
 use switchboard_tests::running::start;
+use switchboard_tests::wait_until;
 
 /// billing on `payments` (bills and payments), its outputs on `bills`.
 fn config(amqp_url: &str, kv_table: &str, concurrency: u32) -> String {
@@ -50,14 +51,6 @@ fn publish(amqp: &Amqp, id: &str, kind: &str, data: Value) {
         Confirmed::Routed,
         "{id} was not routed"
     );
-}
-
-fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
-    let until = Instant::now() + timeout;
-    while !check() {
-        assert!(Instant::now() < until, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// The stored bill, as JSON.

@@ -79,16 +79,15 @@ fn main() -> ExitCode {
             config,
             drain_timeout,
         } => cli::run::run(&config, drain_timeout).map(|()| 0),
-        Command::Check(args) => cli::check::run(
-            &args,
-            &mut std::io::stdout().lock(),
-            &mut std::io::stderr().lock(),
-        ),
-        Command::Test(args) => cli::test::run(
-            &args,
-            &mut std::io::stdout().lock(),
-            &mut std::io::stderr().lock(),
-        ),
+        // Stderr unlocked: log lines go there too, from the threads that
+        // compile plugins, and a lock held for the whole command would leave
+        // them (and the command, waiting for them) stuck.
+        Command::Check(args) => {
+            cli::check::run(&args, &mut std::io::stdout().lock(), &mut std::io::stderr())
+        }
+        Command::Test(args) => {
+            cli::test::run(&args, &mut std::io::stdout().lock(), &mut std::io::stderr())
+        }
         Command::Publish(args) => cli::broker::publish(&args, &mut std::io::stdout().lock()),
         Command::Tail(args) => cli::broker::tail(&args, &mut std::io::stdout().lock()),
         Command::Dlq(command) => cli::broker::dlq(&command, &mut std::io::stdout().lock()),

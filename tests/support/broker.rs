@@ -366,7 +366,7 @@ impl Drop for ThrowawayNode {
 }
 
 /// A port nobody listens on right now (the OS picks it).
-pub(crate) fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
         .and_then(|l| l.local_addr())
         .map(|a| a.port())

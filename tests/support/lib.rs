@@ -142,3 +142,16 @@ pub fn with_custom_section(component: &[u8], name: &str, payload: &[u8]) -> Vec<
     bytes.extend_from_slice(&content);
     bytes
 }
+
+/// Waits until `check` holds, polling every 50 ms; fails naming `what` after
+/// `timeout`.
+pub fn wait_until(what: &str, timeout: std::time::Duration, mut check: impl FnMut() -> bool) {
+    let until = std::time::Instant::now() + timeout;
+    while !check() {
+        assert!(
+            std::time::Instant::now() < until,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}

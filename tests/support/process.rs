@@ -38,6 +38,20 @@ impl Replica {
         args: &[&str],
         env: &[(&str, &str)],
     ) -> Self {
+        let replica = Self::launch(router_toml, plugins, args, env);
+        replica.wait_ready(Duration::from_secs(60));
+        replica
+    }
+
+    /// [`Replica::start_with`] without waiting for anything: for a process
+    /// that is not meant to get ready (say, its broker is unreachable). The
+    /// environment has no `RABBITMQ_URL` or `REDIS_URL` but those in `env`.
+    pub fn launch(
+        router_toml: &str,
+        plugins: &[(&str, &str)],
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("plugins")).unwrap();
         for (file, component) in plugins {
@@ -57,7 +71,6 @@ impl Replica {
                 .collect(),
         };
         replica.spawn();
-        replica.wait_ready(Duration::from_secs(60));
         replica
     }
 
@@ -73,13 +86,13 @@ impl Replica {
             .arg("--config")
             .arg(self.dir.path().join("router.toml"))
             .args(&self.args)
+            .env_remove("RABBITMQ_URL")
+            .env_remove("REDIS_URL")
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env(
                 "SWITCHBOARD_HTTP_LISTEN",
                 format!("127.0.0.1:{}", self.port),
             )
-            .env_remove("RABBITMQ_URL")
-            .env_remove("REDIS_URL")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -92,7 +105,23 @@ impl Replica {
         self.child.as_ref().map(Child::id)
     }
 
-    /// The folder it runs in (`router.toml`, `plugins/`, `state/`).
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    }
+
+    /// The most memory the process has held so far (`VmHWM`, resident set
+    /// high-water mark), in bytes; `None` once it has exited or off Linux.
+    pub fn peak_rss(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
+        let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kib * 1024)
+    }
+
+    /// The folder it runs in (`router.toml`, `plugins/`, `state/`, the log).
     pub fn dir(&self) -> &std::path::Path {
         self.dir.path()
     }
@@ -111,6 +140,26 @@ impl Replica {
         assert!(self.child.is_none(), "stop or kill the replica first");
         self.spawn();
         self.wait_ready(Duration::from_secs(60));
+    }
+
+    /// Waits until `/healthz` answers (the process serves HTTP).
+    pub fn wait_alive(&self, timeout: Duration) {
+        let until = Instant::now() + timeout;
+        while !self.is_healthy() {
+            assert!(
+                Instant::now() < until,
+                "the replica never answered /healthz; its log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Whether `/healthz` answers 200 now.
+    pub fn is_healthy(&self) -> bool {
+        ureq::get(format!("{}/healthz", self.url))
+            .call()
+            .is_ok_and(|r| r.status() == 200)
     }
 
     /// Whether `/readyz` answers 200.

@@ -208,6 +208,10 @@ pub enum BusError {
     /// The broker refused a declaration (the message says what to do).
     #[error("{0}")]
     Topology(String),
+    /// A message the broker cannot take (say, headers larger than one AMQP
+    /// frame): publishing it again would not help.
+    #[error("{0}")]
+    TooLarge(String),
     /// No queue is bound for a message and the policy says that is a failure.
     #[error("no queue is bound to exchange {exchange:?} for routing key {routing_key:?}")]
     Unroutable {

@@ -15,11 +15,10 @@
 //! under their own names.
 
 use base64::Engine as _;
-use serde_json::Value;
 
 use super::{
-    CloudEventsMode, Decoded, EnvelopeError, JSON, OCTET_STREAM, essence, is_json, now_rfc3339,
-    parse_hops, raw,
+    CloudEventsMode, Decoded, EnvelopeError, JSON, OCTET_STREAM, essence, is_json, is_null,
+    now_rfc3339, parse_hops, raw, raw_object, raw_text, raw_type,
 };
 use crate::bus::Message;
 use crate::runtime::Event;
@@ -83,36 +82,30 @@ pub(super) fn attribute_name(header: &str) -> Option<&str> {
 /// `data` is the JSON text of the value when `datacontenttype` is JSON or absent,
 /// the string's bytes when it names another type and the value is a string;
 /// `data_base64` is decoded. A `null` attribute counts as absent (JSON format §2.3).
+/// Extension attributes that are not strings become their JSON text, as sent.
 pub(super) fn structured(
     body: &[u8],
     exchange: &str,
     attempt: u32,
 ) -> Result<Decoded, EnvelopeError> {
-    let mut object = match serde_json::from_slice::<Value>(body) {
-        Ok(Value::Object(object)) => object,
-        Ok(other) => {
-            return Err(EnvelopeError::NotAnObject(format!(
-                "the body is {}",
-                json_type(&other)
-            )));
-        }
-        Err(e) => return Err(EnvelopeError::NotAnObject(e.to_string())),
-    };
-    let data = object.remove("data").filter(|v| !v.is_null());
-    let data_base64 = object.remove("data_base64").filter(|v| !v.is_null());
+    let mut object = raw_object(body).map_err(EnvelopeError::NotAnObject)?;
+    let data = object.remove("data").filter(|v| !is_null(v));
+    let data_base64 = object.remove("data_base64").filter(|v| !is_null(v));
     let mut attributes = Vec::with_capacity(object.len());
     for (name, value) in object {
-        let text = match value {
-            Value::Null => continue,
-            Value::String(text) => text,
-            other if STRING_ATTRIBUTES.contains(&name.as_str()) => {
-                return Err(EnvelopeError::BadAttribute {
-                    problem: format!("must be a string, not {}", json_type(&other)),
-                    name,
-                });
-            }
-            other => other.to_string(),
-        };
+        if is_null(value) {
+            continue;
+        }
+        if STRING_ATTRIBUTES.contains(&name.as_str()) && !value.get().starts_with('"') {
+            return Err(EnvelopeError::BadAttribute {
+                problem: format!("must be a string, not {}", raw_type(value)),
+                name,
+            });
+        }
+        let text = raw_text(value).map_err(|e| EnvelopeError::BadAttribute {
+            name: name.clone(),
+            problem: format!("is not a valid JSON string: {e}"),
+        })?;
         attributes.push((name, text));
     }
     let context = Context::parse(CloudEventsMode::Structured, attributes)?;
@@ -124,23 +117,32 @@ pub(super) fn structured(
                 problem: "cannot be given together with \"data\"".into(),
             });
         }
-        (None, Some(Value::String(b64))) => (
-            declared.unwrap_or_else(|| OCTET_STREAM.into()),
-            base64::engine::general_purpose::STANDARD
-                .decode(b64)
-                .map_err(|e| EnvelopeError::BadBase64(e.to_string()))?,
-        ),
+        (None, Some(b64)) if b64.get().starts_with('"') => {
+            let b64 = raw_text(b64).map_err(|e| EnvelopeError::BadBase64(e.to_string()))?;
+            (
+                declared.unwrap_or_else(|| OCTET_STREAM.into()),
+                base64::engine::general_purpose::STANDARD
+                    .decode(b64)
+                    .map_err(|e| EnvelopeError::BadBase64(e.to_string()))?,
+            )
+        }
         (None, Some(other)) => {
             return Err(EnvelopeError::BadAttribute {
                 name: "data_base64".into(),
-                problem: format!("must be a string, not {}", json_type(&other)),
+                problem: format!("must be a string, not {}", raw_type(other)),
             });
         }
         (Some(value), None) => {
             let content_type = declared.unwrap_or_else(|| JSON.into());
-            let data = match value {
-                Value::String(text) if !is_json(&content_type) => text.into_bytes(),
-                other => other.to_string().into_bytes(),
+            let data = if value.get().starts_with('"') && !is_json(&content_type) {
+                raw_text(value)
+                    .map_err(|e| EnvelopeError::BadAttribute {
+                        name: "data".into(),
+                        problem: format!("is not a valid JSON string: {e}"),
+                    })?
+                    .into_bytes()
+            } else {
+                value.get().as_bytes().to_vec()
             };
             (content_type, data)
         }
@@ -304,18 +306,6 @@ fn required(
             problem: "is empty".into(),
         }),
         Some(value) => Ok(value),
-    }
-}
-
-/// What kind of JSON value this is, for error messages.
-fn json_type(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
     }
 }
 

@@ -48,6 +48,13 @@
 //!    silently turning it into raw would change its kind and its data.
 //! 4. Anything else → raw.
 //!
+//! # Memory
+//!
+//! An input's `data` (and seed metadata, CloudEvents extensions) is passed on as
+//! the JSON text it arrived as, never parsed into a tree: a tree of a 16 MiB array
+//! of small numbers takes over 600 MiB, so one such message could take a replica's
+//! memory. Bodies are read one level deep (`RawObject`).
+//!
 //! # Headers and hops
 //!
 //! Whatever the format, the event's headers are the format's own metadata (seed
@@ -66,8 +73,12 @@ mod seed;
 #[cfg(test)]
 mod tests;
 
+use std::collections::BTreeMap;
+
 use bytes::Bytes;
+use serde::de::IgnoredAny;
 use serde_json::Value;
+use serde_json::value::RawValue;
 use uuid::Uuid;
 
 pub use seed::{Envelope, output_envelope};
@@ -173,6 +184,51 @@ pub enum EnvelopeError {
     Unserializable(String),
 }
 
+/// Longest piece of an input that an [`EnvelopeError`] quotes, in bytes.
+const QUOTE_MAX: usize = 200;
+
+impl EnvelopeError {
+    /// The same error with every piece of input it quotes cut to [`QUOTE_MAX`]
+    /// bytes: a hop count or a `specversion` may be a mebibyte long, and the
+    /// error goes to logs, dead-letter headers and HTTP replies.
+    fn bounded(self) -> Self {
+        let cut = |text: String| match crate::runtime::excerpt(&text, QUOTE_MAX) {
+            std::borrow::Cow::Borrowed(_) => text,
+            std::borrow::Cow::Owned(cut) => cut,
+        };
+        match self {
+            Self::Malformed(e) => Self::Malformed(cut(e)),
+            Self::BadBase64(e) => Self::BadBase64(cut(e)),
+            Self::BadHops(text) => Self::BadHops(cut(text)),
+            Self::UnsupportedFormat(ct) => Self::UnsupportedFormat(cut(ct)),
+            Self::NotAnObject(e) => Self::NotAnObject(cut(e)),
+            Self::UnsupportedSpecVersion(v) => Self::UnsupportedSpecVersion(cut(v)),
+            Self::BadAttribute { name, problem } => Self::BadAttribute {
+                name: cut(name),
+                problem: cut(problem),
+            },
+            Self::NotJson {
+                content_type,
+                error,
+            } => Self::NotJson {
+                content_type: cut(content_type),
+                error: cut(error),
+            },
+            Self::OutputNotJson { index, kind, error } => Self::OutputNotJson {
+                index,
+                kind: cut(kind),
+                error: cut(error),
+            },
+            Self::Unserializable(e) => Self::Unserializable(cut(e)),
+            other @ (Self::EmptyKind
+            | Self::EmptyRoutingKey
+            | Self::BatchUnsupported
+            | Self::MissingAttribute { .. }
+            | Self::NoContentType) => other,
+        }
+    }
+}
+
 /// How a CloudEvent was carried, for error messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CloudEventsMode {
@@ -205,8 +261,18 @@ struct Decoded {
 /// and `event.attempt` are the arguments; the kind is the envelope's `type`
 /// (routing key for raw bodies), which need not equal the routing key. Malformed
 /// input is an [`EnvelopeError`], never a panic: such a message can never be
-/// handled and belongs in the dead-letter queue at once.
+/// handled and belongs in the dead-letter queue at once. The error quotes at most
+/// a short excerpt of any input value.
 pub fn decode(
+    exchange: &str,
+    routing_key: &str,
+    message: &Message,
+    attempt: u32,
+) -> Result<Event, EnvelopeError> {
+    decode_unbounded(exchange, routing_key, message, attempt).map_err(EnvelopeError::bounded)
+}
+
+fn decode_unbounded(
     exchange: &str,
     routing_key: &str,
     message: &Message,
@@ -222,8 +288,8 @@ pub fn decode(
         .any(|(name, _)| cloudevents::attribute_name(name).is_some())
     {
         cloudevents::binary(message, exchange, attempt)?
-    } else if let Some(object) = seed::probe(&message.body) {
-        seed::decode(object, exchange, attempt)?
+    } else if seed::probe(&message.body) {
+        seed::decode(&message.body, exchange, attempt)?
     } else {
         raw::decode(routing_key, message, exchange, attempt)?
     };
@@ -342,6 +408,14 @@ pub fn ingress_message(
     body: &[u8],
     content_type: Option<&str>,
 ) -> Result<(Message, String), EnvelopeError> {
+    ingress_unbounded(routing_key, body, content_type).map_err(EnvelopeError::bounded)
+}
+
+fn ingress_unbounded(
+    routing_key: &str,
+    body: &[u8],
+    content_type: Option<&str>,
+) -> Result<(Message, String), EnvelopeError> {
     let content_type = content_type.map(str::trim).filter(|ct| !ct.is_empty());
     let structured = match content_type {
         Some(ct) => cloudevents::is_structured(ct)?,
@@ -414,6 +488,60 @@ pub fn output_id(input_id: &str, plugin: &str, index: usize) -> String {
 /// The current time, RFC 3339 in UTC with milliseconds.
 pub fn now_rfc3339() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+/// The members of a JSON object, each value kept as the JSON text it arrived as.
+///
+/// Bodies are read one level deep and no further: the values that can be large
+/// (`data`, metadata, extensions) are passed on as text, and parsing them into
+/// `serde_json::Value` trees only to print them again would cost up to forty
+/// times their size — a 16 MiB array of small numbers takes over 600 MiB.
+/// Duplicate names: the last one counts, as with `Value`.
+type RawObject<'a> = BTreeMap<String, &'a RawValue>;
+
+/// The object in `body`; `Err` says why it is none: it is not JSON (serde's
+/// message), or it is JSON of another kind (`"the body is an array"`).
+fn raw_object(body: &[u8]) -> Result<RawObject<'_>, String> {
+    let first = body.iter().find(|b| !b.is_ascii_whitespace());
+    if first != Some(&b'{') {
+        return match serde_json::from_slice::<IgnoredAny>(body) {
+            Ok(_) => {
+                let kind = first.map_or("null", |b| first_byte_type(*b));
+                Err(format!("the body is {kind}"))
+            }
+            Err(e) => Err(e.to_string()),
+        };
+    }
+    serde_json::from_slice(body).map_err(|e| e.to_string())
+}
+
+/// What kind of JSON value `raw` is, for error messages.
+fn raw_type(raw: &RawValue) -> &'static str {
+    raw.get().bytes().next().map_or("null", first_byte_type)
+}
+
+fn first_byte_type(first: u8) -> &'static str {
+    match first {
+        b'{' => "an object",
+        b'[' => "an array",
+        b'"' => "a string",
+        b't' | b'f' => "a boolean",
+        b'n' => "null",
+        _ => "a number",
+    }
+}
+
+fn is_null(raw: &RawValue) -> bool {
+    raw.get() == "null"
+}
+
+/// A string's text, unescaped; any other value's JSON text as it arrived.
+fn raw_text(raw: &RawValue) -> Result<String, serde_json::Error> {
+    if raw.get().starts_with('"') {
+        serde_json::from_str(raw.get())
+    } else {
+        Ok(raw.get().to_owned())
+    }
 }
 
 /// A content type without its parameters: `text/plain; charset=utf-8` → `text/plain`.

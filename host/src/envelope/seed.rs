@@ -14,9 +14,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
+use serde_json::value::RawValue;
+
 use super::{
     Decoded, EnvelopeError, HOPS_HEADER, JSON, OCTET_STREAM, SOURCE_HEADER, hops, is_json,
-    now_rfc3339, output_id,
+    now_rfc3339, output_id, raw_object, raw_text,
 };
 use crate::runtime::{Event, Output};
 
@@ -144,31 +146,104 @@ pub(super) fn is_envelope(object: &Map<String, Value>) -> bool {
     object.get("type").is_some_and(Value::is_string)
 }
 
-/// The object of a body that looks like a seed envelope, without parsing bodies
-/// that cannot be one (the first byte that is not white space must be `{`).
-pub(super) fn probe(body: &[u8]) -> Option<Map<String, Value>> {
-    let first = body.iter().find(|b| !b.is_ascii_whitespace())?;
-    if *first != b'{' {
-        return None;
-    }
-    match serde_json::from_slice(body) {
-        Ok(Value::Object(object)) if is_envelope(&object) => Some(object),
-        _ => None,
-    }
+/// Whether a body looks like a seed envelope: UTF-8 JSON, an object, with a
+/// string `type`. Its values are skipped, not built.
+pub(super) fn probe(body: &[u8]) -> bool {
+    std::str::from_utf8(body).is_ok()
+        && raw_object(body).is_ok_and(|object| {
+            object
+                .get("type")
+                .is_some_and(|kind| kind.get().starts_with('"'))
+        })
 }
 
-/// The event for a seed envelope delivered on a bus. The envelope's `hops` is
-/// handed back apart so that a `switchboard-hops` message header can override it.
-pub(super) fn decode(
-    object: Map<String, Value>,
-    exchange: &str,
-    attempt: u32,
-) -> Result<Decoded, EnvelopeError> {
-    let mut envelope = Envelope::from_value(Value::Object(object))?;
-    let hops = envelope.hops.take();
+/// A seed envelope as it arrives on a bus: the fields of [`Envelope`], with
+/// `data` and the `metadata` values kept as the JSON text they arrived as (see
+/// `RawObject` in the module above: they may be large).
+#[derive(Deserialize)]
+struct Incoming<'a> {
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    source: Option<String>,
+    #[serde(default)]
+    timestamp: Option<String>,
+    #[serde(default)]
+    tenant_id: Option<String>,
+    #[serde(default)]
+    correlation_id: Option<String>,
+    #[serde(default)]
+    causation_id: Option<String>,
+    #[serde(default)]
+    hops: Option<u32>,
+    #[serde(default)]
+    content_type: Option<String>,
+    #[serde(default, borrow)]
+    data: Option<&'a RawValue>,
+    #[serde(default)]
+    data_base64: Option<String>,
+    #[serde(default, borrow)]
+    metadata: BTreeMap<String, &'a RawValue>,
+}
+
+/// The event for the seed envelope in `body`, delivered on a bus; as
+/// [`Envelope::into_event`] would make it, except that JSON data and metadata
+/// values that are not strings are passed on as the text they arrived as. The
+/// envelope's `hops` is handed back apart so that a `switchboard-hops` message
+/// header can override it.
+pub(super) fn decode(body: &[u8], exchange: &str, attempt: u32) -> Result<Decoded, EnvelopeError> {
+    let envelope: Incoming<'_> =
+        serde_json::from_slice(body).map_err(|e| EnvelopeError::Malformed(e.to_string()))?;
+    if envelope.kind.is_empty() {
+        return Err(EnvelopeError::EmptyKind);
+    }
+    let malformed = |e: serde_json::Error| EnvelopeError::Malformed(e.to_string());
+    let (content_type, data) = match (envelope.data_base64, envelope.content_type) {
+        (Some(b64), content_type) => (
+            content_type.unwrap_or_else(|| OCTET_STREAM.into()),
+            base64::engine::general_purpose::STANDARD
+                .decode(b64)
+                .map_err(|e| EnvelopeError::BadBase64(e.to_string()))?,
+        ),
+        (None, Some(content_type)) if !is_json(&content_type) => {
+            let data = match envelope.data {
+                Some(data) => raw_text(data).map_err(malformed)?.into_bytes(),
+                None => b"null".to_vec(),
+            };
+            (content_type, data)
+        }
+        (None, content_type) => (
+            content_type.unwrap_or_else(|| JSON.into()),
+            envelope
+                .data
+                .map_or("null", RawValue::get)
+                .as_bytes()
+                .to_vec(),
+        ),
+    };
+    let headers = envelope
+        .metadata
+        .into_iter()
+        .map(|(k, v)| Ok((k, raw_text(v).map_err(malformed)?)))
+        .collect::<Result<Vec<_>, EnvelopeError>>()?;
     Ok(Decoded {
-        event: envelope.into_event(exchange, attempt)?,
-        hops,
+        event: Event {
+            id: envelope.id.unwrap_or_else(|| Uuid::now_v7().to_string()),
+            kind: envelope.kind,
+            exchange: exchange.into(),
+            attempt,
+            source: envelope.source.unwrap_or_default(),
+            time: envelope.timestamp.unwrap_or_else(now_rfc3339),
+            correlation_id: envelope.correlation_id,
+            causation_id: envelope.causation_id,
+            tenant_id: envelope.tenant_id,
+            content_type,
+            data,
+            headers,
+        },
+        hops: envelope.hops,
     })
 }
 
@@ -428,12 +503,54 @@ mod tests {
 
     #[test]
     fn probe_only_takes_objects_with_a_string_type() {
-        assert!(probe(br#"  {"type":"a.b","data":1}"#).is_some());
-        assert!(probe(br#"{"type":1}"#).is_none());
-        assert!(probe(br#"{"kind":"a.b"}"#).is_none());
-        assert!(probe(br#"[{"type":"a.b"}]"#).is_none());
-        assert!(probe(b"{not json").is_none());
-        assert!(probe(b"").is_none());
+        assert!(probe(br#"  {"type":"a.b","data":1}"#));
+        assert!(!probe(br#"{"type":1}"#));
+        assert!(!probe(br#"{"kind":"a.b"}"#));
+        assert!(!probe(br#"[{"type":"a.b"}]"#));
+        assert!(!probe(b"{not json"));
+        assert!(!probe(b""));
+        // The last of a repeated name counts, as in any JSON object.
+        assert!(probe(br#"{"type":1,"type":"a.b"}"#));
+        assert!(!probe(br#"{"type":"a.b","type":null}"#));
+        // Not UTF-8: not JSON, so not an envelope (a raw body).
+        assert!(!probe(b"{\"type\":\"a.b\",\"data\":\"\xff\"}"));
+    }
+
+    #[test]
+    fn data_and_metadata_are_passed_on_as_they_arrived_without_building_them() {
+        // Eight million numbers: as `Value`s they would take hundreds of MiB.
+        let mut body = br#"{"type":"a.b","metadata":{"n":[1, 2],"s":"t\u00e9"},"data":[0"#.to_vec();
+        for _ in 0..(8 << 20) / 2 {
+            body.extend_from_slice(b",0");
+        }
+        body.extend_from_slice(b"]}");
+        assert!(probe(&body));
+        let event = decode(&body, "ex", 1).unwrap().event;
+        assert_eq!(event.content_type, JSON);
+        assert_eq!(
+            event.data.len(),
+            body.len()
+                - br#"{"type":"a.b","metadata":{"n":[1, 2],"s":"t\u00e9"},"data":"#.len()
+                - 1
+        );
+        assert!(event.data.starts_with(b"[0,0,") && event.data.ends_with(b",0]"));
+        assert_eq!(
+            event.headers,
+            [
+                ("n".to_string(), "[1, 2]".to_string()),
+                ("s".to_string(), "t\u{e9}".to_string())
+            ]
+        );
+        // Text data for a declared non-JSON type is the string itself.
+        let text = decode(
+            br#"{"type":"a","content_type":"text/plain","data":"h\u00e9"}"#,
+            "ex",
+            1,
+        )
+        .unwrap();
+        assert_eq!(text.event.data, "h\u{e9}".as_bytes());
+        let absent = decode(br#"{"type":"a"}"#, "ex", 1).unwrap();
+        assert_eq!(absent.event.data, b"null");
     }
 
     #[test]

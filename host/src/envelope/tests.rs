@@ -1009,3 +1009,41 @@ proptest! {
         }
     }
 }
+
+// --- Input quoted in errors is cut short ---------------------------------------
+
+#[test]
+fn errors_quote_at_most_an_excerpt_of_the_input() {
+    let long = "9".repeat(1 << 20);
+    let short = |err: EnvelopeError| {
+        let text = err.to_string();
+        assert!(text.len() < 400, "{} bytes: {}", text.len(), &text[..200]);
+        assert!(text.contains("more bytes)"), "{text}");
+    };
+    short(decode_err(&with_headers(
+        message(seed_body(), None),
+        &[(HOPS_HEADER, &long)],
+    )));
+    let structured = json!({"specversion": long, "id": "a", "source": "s", "type": "t"});
+    short(decode_err(&message(json_body(structured), Some(CE_JSON))));
+    let late = json!({"specversion": "1.0", "id": "a", "source": "s", "type": "t", "time": long});
+    short(decode_err(&message(json_body(late), Some(CE_JSON))));
+    // serde quotes the offending value too.
+    let seed = json!({"type": "t", "hops": long, "data": {}});
+    short(decode_err(&message(json_body(seed), None)));
+    let err = ingress_message(
+        "k",
+        long.as_bytes(),
+        Some(&format!("application/cloudevents+{long}")),
+    )
+    .unwrap_err();
+    short(err);
+    // Short input is quoted whole.
+    assert_eq!(
+        decode_err(&with_headers(
+            message(seed_body(), None),
+            &[(HOPS_HEADER, "many")]
+        )),
+        EnvelopeError::BadHops("many".into())
+    );
+}

@@ -28,7 +28,7 @@ use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConf
 pub use bindings::{Event, Output};
 pub use cache::CacheOutcome;
 pub use capability::kv::{MAX_KEY, MAX_VALUE};
-pub use failure::Failure;
+pub use failure::{Failure, MAX_REASON, excerpt};
 pub use limits::Limits;
 pub use plugin::Plugin;
 

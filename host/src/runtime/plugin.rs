@@ -105,9 +105,14 @@ impl Plugin {
     }
 
     /// Runs one event. `Ok` holds outputs that passed the host's checks; `Err` says
-    /// why the event failed. Whatever the guest does, the caller and every other
-    /// plugin carry on.
+    /// why the event failed, in at most [`MAX_REASON`](super::MAX_REASON) bytes
+    /// (a guest's reason may quote a whole input). Whatever the guest does, the
+    /// caller and every other plugin carry on.
     pub fn handle(&self, event: &Event) -> Result<Vec<Output>, Failure> {
+        self.run(event).map_err(Failure::bounded)
+    }
+
+    fn run(&self, event: &Event) -> Result<Vec<Output>, Failure> {
         let mut instance = match self.take_idle() {
             Some(instance) => instance,
             None => self.instantiate()?,

@@ -24,6 +24,16 @@ pub const DEAD_LETTERED_AT: &str = "switchboard-dead-lettered-at";
 /// or re-driven copy arrives through the default exchange.
 pub const EXCHANGE: &str = "switchboard-exchange";
 pub const ROUTING_KEY: &str = "switchboard-routing-key";
+/// How many of the message's own headers a moved copy left out, because with
+/// the router's headers added they no longer fitted in one AMQP frame.
+pub const DROPPED_HEADERS: &str = "switchboard-dropped-headers";
+
+/// Frame size assumed when the connection has not negotiated one (RabbitMQ's
+/// default `frame_max`).
+pub const DEFAULT_FRAME_MAX: u32 = 131_072;
+
+/// Bytes of a frame that are not payload: type, channel, size, end marker.
+const FRAME_OVERHEAD: usize = 8;
 
 /// Headers the router owns: replaced, not accumulated, on every move. The
 /// broker's own `x-death` history is dropped too, since the router's headers
@@ -44,6 +54,43 @@ fn owned(name: &str) -> bool {
         || name == "x-delivery-count"
         || name.starts_with("x-first-death-")
         || name.starts_with("x-last-death-")
+        || name == DROPPED_HEADERS
+}
+
+/// The most bytes a message's properties and headers may take with a
+/// negotiated `frame_max` (0: none negotiated). AMQP cannot split a content
+/// header across frames, and a broker that receives a larger one closes the
+/// whole connection.
+pub fn header_limit(frame_max: u32) -> usize {
+    let frame_max = if frame_max == 0 {
+        DEFAULT_FRAME_MAX
+    } else {
+        frame_max
+    };
+    usize::try_from(frame_max)
+        .unwrap_or(usize::MAX)
+        .saturating_sub(FRAME_OVERHEAD)
+}
+
+/// Bytes of the content header (class, body size, property flags, properties)
+/// that [`properties`] makes for `message`: every header a long string.
+pub fn header_len(message: &Message) -> usize {
+    // class, weight, body size, property flags, delivery mode, table length
+    const FIXED: usize = 2 + 2 + 8 + 2 + 1 + 4;
+    let short = |s: &Option<String>| s.as_ref().map_or(0, |s| 1 + s.len());
+    FIXED
+        + short(&message.content_type)
+        + short(&message.message_id)
+        + message
+            .headers
+            .iter()
+            .map(|(k, v)| entry_len(k, v))
+            .sum::<usize>()
+}
+
+/// Bytes of one header table entry: name, type tag, length, value.
+fn entry_len(name: &str, value: &str) -> usize {
+    1 + name.len() + 1 + 4 + value.len()
 }
 
 /// A header value as text: strings as they are, numbers and booleans printed,
@@ -168,15 +215,34 @@ pub fn properties(message: &Message, extra: &[(&str, String)]) -> BasicPropertie
 
 /// The message `delivered` as the router re-publishes it after a failure: the
 /// headers it owns replaced by `failure` (and `attempt` for the next try).
-pub fn moved(delivered: &Delivered, failure: &FailureInfo, next_attempt: Option<u32>) -> Message {
+///
+/// The copy must fit where the original did: its properties and headers within
+/// `limit` bytes ([`header_limit`]). The reason is cut to
+/// [`MAX_REASON`](crate::runtime::MAX_REASON) bytes, and if the router's headers
+/// still do not fit beside the message's own, the largest of those are left out
+/// (their number in [`DROPPED_HEADERS`]): a copy the broker refuses would close
+/// the connection and bring the same message back, forever.
+pub fn moved(
+    delivered: &Delivered,
+    failure: &FailureInfo,
+    next_attempt: Option<u32>,
+    limit: usize,
+) -> Message {
     let mut message = delivered.message.clone();
+    // Left out by an earlier move: still missing from this copy.
+    let earlier: usize = message
+        .header(DROPPED_HEADERS)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
     message.headers.retain(|(k, _)| !owned(k));
-    let mut add = |k: &str, v: String| message.headers.push((k.to_string(), v));
+    let reason = crate::runtime::excerpt(&failure.reason, crate::runtime::MAX_REASON);
+    let mut ours: Vec<(String, String)> = Vec::with_capacity(8);
+    let mut add = |k: &str, v: String| ours.push((k.to_string(), v));
     add(EXCHANGE, delivered.exchange.clone());
     add(ROUTING_KEY, delivered.routing_key.clone());
     add(FIRST_FAILURE, failure.first_failure.clone());
     add(ERROR_KIND, failure.kind.clone());
-    add(ERROR, failure.reason.clone());
+    add(ERROR, reason.into_owned());
     add(PLUGIN_VERSION, failure.plugin_version.clone());
     match next_attempt {
         Some(n) => add(ATTEMPT, n.to_string()),
@@ -185,6 +251,46 @@ pub fn moved(delivered: &Delivered, failure: &FailureInfo, next_attempt: Option<
             add(DEAD_LETTERED_AT, crate::envelope::now_rfc3339());
         }
     }
+    let added: usize = ours.iter().map(|(k, v)| entry_len(k, v)).sum::<usize>()
+        + entry_len(DROPPED_HEADERS, &message.headers.len().to_string());
+    let excess = (header_len(&message) + added).saturating_sub(limit);
+    let mut dropped = 0;
+    if excess > 0 {
+        // Largest first, so that as few as possible go.
+        let mut sizes: Vec<(usize, usize)> = message
+            .headers
+            .iter()
+            .enumerate()
+            .map(|(i, (k, v))| (entry_len(k, v), i))
+            .collect();
+        sizes.sort_unstable_by(|a, b| b.cmp(a));
+        let mut freed = 0;
+        let mut drop = vec![false; message.headers.len()];
+        for (size, i) in sizes {
+            if freed >= excess {
+                break;
+            }
+            freed += size;
+            drop[i] = true;
+        }
+        let mut index = 0;
+        message.headers.retain(|_| {
+            let keep = !drop[index];
+            index += 1;
+            keep
+        });
+        dropped = drop.iter().filter(|d| **d).count();
+        tracing::warn!(
+            dropped,
+            message_id = message.message_id.as_deref().unwrap_or(""),
+            "the message's headers and the router's do not fit in one AMQP frame; \
+             the largest of its own were left out of the moved copy"
+        );
+    }
+    if earlier + dropped > 0 {
+        ours.push((DROPPED_HEADERS.to_string(), (earlier + dropped).to_string()));
+    }
+    message.headers.extend(ours);
     message
 }
 
@@ -254,7 +360,7 @@ mod tests {
         };
         let d = delivered("payments", "payment.success", message);
         assert_eq!(d.attempt, 2);
-        let copy = moved(&d, &failure(), Some(3));
+        let copy = moved(&d, &failure(), Some(3), header_limit(0));
         let again = delivered("", "sb.billing", copy.clone());
         assert_eq!(again.exchange, "payments");
         assert_eq!(again.routing_key, "payment.success");
@@ -265,13 +371,90 @@ mod tests {
         assert_eq!(copy.header("x-death"), None);
         assert_eq!(copy.headers.iter().filter(|(k, _)| k == ATTEMPT).count(), 1);
 
-        let dead = moved(&d, &failure(), None);
+        let dead = moved(&d, &failure(), None, header_limit(0));
         let info = failure_of(&dead);
         assert_eq!(info, failure());
         let back = delivered("", "sb.billing", redriven(&dead));
         assert_eq!(back.attempt, 1);
         assert_eq!(back.first_failure, None);
         assert_eq!(back.exchange, "payments");
+    }
+
+    #[test]
+    fn a_moved_copy_fits_in_one_frame_whatever_the_original_and_the_reason() {
+        let limit = header_limit(0);
+        assert_eq!(
+            limit, 131_064,
+            "RabbitMQ's default frame_max less the frame's own bytes"
+        );
+        // Headers filling the frame all but a few bytes, as a producer may send.
+        let mut headers: Vec<(String, String)> = (0..10_000)
+            .map(|i| (format!("x{i:04}"), "v".to_string()))
+            .collect();
+        let mut message = Message {
+            body: Bytes::from_static(b"{}"),
+            message_id: Some("m-1".into()),
+            content_type: Some("application/json".into()),
+            headers: headers.clone(),
+        };
+        let room = limit - header_len(&message);
+        headers.push(("filler".into(), "f".repeat(room - entry_len("filler", ""))));
+        message.headers = headers;
+        assert_eq!(header_len(&message), limit, "the original fits exactly");
+        let d = delivered("events", "payment.success", message.clone());
+        let mut failure = failure();
+        failure.reason = "r".repeat(1 << 20);
+
+        for next in [Some(2), None] {
+            let copy = moved(&d, &failure, next, limit);
+            assert!(
+                header_len(&copy) <= limit,
+                "{} > {limit}",
+                header_len(&copy)
+            );
+            // The filler (the largest) made room; the rest are all there.
+            assert_eq!(copy.header("filler"), None);
+            assert_eq!(copy.header(DROPPED_HEADERS), Some("1"));
+            assert_eq!(copy.header("x9999"), Some("v"));
+            let reason = copy.header(ERROR).unwrap();
+            assert!(
+                reason.len() < crate::runtime::MAX_REASON + 32,
+                "{}",
+                reason.len()
+            );
+            assert_eq!(copy.body, message.body);
+            assert_eq!(copy.message_id.as_deref(), Some("m-1"));
+        }
+        // Moved again (re-driven, then failed): what is missing is still said, once.
+        let dead = moved(&d, &failure, None, limit);
+        let again = moved(&delivered("", "q", dead), &failure, None, limit);
+        assert!(header_len(&again) <= limit);
+        assert_eq!(
+            again
+                .headers
+                .iter()
+                .filter(|(k, _)| k == DROPPED_HEADERS)
+                .count(),
+            1
+        );
+        assert_eq!(again.header(DROPPED_HEADERS), Some("1"));
+        // Room to spare: nothing is left out.
+        let small = delivered("events", "k", Message::default());
+        let copy = moved(&small, &failure, None, limit);
+        assert_eq!(copy.header(DROPPED_HEADERS), None);
+    }
+
+    #[test]
+    fn header_len_counts_what_properties_encodes() {
+        let message = Message {
+            body: Bytes::from_static(b"x"),
+            content_type: Some("text/plain".into()),
+            message_id: Some("id".into()),
+            headers: vec![("ab".into(), "cde".into())],
+        };
+        // 19 fixed + (1 + 10) + (1 + 2) + (1 + 2 + 1 + 4 + 3)
+        assert_eq!(header_len(&message), 19 + 11 + 3 + 11);
+        assert_eq!(header_limit(4096), 4088);
     }
 
     #[test]

@@ -196,6 +196,19 @@ struct Inner {
     closing: AtomicBool,
 }
 
+impl Inner {
+    /// The most bytes a message's properties and headers may take on the
+    /// current connection (see [`amqp::header_limit`]).
+    fn header_limit(&self) -> usize {
+        let frame_max = self
+            .session
+            .load()
+            .as_ref()
+            .map_or(0, |s| s.connection.configuration().frame_max());
+        amqp::header_limit(frame_max)
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -614,6 +627,7 @@ async fn publish_confirmed(
                 return Ok(routed);
             }
             Err(PublishError::Refused(why)) => return Err(BusError::Unavailable(why)),
+            Err(PublishError::TooLarge(why)) => return Err(BusError::TooLarge(why)),
             Err(PublishError::Lost(why)) => {
                 if Instant::now() >= deadline {
                     return Err(BusError::Unavailable(format!(
@@ -660,9 +674,27 @@ fn record_published(
     unroutable
 }
 
+/// Whether every message of `batch` has properties and headers that fit in one
+/// frame (`limit` bytes); `Err` says which does not.
+fn fits(batch: &[Outgoing], limit: usize) -> Result<(), String> {
+    for out in batch {
+        let len = amqp::header_len(&out.message);
+        if len > limit {
+            return Err(format!(
+                "a message to exchange {:?} with routing key {:?} has {len} bytes of \
+                 properties and headers, more than one AMQP frame holds ({limit})",
+                out.exchange, out.routing_key
+            ));
+        }
+    }
+    Ok(())
+}
+
 enum PublishError {
     /// The broker said no (nack): trying again now would not help.
     Refused(String),
+    /// A message the broker could not take at all (nothing was sent).
+    TooLarge(String),
     /// No answer (connection or channel lost, timeout): publish again.
     Lost(String),
 }
@@ -677,6 +709,10 @@ async fn publish_on(
         mandatory: true,
         ..BasicPublishOptions::default()
     };
+    // Checked before anything is sent: the batch goes whole or not at all, and
+    // a header the broker cannot take would close the whole connection.
+    let limit = amqp::header_limit(session.connection.configuration().frame_max());
+    fits(batch, limit).map_err(PublishError::TooLarge)?;
     let mut confirms = Vec::with_capacity(batch.len());
     for out in batch {
         let properties = amqp::properties(&out.message, &[]);
@@ -906,6 +942,12 @@ impl Bus for RabbitBus {
                 drop(exchanges);
                 return Err(Box::new((delivery, BusError::NoSuchExchange(missing))));
             }
+        }
+        // Refused here, not in the task below: a batch that can never be sent
+        // is a failure of the input (retried, then dead-lettered with the
+        // reason), not something to put back in the queue and try again at once.
+        if let Err(why) = fits(&batch, self.inner.header_limit()) {
+            return Err(Box::new((delivery, BusError::TooLarge(why))));
         }
         let Delivery { delivered, settle } = delivery;
         let settle = match settle.into_any().downcast::<RabbitSettle>() {
@@ -1155,6 +1197,7 @@ impl Settle for RabbitSettle {
         settlement: Settlement,
     ) -> Result<(), BusError> {
         let names = &self.bus.inner.names;
+        let limit = self.bus.inner.header_limit();
         let copy = match &settlement {
             Settlement::Ack => None,
             Settlement::Retry { delay, failure } => {
@@ -1167,13 +1210,13 @@ impl Settle for RabbitSettle {
                 Some(Outgoing {
                     exchange: names.retry_exchange(),
                     routing_key: Names::retry_key(&self.plugin, tier),
-                    message: amqp::moved(&delivered, failure, Some(failure.attempts + 1)),
+                    message: amqp::moved(&delivered, failure, Some(failure.attempts + 1), limit),
                 })
             }
             Settlement::DeadLetter { failure } => Some(Outgoing {
                 exchange: names.dlx(),
                 routing_key: self.plugin.clone(),
-                message: amqp::moved(&delivered, failure, None),
+                message: amqp::moved(&delivered, failure, None, limit),
             }),
         };
         let inner = self.bus.inner.clone();
