@@ -1014,7 +1014,11 @@ fn what_would_overflow_an_amqp_frame_is_dead_lettered_and_the_connection_stays_u
         .collect();
     let kind = |id: &str| letters[id].header("switchboard-error-kind").unwrap_or("");
     let reason = |id: &str| letters[id].header("switchboard-error").unwrap_or("");
-    assert_eq!(kind("echo-long-id"), "publish");
+    assert_eq!(
+        kind("echo-long-id"),
+        "invalid_output",
+        "permanent: never retried"
+    );
     assert!(
         reason("echo-long-id").contains("more than one AMQP frame holds"),
         "{}",

@@ -63,7 +63,8 @@ impl Default for PluginDefaults {
 }
 
 /// `cooldown`: after `after` events in a row broke the plugin's sandbox
-/// (timeout, out of memory, stack overflow, trap, panic), or after one timeout,
+/// (timeout, out of memory, stack overflow, trap, panic, invalid output), or
+/// after one timeout,
 /// the plugin's workers stop taking events for `initial`; then one event probes it. A probe that
 /// breaks again doubles the pause, up to `max`; any other outcome ends the
 /// cool-down. Paused events wait in the plugin's queue: nothing is lost, and a

@@ -1,8 +1,8 @@
 //! Cool-down: a plugin whose events keep breaking its sandbox (timeout, out of
-//! memory, stack overflow, trap, panic) is paused, so that it neither takes the
-//! CPU healthy plugins need (an endless loop holds a worker for its whole
-//! timeout) nor burns a queue of good events into the dead-letter queue while
-//! it is broken. The settings are `router.toml`'s `cooldown` table.
+//! memory, stack overflow, trap, panic, outputs over the limits or malformed) is
+//! paused, so that it neither takes the CPU healthy plugins need (an endless
+//! loop holds a worker for its whole timeout) nor burns a queue of good events
+//! into the dead-letter queue while it is broken. The settings are `router.toml`'s `cooldown` table.
 //!
 //! Closed, the workers take events. After `after` broken events in a row, or
 //! one timeout (a worker held for the plugin's whole time limit), the breaker
@@ -21,7 +21,7 @@ pub use crate::config::Cooldown;
 pub(crate) fn breaks_the_sandbox(kind: &str) -> bool {
     matches!(
         kind,
-        "timeout" | "out_of_memory" | "stack_overflow" | "trap" | "panic"
+        "timeout" | "out_of_memory" | "stack_overflow" | "trap" | "panic" | "invalid_output"
     )
 }
 

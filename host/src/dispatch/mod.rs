@@ -568,6 +568,11 @@ fn publish_failure(e: BusError) -> Failed {
             "invalid_output",
             format!("an output names exchange {exchange:?}, which is not declared"),
         ),
+        // The same outputs would be just as large on every attempt.
+        BusError::TooLarge(why) => Failed::permanent(
+            "invalid_output",
+            format!("an output cannot be published: {why}"),
+        ),
         e => Failed {
             kind: "publish".into(),
             reason: format!("could not publish the outputs: {e}"),
