@@ -265,6 +265,7 @@ mod tests {
             "stack_overflow",
             "trap",
             "panic",
+            "invalid_output",
         ] {
             assert!(breaks_the_sandbox(kind), "{kind}");
         }
@@ -272,8 +273,8 @@ mod tests {
             "retry",
             "reject",
             "kv_unavailable",
-            "invalid_output",
             "publish",
+            "undecodable",
         ] {
             assert!(!breaks_the_sandbox(kind), "{kind}");
         }

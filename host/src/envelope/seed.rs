@@ -230,7 +230,11 @@ pub(super) fn decode(body: &[u8], exchange: &str, attempt: u32) -> Result<Decode
         .collect::<Result<Vec<_>, EnvelopeError>>()?;
     Ok(Decoded {
         event: Event {
-            id: envelope.id.unwrap_or_else(|| Uuid::now_v7().to_string()),
+            // An empty id is no id (as on the ingress): see `Envelope::into_event`.
+            id: envelope
+                .id
+                .filter(|id| !id.is_empty())
+                .unwrap_or_else(|| Uuid::now_v7().to_string()),
             kind: envelope.kind,
             exchange: exchange.into(),
             attempt,
