@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use switchboard::kv::{EmbeddedStore, KvStore};
-use switchboard_tests::account::{Ledger, report};
+use switchboard_tests::account::{Account, Ledger, report};
 use switchboard_tests::broker::{
     Amqp, Confirmed, Publish, SinkLife, TestVhost, ThrowawayNode, require_broker,
 };
@@ -117,6 +117,19 @@ fn publish(amqp: &Amqp, ledger: &mut Ledger, prefix: &str, range: std::ops::Rang
     }
 }
 
+/// Collects the worker's outputs (from `observed`) and dead letters until every
+/// published id is settled and `quiet` passes with nothing new; the totals.
+fn settle_rabbit(ledger: &mut Ledger, amqp: &Amqp, quiet: Duration) -> Account {
+    ledger.collect_rabbit(
+        amqp,
+        "observed",
+        "switchboard.worker.dlq",
+        quiet,
+        Duration::from_secs(120 * soak() as u64),
+    );
+    ledger.account()
+}
+
 /// Outputs waiting in `queue`.
 fn depth(amqp: &Amqp, queue: &str) -> usize {
     amqp.queue_state(queue).map_or(0, |s| s.messages as usize)
@@ -148,14 +161,7 @@ fn kill_9_mid_load_then_restart_loses_nothing() {
     replica.restart();
     let back_in = started.elapsed();
     assert_ne!(replica.pid(), pid);
-    ledger.collect_rabbit(
-        &amqp,
-        "observed",
-        "switchboard.worker.dlq",
-        Duration::from_secs(2),
-        Duration::from_secs(120 * soak() as u64),
-    );
-    let account = ledger.account();
+    let account = settle_rabbit(&mut ledger, &amqp, Duration::from_secs(2));
     report(
         "rabbitmq kill -9",
         &account,
@@ -198,14 +204,7 @@ fn a_broker_restart_mid_load_loses_nothing() {
     let reconnected = started.elapsed();
     let amqp = Amqp::connect(&node.url()).unwrap();
     publish(&amqp, &mut ledger, "after", 0..n);
-    ledger.collect_rabbit(
-        &amqp,
-        "observed",
-        "switchboard.worker.dlq",
-        Duration::from_secs(2),
-        Duration::from_secs(120 * soak() as u64),
-    );
-    let account = ledger.account();
+    let account = settle_rabbit(&mut ledger, &amqp, Duration::from_secs(2));
     report(
         "rabbitmq broker restart",
         &account,
@@ -286,14 +285,7 @@ fn a_hundred_hot_swaps_under_load_lose_nothing_on_rabbitmq() {
     });
     let swapped_in = started.elapsed();
     assert!(replica.plugin("worker")["last_error"].is_null());
-    ledger.collect_rabbit(
-        &amqp,
-        "observed",
-        "switchboard.worker.dlq",
-        Duration::from_secs(1),
-        Duration::from_secs(120 * soak() as u64),
-    );
-    let account = ledger.account();
+    let account = settle_rabbit(&mut ledger, &amqp, Duration::from_secs(1));
     report(
         "rabbitmq hot swaps",
         &account,
