@@ -61,6 +61,22 @@
 import { get as configGet } from "switchboard:plugin/config@0.1.1";
 import { log } from "switchboard:plugin/logging@0.1.1";
 
+// Strings from the host (event fields, config values) must arrive exactly as
+// sent. componentize-js 0.23 lifts them with a default `new TextDecoder()`,
+// which drops a leading U+FEFF (byte order mark): an event id, a kind or a
+// template starting with one would differ from what the Rust plugin sees. So
+// non-fatal UTF-8 decoders keep the mark; this module itself only decodes with
+// `ignoreBOM` set, where nothing changes.
+{
+  const keepBom = new TextDecoder("utf-8", { ignoreBOM: true });
+  const { decode } = TextDecoder.prototype;
+  TextDecoder.prototype.decode = function (input, options) {
+    return this.ignoreBOM || this.fatal || this.encoding !== "utf-8" || options?.stream
+      ? decode.call(this, input, options)
+      : keepBom.decode(input);
+  };
+}
+
 /** Where the email address is looked for, in this order. */
 export const EMAIL_PATHS = [
   "email",
