@@ -7,7 +7,7 @@ PLUGINS := notification billing analytics
 GUESTS  := scripted-guest noop-guest wrong-world-guest contract-0-1-0-guest tally-guest trap-guest
 OUT     := target/$(WASM)/release
 
-.PHONY: run test reliability soak lint fmt plugins guests wasm-target bench bench-broker bench-kv bench-hostile fuzz clean
+.PHONY: run test reliability soak lint fmt plugins guests lang-plugins toolchains wasm-target bench bench-broker bench-kv bench-hostile bench-languages fuzz clean
 
 ## run: build the plugins and the appliance, then run it with router.toml
 run: plugins
@@ -15,7 +15,7 @@ run: plugins
 	./target/release/switchboard run --config router.toml
 
 ## test: the whole suite (unit, plugin, sandbox and end-to-end tests)
-test: plugins guests
+test: plugins guests lang-plugins
 	$(CARGO) test --release --workspace
 
 ## reliability: the fault, hostile-input, hostile-plugin and security tests alone
@@ -43,6 +43,21 @@ plugins: wasm-target
 	$(CARGO) build --release --target $(WASM) $(addprefix -p ,$(PLUGINS))
 	@for p in $(PLUGINS); do cmp -s $(OUT)/$$p.wasm plugins/$$p.wasm || cp $(OUT)/$$p.wasm plugins/$$p.wasm; done
 
+## lang-plugins: the notification plugin ported to Python and JavaScript, built
+## with the pinned toolchains (installed into target/toolchains on first use;
+## builds cached there by content hash)
+LANG_OUT := target/lang
+lang-plugins:
+	cd plugins/notification-py && PYTHONDONTWRITEBYTECODE=1 python3 -m unittest --quiet
+	node --test plugins/notification-js/
+	toolchains/build-plugin python plugins/notification-py/app.py $(LANG_OUT)/notification-py.wasm
+	toolchains/build-plugin js plugins/notification-js/notification.js $(LANG_OUT)/notification-js.wasm
+
+## toolchains: install the Python and JavaScript plugin toolchains alone
+toolchains:
+	toolchains/build-plugin install python
+	toolchains/build-plugin install js
+
 ## guests: test-only components (hostile, no-op, wrong world)
 guests: wasm-target
 	$(CARGO) build --release --target $(WASM) $(addprefix -p ,$(GUESTS))
@@ -64,6 +79,11 @@ bench-kv: plugins guests
 ## bench-hostile: a healthy plugin's throughput alone and beside each hostile plugin
 bench-hostile: plugins guests
 	$(CARGO) run --release -p switchboard-bench -- hostile $(ARGS)
+
+## bench-languages: the notification plugin in Rust, Python and JavaScript, side
+## by side (component size, compile, cache load, per-event cost)
+bench-languages: plugins lang-plugins
+	$(CARGO) run --release -p switchboard-bench -- languages $(ARGS)
 
 ## fuzz: each fuzz target in fuzz/ for FUZZ_SECONDS (needs nightly and cargo-fuzz;
 ## not part of test or CI). Corpora and crashes go to target/fuzz/; one target:
