@@ -38,6 +38,18 @@ pub fn wasm(name: &str) -> PathBuf {
     path
 }
 
+/// Path of a plugin built from another language by `make lang-plugins` (which
+/// `make test` runs), e.g. `lang_wasm("notification-py")`.
+pub fn lang_wasm(name: &str) -> PathBuf {
+    let path = target_dir().join("lang").join(format!("{name}.wasm"));
+    assert!(
+        path.exists(),
+        "{} is missing: build it first (`make lang-plugins`; `make test` does)",
+        path.display()
+    );
+    path
+}
+
 /// A runtime and a state folder that lives as long as this value.
 pub struct Harness {
     pub runtime: Runtime,
