@@ -46,6 +46,9 @@ enum Command {
     /// Run a plugin offline over recorded events (JSONL envelopes) and print what
     /// it produced, one JSON line per event; compare with a golden file.
     Test(cli::test::TestArgs),
+    /// Scaffold a plugin (Rust, Python or JavaScript) that builds and passes its
+    /// own golden test: the contract, a handler, a Makefile, sample events.
+    New(cli::new::NewArgs),
     /// Publish one event to an exchange on the broker (confirmed) and print its
     /// id; exits 1 when no queue is bound for it.
     Publish(cli::broker::PublishArgs),
@@ -88,6 +91,7 @@ fn main() -> ExitCode {
         Command::Test(args) => {
             cli::test::run(&args, &mut std::io::stdout().lock(), &mut std::io::stderr())
         }
+        Command::New(args) => cli::new::run(&args, &mut std::io::stdout().lock()),
         Command::Publish(args) => cli::broker::publish(&args, &mut std::io::stdout().lock()),
         Command::Tail(args) => cli::broker::tail(&args, &mut std::io::stdout().lock()),
         Command::Dlq(command) => cli::broker::dlq(&command, &mut std::io::stdout().lock()),
