@@ -23,6 +23,7 @@ mod broker;
 mod embedded;
 mod hostile;
 mod kv;
+mod languages;
 
 const ROUNDS: usize = 7;
 
@@ -314,6 +315,9 @@ enum Bench {
     Kv(kv::KvArgs),
     /// A healthy plugin's throughput alone and beside each hostile plugin.
     Hostile(hostile::HostileArgs),
+    /// The notification plugin in Rust, Python and JavaScript: size, compile,
+    /// cache load and per-event cost.
+    Languages(languages::LanguagesArgs),
     /// The raw lapin consumer of `broker`, run as its child process.
     #[command(hide = true)]
     RawPassthrough(broker::RawArgs),
@@ -336,6 +340,7 @@ fn main() -> anyhow::Result<()> {
         Some(Bench::RawPassthrough(args)) => broker::raw_passthrough(args),
         Some(Bench::Kv(args)) => kv::run(&args),
         Some(Bench::Hostile(args)) => hostile::run_all(&args),
+        Some(Bench::Languages(args)) => languages::run(&args),
         None => {
             runtime_bench()?;
             embedded::run()
