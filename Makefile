@@ -7,16 +7,35 @@ PLUGINS := notification billing analytics
 GUESTS  := scripted-guest noop-guest wrong-world-guest contract-0-1-0-guest tally-guest trap-guest
 OUT     := target/$(WASM)/release
 
-.PHONY: run test reliability soak lint fmt plugins guests lang-plugins toolchains wasm-target bench bench-broker bench-kv bench-hostile bench-languages fuzz clean
+.PHONY: run test c-example reliability soak lint fmt plugins guests lang-plugins toolchains wasm-target bench bench-broker bench-kv bench-hostile bench-languages fuzz clean
 
 ## run: build the plugins and the appliance, then run it with router.toml
 run: plugins
 	$(CARGO) build --release -p switchboard
 	./target/release/switchboard run --config router.toml
 
-## test: the whole suite (unit, plugin, sandbox and end-to-end tests)
+## test: the whole suite (unit, plugin, sandbox and end-to-end tests), then the
+## C guide's example
 test: plugins guests lang-plugins
 	$(CARGO) test --release --workspace
+	$(MAKE) c-example
+
+## c-example: build and test examples/c-greeter (docs/c-plugins.md). It needs
+## Debian's clang, lld, wasi-libc and libclang-rt-dev-wasm32; without them it is
+## an error in CI (CI=true) and a notice elsewhere.
+C_PACKAGES := clang lld wasi-libc libclang-rt-dev-wasm32
+c-example:
+	@if ! printf '#include <stdlib.h>\nint main(void){return 0;}\n' | \
+	    clang --target=wasm32-wasi -x c - -o /dev/null >/dev/null 2>&1; then \
+	  if [ "$$CI" = true ]; then \
+	    echo "error: the C example needs clang for wasm32-wasi: apt-get install $(C_PACKAGES)" >&2; \
+	    exit 1; \
+	  fi; \
+	  echo "note: C example not built: clang cannot target wasm32-wasi here (apt-get install $(C_PACKAGES))" >&2; \
+	  exit 0; \
+	fi
+	$(MAKE) -C examples/c-greeter BINDGEN=tool CARGO_TARGET_DIR=$(CURDIR)/target \
+	  SWITCHBOARD=$(CURDIR)/target/release/switchboard test
 
 ## reliability: the fault, hostile-input, hostile-plugin and security tests alone
 ## (also part of `make test`), with each scenario's account printed
