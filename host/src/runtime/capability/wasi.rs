@@ -84,8 +84,15 @@ impl StderrTail {
             .clear();
     }
 
-    /// What a Rust guest said when it panicked: the `panicked at` line and the
-    /// message, on one line; `None` if it said nothing recognisable.
+    /// What the guest said on stderr as it aborted, on one line, as the failure's
+    /// reason; `None` if it said nothing. It reads what the usual runtimes print:
+    ///
+    /// - Rust: the `panicked at` line and the panic message;
+    /// - Python (componentize-py): the exception of the last traceback, and the
+    ///   outermost frame (the handler's own code);
+    /// - JavaScript (componentize-js): the exception message before `Stack:`,
+    ///   and the first frame;
+    /// - anything else (C `assert`, `abort()` after a message): the last line.
     pub(crate) fn panic_message(&self) -> Option<String> {
         let bytes: Vec<u8> = self
             .0
@@ -95,22 +102,73 @@ impl StderrTail {
             .copied()
             .collect();
         let text = String::from_utf8_lossy(&bytes);
-        let start = text.rfind("panicked at ")?;
-        let mut message = text[start..]
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty() && !l.starts_with("note: run with `RUST_BACKTRACE"))
-            .collect::<Vec<_>>()
-            .join(" ");
-        if message.len() > 1024 {
-            let mut end = 1024;
-            while !message.is_char_boundary(end) {
-                end -= 1;
-            }
-            message.truncate(end);
-        }
-        Some(message)
+        let message = python_exception(&text)
+            .or_else(|| rust_panic(&text))
+            .or_else(|| js_exception(&text))
+            .or_else(|| last_words(&text))?;
+        Some(truncate(message, 1024))
     }
+}
+
+/// Non-empty trimmed lines of `text`.
+fn lines(text: &str) -> impl DoubleEndedIterator<Item = &str> {
+    text.lines().map(str::trim).filter(|l| !l.is_empty())
+}
+
+fn rust_panic(text: &str) -> Option<String> {
+    let start = text.rfind("panicked at ")?;
+    Some(
+        lines(&text[start..])
+            .filter(|l| !l.starts_with("note: run with `RUST_BACKTRACE"))
+            .collect::<Vec<_>>()
+            .join(" "),
+    )
+}
+
+/// `Traceback (most recent call last):`, frames (`File "...", line n, in f` and
+/// the source line, when there is one), then `Type: message`.
+fn python_exception(text: &str) -> Option<String> {
+    let start = text.rfind("Traceback (most recent call last):")?;
+    let block = &text[start..];
+    // componentize-py panics after printing the traceback: stop there.
+    let block = &block[..block.find("\nthread '").unwrap_or(block.len())];
+    let exception = lines(block).last()?;
+    let frame = lines(block).find(|l| l.starts_with("File "));
+    Some(match frame {
+        Some(frame) if exception != frame => {
+            format!("uncaught Python exception: {exception} ({frame})")
+        }
+        _ => format!("uncaught Python exception: {exception}"),
+    })
+}
+
+/// `<message>`, `Stack:`, frames.
+fn js_exception(text: &str) -> Option<String> {
+    let at = text.rfind("\nStack:\n")?;
+    let message = lines(&text[..at]).last()?;
+    let frame = lines(&text[at + "\nStack:\n".len()..]).next();
+    Some(match frame {
+        Some(frame) => format!("uncaught JavaScript exception: {message} (at {frame})"),
+        None => format!("uncaught JavaScript exception: {message}"),
+    })
+}
+
+fn last_words(text: &str) -> Option<String> {
+    let line = lines(text)
+        .rev()
+        .find(|l| !l.starts_with("Redirecting call to abort()"))?;
+    Some(format!("the guest aborted after writing: {line}"))
+}
+
+fn truncate(mut message: String, max: usize) -> String {
+    if message.len() > max {
+        let mut end = max;
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        message.truncate(end);
+    }
+    message
 }
 
 impl IsTerminal for StderrTail {
@@ -182,5 +240,52 @@ mod tests {
         assert!(tail.0.lock().unwrap().len() <= STDERR_TAIL);
         tail.clear();
         assert_eq!(tail.panic_message(), None);
+    }
+
+    #[test]
+    fn reads_python_tracebacks() {
+        let tail = StderrTail::default();
+        tail.push(
+            b"Traceback (most recent call last):\n  File \"/0/app.py\", line 12, in handle\n  \
+              File \"/python/json/decoder.py\", line 363, in raw_decode\n\
+              json.decoder.JSONDecodeError: Expecting value: line 1 column 1 (char 0)\n\n\
+              thread '<unnamed>' (1) panicked at runtime/src/lib.rs:1293:29:\n\
+              Python function threw an unexpected exception\n\
+              note: run with `RUST_BACKTRACE=1` environment variable to display a backtrace\n",
+        );
+        assert_eq!(
+            tail.panic_message().as_deref(),
+            Some(
+                "uncaught Python exception: json.decoder.JSONDecodeError: Expecting value: \
+                 line 1 column 1 (char 0) (File \"/0/app.py\", line 12, in handle)"
+            )
+        );
+    }
+
+    #[test]
+    fn reads_javascript_exceptions() {
+        let tail = StderrTail::default();
+        tail.push(
+            b"TypeError: data is null\nStack:\n  handle@app.js:3:5\n  export_handle@initializer.js:1:1\n\n\
+              Redirecting call to abort() to mozalloc_abort\n\n",
+        );
+        assert_eq!(
+            tail.panic_message().as_deref(),
+            Some("uncaught JavaScript exception: TypeError: data is null (at handle@app.js:3:5)")
+        );
+    }
+
+    #[test]
+    fn otherwise_the_last_line_and_never_more_than_a_kib() {
+        let tail = StderrTail::default();
+        tail.push(b"starting\nAssertion failed: n > 0 (greeter.c: main: 12)\n");
+        assert_eq!(
+            tail.panic_message().as_deref(),
+            Some("the guest aborted after writing: Assertion failed: n > 0 (greeter.c: main: 12)")
+        );
+        tail.clear();
+        tail.push("é".repeat(1500).as_bytes());
+        let message = tail.panic_message().unwrap();
+        assert!(message.len() <= 1024, "{}", message.len());
     }
 }
