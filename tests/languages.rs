@@ -46,7 +46,7 @@ fn golden(file: &str) -> PathBuf {
 
 /// A `.config` file: one `key=value` per line (the value kept exactly, spaces and
 /// all); blank lines and lines starting with `#` are skipped.
-fn read_config(path: &Path) -> Vec<(String, String)> {
+fn read_config(path: &Path) -> Config {
     std::fs::read_to_string(path)
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
         .lines()
@@ -60,8 +60,11 @@ fn read_config(path: &Path) -> Vec<(String, String)> {
         .collect()
 }
 
+/// A plugin configuration: `key=value` pairs.
+type Config = Vec<(String, String)>;
+
 /// The golden sets: events, expected lines, configuration.
-fn golden_sets() -> Vec<(&'static str, &'static str, Vec<(String, String)>)> {
+fn golden_sets() -> Vec<(&'static str, &'static str, Config)> {
     vec![
         ("events.jsonl", "expected.jsonl", vec![]),
         (
@@ -116,7 +119,7 @@ fn read_events(path: &Path) -> Vec<Event> {
 /// `edge-*.config`: one run per line, each a JSON array of `"key=value"` strings
 /// (values keep every character, spaces included). Each file also runs without
 /// configuration.
-fn edge_cases() -> Vec<(Vec<Event>, Vec<Vec<(String, String)>>)> {
+fn edge_cases() -> Vec<(Vec<Event>, Vec<Config>)> {
     let mut files: Vec<_> = std::fs::read_dir(golden(""))
         .unwrap()
         .map(|entry| entry.unwrap().path())
@@ -136,7 +139,7 @@ fn edge_cases() -> Vec<(Vec<Event>, Vec<Vec<(String, String)>>)> {
         .map(|file| {
             let config = file.with_extension("config");
             let runs = std::fs::read_to_string(&config).unwrap_or_default();
-            let mut configs: Vec<Vec<(String, String)>> = vec![vec![]];
+            let mut configs: Vec<Config> = vec![vec![]];
             for line in runs.lines().filter(|l| !l.trim().is_empty()) {
                 let pairs: Vec<String> = serde_json::from_str(line)
                     .unwrap_or_else(|e| panic!("{}: {line}: {e}", config.display()));
