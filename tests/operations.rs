@@ -206,6 +206,33 @@ fn metrics_count_exactly_what_a_scripted_run_did() {
 }
 
 #[test]
+fn a_refused_post_closes_its_connection_and_says_so() {
+    use std::io::{Read, Write};
+
+    let r = worker("");
+    let address = r.url.strip_prefix("http://").unwrap();
+    let mut stream = std::net::TcpStream::connect(address).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let body = format!("{{\"padding\":\"{}\"}}", "x".repeat(100_000));
+    let head = format!(
+        "POST /events/events/ok HTTP/1.1\r\nhost: {address}\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).unwrap();
+    // The server may answer (and close) before the body is all sent.
+    let _ = stream.write_all(body.as_bytes());
+    let mut response = Vec::new();
+    // To the end: the server closes the connection after the answer.
+    let _ = stream.read_to_end(&mut response);
+    let response = String::from_utf8_lossy(&response).to_lowercase();
+    assert!(response.starts_with("http/1.1 401"), "{response}");
+    assert!(response.contains("\r\nconnection: close\r\n"), "{response}");
+}
+
+#[test]
 fn the_admin_api_answers_and_the_token_guards_it() {
     let r = worker("");
     for i in 0..3 {

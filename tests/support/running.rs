@@ -63,13 +63,8 @@ pub fn start_in(dir: &Path) -> Running {
             }))
             .unwrap();
     });
-    // A new connection per request: the server may close a kept-alive connection
-    // after a refusal (401 before the body was read), and a POST that ureq sends
-    // on such a pooled connection fails with "Peer disconnected" instead of being
-    // retried.
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
-        .max_idle_connections(0)
         .build()
         .into();
     Running {

@@ -26,15 +26,20 @@ fn authorized(appliance: &Appliance, request: &Request) -> bool {
     })
 }
 
+/// The refusal. It also closes the connection, and says so: the request's body
+/// was never read, so the connection cannot carry another request, and a client
+/// that was not told would send its next one into a closed socket.
 fn unauthorized() -> Response {
     let mut response = super::error(
         StatusCode::UNAUTHORIZED,
         "this endpoint needs the admin token: Authorization: Bearer <token>",
     );
-    response.headers_mut().insert(
+    let headers = response.headers_mut();
+    headers.insert(
         header::WWW_AUTHENTICATE,
         HeaderValue::from_static("Bearer realm=\"switchboard\""),
     );
+    headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
     response
 }
 
