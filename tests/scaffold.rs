@@ -18,6 +18,17 @@ fn switchboard() -> std::path::PathBuf {
     bin
 }
 
+/// A path under target/toolchains, which `make lang-plugins` fills.
+fn installed(path: &str) -> std::path::PathBuf {
+    let path = target_dir().join("toolchains").join(path);
+    assert!(
+        path.exists(),
+        "{} is missing: `make lang-plugins` installs it",
+        path.display()
+    );
+    path
+}
+
 /// Runs `switchboard new` then `make test` in the scaffold; returns make's output.
 fn scaffold_and_test(
     name: &str,
@@ -69,12 +80,7 @@ fn the_rust_scaffold_builds_and_passes_its_test() {
 
 #[test]
 fn the_python_scaffold_builds_and_passes_its_test() {
-    let componentize_py = target_dir().join("toolchains/python/bin/componentize-py");
-    assert!(
-        componentize_py.exists(),
-        "{} is missing: `make lang-plugins` installs it",
-        componentize_py.display()
-    );
+    let componentize_py = installed("python/bin/componentize-py");
     scaffold_and_test("greeter-py", "python", |_, make| {
         make.arg(format!("COMPONENTIZE_PY={}", componentize_py.display()));
     });
@@ -82,12 +88,7 @@ fn the_python_scaffold_builds_and_passes_its_test() {
 
 #[test]
 fn the_javascript_scaffold_builds_and_passes_its_test() {
-    let modules = target_dir().join("toolchains/js/node_modules");
-    assert!(
-        modules.exists(),
-        "{} is missing: `make lang-plugins` installs it",
-        modules.display()
-    );
+    let modules = installed("js/node_modules");
     scaffold_and_test("greeter-js", "js", |plugin, make| {
         std::os::unix::fs::symlink(&modules, plugin.join("node_modules")).unwrap();
         // Installed already: don't let make run `npm install` over it.

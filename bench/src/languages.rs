@@ -25,16 +25,7 @@ pub struct LanguagesArgs {
 }
 
 fn lang_wasm(name: &str) -> anyhow::Result<PathBuf> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../target/lang")
-        .join(format!("{name}.wasm"));
-    if !path.exists() {
-        bail!(
-            "{} is missing: run `make lang-plugins` first",
-            path.display()
-        );
-    }
-    Ok(path)
+    crate::built("lang", name, "make lang-plugins")
 }
 
 fn notification_event(i: usize) -> switchboard::runtime::Event {

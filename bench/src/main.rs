@@ -28,14 +28,17 @@ mod languages;
 const ROUNDS: usize = 7;
 
 fn wasm(name: &str) -> anyhow::Result<PathBuf> {
+    built("wasm32-wasip2/release", name, "make plugins guests")
+}
+
+/// `target/<folder>/<name>.wasm`, or an error saying which `make` builds it.
+fn built(folder: &str, name: &str, make: &str) -> anyhow::Result<PathBuf> {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../target/wasm32-wasip2/release")
+        .join("../target")
+        .join(folder)
         .join(format!("{name}.wasm"));
     if !path.exists() {
-        bail!(
-            "{} is missing: run `make plugins guests` first",
-            path.display()
-        );
+        bail!("{} is missing: run `{make}` first", path.display());
     }
     Ok(path)
 }
