@@ -320,7 +320,7 @@ impl Appliance {
         let bus = match RabbitSettings::from_config(&config) {
             Some(mut settings) => {
                 settings.confirm_seconds = Some(metrics.confirm_seconds.clone());
-                Transport::Rabbit(RabbitBus::start(settings)?)
+                Transport::Rabbit(RabbitBus::start(settings, topology(&config))?)
             }
             None => Transport::Embedded(EmbeddedBus::new()),
         };
@@ -593,7 +593,9 @@ impl Appliance {
             if let Some(workers) = workers {
                 workers.stop();
             }
-            match bus.as_bus().delete_queue(&name, false) {
+            // Whatever is left after the drain (or waits in a retry tier) is
+            // dead-lettered as plugin_removed, never dropped.
+            match bus.as_bus().delete_queue(&name, true) {
                 Ok(()) => tracing::info!(plugin = %name, "plugin removed"),
                 Err(e) => tracing::warn!(plugin = %name, error = %e, "plugin stopped; its queue is kept"),
             }

@@ -25,7 +25,8 @@ use crossbeam_channel::{Receiver, Sender, TrySendError};
 use serde::Serialize;
 
 use super::{
-    Bus, BusError, Delivered, Delivery, FailureInfo, Outgoing, Settle, Settlement, Topology,
+    Bus, BusError, Delivered, Delivery, FailureInfo, OnSettled, Outgoing, Settle, Settled,
+    Settlement, Topology,
 };
 pub use super::{DeadLetter, Published};
 use crate::route::{ExchangeKind, RouteTable};
@@ -165,8 +166,12 @@ impl EmbeddedBus {
 
     /// Counters per plugin queue.
     pub fn stats(&self) -> HashMap<String, QueueStats> {
+        // Lock order: retries before topo (the retry timer's).
+        let mut waiting: HashMap<String, usize> = HashMap::new();
+        for retry in lock(&self.inner.retries).iter() {
+            *waiting.entry(retry.0.plugin.clone()).or_default() += 1;
+        }
         let topo = lock(&self.inner.topo);
-        let retries = lock(&self.inner.retries);
         let dead = lock(&self.inner.dead);
         topo.queues
             .iter()
@@ -184,7 +189,7 @@ impl EmbeddedBus {
                     redriven: c.redriven.load(Ordering::SeqCst),
                     depth: q.rx.len(),
                     in_flight: outstanding.saturating_sub(q.rx.len() as u64),
-                    waiting_retries: retries.iter().filter(|r| &r.0.plugin == plugin).count(),
+                    waiting_retries: waiting.get(plugin).copied().unwrap_or(0),
                     dead_letters: dead.get(plugin).map_or(0, VecDeque::len),
                 };
                 (plugin.clone(), stats)
@@ -243,8 +248,7 @@ impl EmbeddedBus {
 
     /// Whether every queue is empty, nothing is in flight and no retry waits.
     pub fn is_idle(&self) -> bool {
-        let topo = lock(&self.inner.topo);
-        let queues_idle = topo.queues.values().all(|q| {
+        let queues_idle = lock(&self.inner.topo).queues.values().all(|q| {
             q.counters.enqueued.load(Ordering::SeqCst) == q.counters.settled.load(Ordering::SeqCst)
         });
         queues_idle && lock(&self.inner.retries).is_empty()
@@ -487,6 +491,22 @@ impl Bus for EmbeddedBus {
                 queue.rx.len()
             )));
         }
+        // What still waits is accounted for: dead-lettered, not dropped.
+        while let Ok(delivery) = queue.rx.try_recv() {
+            queue.counters.settled.fetch_add(1, Ordering::SeqCst);
+            queue.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
+            let delivered = delivery.delivered;
+            let failure = FailureInfo {
+                kind: "plugin_removed".into(),
+                reason: format!(
+                    "plugin {plugin:?} was removed from the configuration while the event waited"
+                ),
+                attempts: delivered.attempt.saturating_sub(1),
+                plugin_version: String::new(),
+                first_failure: delivered.first_failure.clone().unwrap_or_default(),
+            };
+            dead_letter(&self.inner, plugin, delivered, failure);
+        }
         topo.queues.remove(plugin);
         Ok(())
     }
@@ -501,18 +521,26 @@ struct EmbeddedSettle {
 }
 
 impl Settle for EmbeddedSettle {
-    fn into_any(self: Box<Self>) -> Box<dyn std::any::Any + Send> {
-        self
-    }
-
-    fn settle(
-        self: Box<Self>,
-        delivered: Delivered,
-        settlement: Settlement,
-    ) -> Result<(), BusError> {
-        let inner = self.bus.upgrade().ok_or(BusError::Closed)?;
+    fn settle(self: Box<Self>, delivered: Delivered, settlement: Settlement, then: OnSettled) {
+        let Some(inner) = self.bus.upgrade() else {
+            then(Settled::Lost("the bus is gone".into()));
+            return;
+        };
         match settlement {
-            Settlement::Ack => {
+            Settlement::Handled { outputs, timeout } => {
+                if !outputs.is_empty() {
+                    let bus = EmbeddedBus {
+                        inner: inner.clone(),
+                    };
+                    if let Err(error) = bus.publish(outputs, timeout) {
+                        let delivery = Box::new(Delivery {
+                            delivered,
+                            settle: self,
+                        });
+                        then(Settled::Refused { delivery, error });
+                        return;
+                    }
+                }
                 self.counters.acked.fetch_add(1, Ordering::Relaxed);
             }
             Settlement::Retry { delay, failure } => {
@@ -520,7 +548,7 @@ impl Settle for EmbeddedSettle {
                     due: Instant::now() + delay,
                     plugin: self.plugin.clone(),
                     delivered: Delivered {
-                        attempt: delivered.attempt.saturating_add(1),
+                        attempt: failure.attempts.saturating_add(1),
                         first_failure: Some(failure.first_failure),
                         ..delivered
                     },
@@ -535,7 +563,7 @@ impl Settle for EmbeddedSettle {
             }
         }
         self.counters.settled.fetch_add(1, Ordering::SeqCst);
-        Ok(())
+        then(Settled::Done);
     }
 }
 
@@ -557,7 +585,9 @@ fn dead_letter(inner: &Inner, plugin: &str, delivered: Delivered, failure: Failu
     });
 }
 
-/// Moves due retries back to their queues until the bus is dropped.
+/// Moves due retries back to their queues until the bus is dropped. A retry
+/// is moved under the retries lock, so that [`EmbeddedBus::take_all`] finds
+/// every message either waiting or queued, never in between.
 fn retry_timer(bus: &std::sync::Weak<Inner>) {
     loop {
         let Some(inner) = bus.upgrade() else { return };
@@ -574,7 +604,6 @@ fn retry_timer(bus: &std::sync::Weak<Inner>) {
             let Some(Reverse(due)) = retries.pop() else {
                 break;
             };
-            drop(retries);
             let outcome = {
                 let topo = lock(&bus.inner.topo);
                 match topo.queues.get(&due.plugin) {
@@ -602,7 +631,6 @@ fn retry_timer(bus: &std::sync::Weak<Inner>) {
                     ..due
                 }),
             }
-            retries = lock(&bus.inner.retries);
         }
         for retry in blocked {
             retries.push(Reverse(retry));

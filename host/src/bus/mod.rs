@@ -3,16 +3,20 @@
 //! both implement it with the same semantics:
 //!
 //! - Every plugin has its own queue, bound to (exchange, pattern) pairs.
-//! - A [`Delivery`] is one message in one plugin's queue. It is settled exactly
-//!   once: [`Settlement::Ack`] (handled), [`Settlement::Retry`] (deliver again to
-//!   the same plugin after a delay, attempt + 1) or [`Settlement::DeadLetter`] (kept
-//!   in the plugin's dead-letter queue with the reason).
-//! - [`Bus::publish`] is all-or-nothing and returns once every message is
-//!   confirmed; only then does the dispatcher ack the input.
+//! - A [`Delivery`] is one message in one plugin's queue. The worker hands the
+//!   bus one [`Settlement`] for it: [`Settlement::Handled`] (publish the outputs,
+//!   then ack), [`Settlement::Retry`] (deliver again to the same plugin after a
+//!   delay) or [`Settlement::DeadLetter`] (keep it in the plugin's dead-letter
+//!   queue with the reason). The bus acks only after every copy it published is
+//!   confirmed, and reports once what became of it ([`Settled`]); counters move
+//!   then, not before. A settlement that fails never leaves the delivery held.
+//! - [`Bus::publish`] (ingress) is all-or-nothing and returns once every message
+//!   is confirmed.
 //!
 //! Deliveries reach the plugin's worker threads through a channel
-//! ([`crossbeam_channel::Receiver`]); workers call the bus from their own
-//! threads, so every method here is blocking and bounds its own time.
+//! ([`crossbeam_channel::Receiver`]). The [`Bus`] methods block and bound their
+//! own time; settling does not block the worker on a broker (RabbitMQ carries
+//! it out on its I/O thread while the worker takes the next delivery).
 
 pub mod embedded;
 mod message;
@@ -119,12 +123,20 @@ pub struct FailureInfo {
     pub first_failure: String,
 }
 
-/// How a delivery ends (or continues).
+/// How a delivery ends (or continues): what a worker hands the bus, once per
+/// delivery. The bus carries it out and then reports what became of it
+/// ([`Settled`]); nothing is acknowledged before every copy it published for the
+/// settlement is confirmed.
 #[derive(Debug, Clone)]
 pub enum Settlement {
-    /// Handled; forget it.
-    Ack,
-    /// Deliver it again to the same plugin after `delay`, as attempt + 1.
+    /// Handled: publish `outputs` (all or nothing, confirmed, waiting at most
+    /// `timeout` for room or confirms), then ack.
+    Handled {
+        outputs: Vec<Outgoing>,
+        timeout: Duration,
+    },
+    /// Deliver it again to the same plugin after `delay`, as attempt
+    /// `failure.attempts + 1`.
     Retry {
         delay: Duration,
         failure: FailureInfo,
@@ -133,15 +145,49 @@ pub enum Settlement {
     DeadLetter { failure: FailureInfo },
 }
 
+/// What became of a settlement, reported once, after the bus is done with it.
+pub enum Settled {
+    /// Carried out as asked: every copy confirmed, then the delivery acked.
+    Done,
+    /// The outputs of a [`Settlement::Handled`] could not be published; nothing
+    /// was acked. The delivery comes back for the dispatcher to fail it (retry
+    /// with backoff, or dead-letter), as any failure of the event.
+    Refused {
+        delivery: Box<Delivery>,
+        error: BusError,
+    },
+    /// The settlement could not be carried out, so the delivery went back to
+    /// the broker (through a retry tier, or requeued after a pause): it will be
+    /// delivered again. Says why.
+    Returned(String),
+    /// The broker had already taken the delivery back (its channel closed): it
+    /// will be delivered again, and outputs already published may repeat (with
+    /// the same ids).
+    Lost(String),
+}
+
+impl std::fmt::Debug for Settled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Done => f.write_str("Done"),
+            Self::Refused { error, .. } => write!(f, "Refused({error})"),
+            Self::Returned(why) => write!(f, "Returned({why})"),
+            Self::Lost(why) => write!(f, "Lost({why})"),
+        }
+    }
+}
+
+/// Called once with what became of a settlement, from whichever thread the bus
+/// finished it on (a worker's for the embedded bus, the broker I/O thread for
+/// RabbitMQ): it must not block.
+pub type OnSettled = Box<dyn FnOnce(Settled) + Send>;
+
 /// The bus-specific part of a delivery: how to settle it.
 pub trait Settle: Send {
-    /// Settles the delivery. An error means the bus could not record the
-    /// outcome; the bus then redelivers the message (at-least-once).
-    fn settle(
-        self: Box<Self>,
-        delivered: Delivered,
-        settlement: Settlement,
-    ) -> Result<(), BusError>;
+    /// Carries out `settlement` for the delivery, then calls `then` once with
+    /// what became of it. Never leaves the delivery held: whatever fails, the
+    /// message is either settled as asked or given back to the broker.
+    fn settle(self: Box<Self>, delivered: Delivered, settlement: Settlement, then: OnSettled);
 
     /// Whether settling can still succeed. False when the delivery came on a
     /// broker channel that has since closed: the broker has already put the
@@ -149,9 +195,6 @@ pub trait Settle: Send {
     fn is_live(&self) -> bool {
         true
     }
-
-    /// The concrete settle handle, for the bus that made it.
-    fn into_any(self: Box<Self>) -> Box<dyn std::any::Any + Send>;
 }
 
 /// What was delivered: one message in one plugin's queue.
@@ -186,9 +229,10 @@ impl Delivery {
         self.settle.is_live()
     }
 
-    /// Settles this delivery (consumes it: a delivery is settled once).
-    pub fn finish(self, settlement: Settlement) -> Result<(), BusError> {
-        self.settle.settle(self.delivered, settlement)
+    /// Settles this delivery (consumes it: a delivery is settled once) and
+    /// reports the result to `then`.
+    pub fn finish(self, settlement: Settlement, then: OnSettled) {
+        self.settle.settle(self.delivered, settlement, then);
     }
 }
 
@@ -239,34 +283,13 @@ pub trait Bus: Send + Sync + 'static {
     /// Whether an exchange is declared.
     fn has_exchange(&self, name: &str) -> bool;
 
-    /// Deletes a plugin's queue; refused while it holds messages unless `force`.
+    /// Deletes a removed plugin's queue. Retries still waiting for it go to
+    /// its dead-letter queue (kind `plugin_removed`), and so, with `force`, do
+    /// messages still in the queue; without `force` a queue holding messages
+    /// is refused and kept. A dead-letter queue holding letters is kept.
     fn delete_queue(&self, plugin: &str, force: bool) -> Result<(), BusError>;
 
     /// No worker consumes `plugin`'s queue any more: stop delivering to this
     /// process. Deliveries handed out but not settled go back to the queue.
     fn stop_consuming(&self, _plugin: &str) {}
-
-    /// Whether [`Bus::publish_then_ack`] pipelines: the worker hands the
-    /// outputs over and moves on while their confirms arrive.
-    fn pipelines(&self) -> bool {
-        false
-    }
-
-    /// Publishes `batch`, then acks `delivery` once every message is confirmed,
-    /// after this returns; if the confirms never come, the delivery goes back
-    /// to its queue as it was (at-least-once). `Err` hands the delivery back,
-    /// nothing published, for the caller to fail it. Only for buses that
-    /// [`Bus::pipelines`].
-    fn publish_then_ack(
-        &self,
-        batch: Vec<Outgoing>,
-        delivery: Delivery,
-        timeout: Duration,
-    ) -> Result<(), Box<(Delivery, BusError)>> {
-        let _ = (batch, timeout);
-        Err(Box::new((
-            delivery,
-            BusError::Unavailable("this bus does not pipeline publishes".into()),
-        )))
-    }
 }

@@ -35,17 +35,17 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use crossbeam_channel::RecvTimeoutError;
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use serde::Serialize;
 
 pub use backoff::Backoff;
 pub use cooldown::Cooldown;
 use cooldown::{Admit, Breaker, Outcome};
-use dedupe::DedupeWindow;
+use dedupe::{Claim, DedupeWindow};
 
 use crate::metrics::PluginMetrics;
 
-use crate::bus::{Bus, BusError, Delivery, FailureInfo, Outgoing, Settlement};
+use crate::bus::{Bus, BusError, Delivery, FailureInfo, Outgoing, Settled, Settlement};
 use crate::envelope;
 use crate::runtime::{Failure, Plugin};
 
@@ -99,10 +99,12 @@ pub struct DispatchStats {
     pub dead_lettered: AtomicU64,
     /// Duplicates dropped by the dedupe window.
     pub deduplicated: AtomicU64,
-    /// Settlements the bus refused (the bus redelivers those).
+    /// Settlements the bus could not carry out: it gave the delivery back to
+    /// the broker (requeued after a pause, or through a retry tier), which
+    /// delivers it again.
     pub settle_errors: AtomicU64,
-    /// Deliveries skipped because their broker channel had closed (the broker
-    /// had already put them back in the queue).
+    /// Deliveries the broker had already taken back (their channel closed)
+    /// before they were settled, or before they were started.
     pub abandoned: AtomicU64,
     /// Cool-down pauses begun (see [`cooldown`]).
     pub pauses: AtomicU64,
@@ -117,15 +119,6 @@ struct Failed {
     retryable: bool,
 }
 
-/// The event a failure concerns (for the log; absent when it did not decode),
-/// and whether it holds a dedupe claim to give up.
-#[derive(Default)]
-struct Concerning<'a> {
-    id: Option<&'a str>,
-    correlation_id: Option<&'a str>,
-    claimed: bool,
-}
-
 impl Failed {
     fn permanent(kind: &str, reason: String) -> Self {
         Self {
@@ -134,6 +127,16 @@ impl Failed {
             retryable: false,
         }
     }
+}
+
+/// The event a settlement concerns, carried to its report: for the log (absent
+/// when it did not decode), and whether it holds a dedupe claim to complete or
+/// give up.
+#[derive(Debug, Clone, Default)]
+struct Concerning {
+    id: Option<String>,
+    correlation_id: Option<String>,
+    claimed: bool,
 }
 
 struct Shared {
@@ -145,13 +148,16 @@ struct Shared {
     stats: Arc<DispatchStats>,
     metrics: PluginMetrics,
     breaker: Breaker,
-    stop: AtomicBool,
+    /// Never sends: dropping its sender ([`PluginWorkers::stop`]) wakes every
+    /// worker waiting on it, and they end.
+    stop: Receiver<()>,
 }
 
 /// The worker threads of one plugin.
 pub struct PluginWorkers {
     shared: Arc<Shared>,
     threads: Vec<JoinHandle<()>>,
+    stop: Sender<()>,
 }
 
 impl std::fmt::Debug for PluginWorkers {
@@ -175,6 +181,7 @@ impl PluginWorkers {
         metrics: PluginMetrics,
     ) -> Result<Self, BusError> {
         let name = plugin.name().to_string();
+        let (stop, stopped) = crossbeam_channel::bounded(0);
         let shared = Arc::new(Shared {
             dedupe: settings.dedupe.map(DedupeWindow::new),
             name: name.clone(),
@@ -184,7 +191,7 @@ impl PluginWorkers {
             stats: Arc::default(),
             metrics,
             breaker: Breaker::default(),
-            stop: AtomicBool::new(false),
+            stop: stopped,
         });
         let mut threads = Vec::with_capacity(settings.concurrency);
         for i in 0..settings.concurrency.max(1) {
@@ -197,7 +204,11 @@ impl PluginWorkers {
                 .map_err(|e| BusError::Unavailable(format!("cannot start a worker: {e}")))?;
             threads.push(thread);
         }
-        Ok(Self { shared, threads })
+        Ok(Self {
+            shared,
+            threads,
+            stop,
+        })
     }
 
     /// The plugin name.
@@ -235,7 +246,7 @@ impl PluginWorkers {
     /// Stops the workers after their current event and waits for them. What is
     /// still queued stays in the queue.
     pub fn stop(self) {
-        self.shared.stop.store(true, Ordering::SeqCst);
+        drop(self.stop);
         for thread in self.threads {
             if thread.join().is_err() {
                 tracing::error!(plugin = %self.shared.name, "a worker thread panicked");
@@ -246,29 +257,39 @@ impl PluginWorkers {
 }
 
 impl Shared {
-    fn run(&self, mut rx: crossbeam_channel::Receiver<Delivery>) {
-        while !self.stop.load(Ordering::Relaxed) {
+    fn run(self: Arc<Self>, mut rx: Receiver<Delivery>) {
+        loop {
             let cooldown = self.settings.load().cooldown.clone();
             let probe = match self.breaker.admit(&cooldown, Instant::now()) {
                 Admit::Go => false,
                 Admit::Probe => true,
                 Admit::Wait(pause) => {
-                    // In short steps, so that a stop is not kept waiting.
-                    std::thread::sleep(pause.min(Duration::from_millis(50)));
+                    // Paused: wait out the pause, or until the workers stop.
+                    if self.stop.recv_timeout(pause) != Err(RecvTimeoutError::Timeout) {
+                        return;
+                    }
                     continue;
                 }
             };
-            let outcome = match rx.recv_timeout(Duration::from_millis(50)) {
-                Ok(delivery) => self.process(delivery),
-                Err(RecvTimeoutError::Timeout) => Outcome::Neutral,
-                // The queue was replaced (resized) or deleted: follow it or end.
-                Err(RecvTimeoutError::Disconnected) => {
-                    match self.bus.consume(&self.name) {
-                        Ok(next) => rx = next,
-                        Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            let outcome = crossbeam_channel::select! {
+                recv(self.stop) -> _ => return,
+                recv(rx) -> delivery => match delivery {
+                    Ok(delivery) => self.process(delivery),
+                    // The queue was replaced (resized) or deleted: follow it or end.
+                    Err(_) => {
+                        match self.bus.consume(&self.name) {
+                            Ok(next) => rx = next,
+                            Err(_) => {
+                                if self.stop.recv_timeout(Duration::from_millis(200))
+                                    != Err(RecvTimeoutError::Timeout)
+                                {
+                                    return;
+                                }
+                            }
+                        }
+                        Outcome::Neutral
                     }
-                    Outcome::Neutral
-                }
+                },
             };
             self.cool_down(&cooldown, outcome, probe);
         }
@@ -297,21 +318,66 @@ impl Shared {
         }
     }
 
-    fn settle(&self, delivery: Delivery, settlement: Settlement) {
-        let counter = match &settlement {
-            Settlement::Ack => &self.stats.handled,
-            Settlement::Retry { .. } => &self.stats.retried,
-            Settlement::DeadLetter { .. } => &self.stats.dead_lettered,
+    /// A settlement the bus could not carry out: the delivery is back with
+    /// the broker and comes again, so a dedupe claim goes.
+    fn not_settled(&self, event: &Concerning, settled: &Settled) {
+        self.release(event);
+        let counter = match settled {
+            Settled::Lost(_) => &self.stats.abandoned,
+            _ => &self.stats.settle_errors,
         };
-        match delivery.finish(settlement) {
-            Ok(()) => {
-                counter.fetch_add(1, Ordering::Relaxed);
-            }
-            Err(e) => {
-                self.stats.settle_errors.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(plugin = %self.name, error = %e, "could not settle a delivery; the bus will redeliver it");
-            }
+        counter.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            plugin = %self.name,
+            event_id = event.id.as_deref().unwrap_or(""),
+            outcome = ?settled,
+            "delivery not settled; the broker delivers it again"
+        );
+    }
+
+    fn release(&self, event: &Concerning) {
+        if let (Some(window), Some(id), true) = (&self.dedupe, &event.id, event.claimed) {
+            window.release(id);
         }
+    }
+
+    /// Hands the outputs to the bus, which publishes them and then acks the
+    /// input. Counted once the bus says it is done; outputs it could not
+    /// publish fail the event (retry with backoff, or dead letter).
+    fn handled(
+        self: &Arc<Self>,
+        delivery: Delivery,
+        outputs: Vec<Outgoing>,
+        plugin: Arc<Plugin>,
+        settings: Arc<DispatchSettings>,
+        event: Concerning,
+    ) {
+        let published = outputs.len() as u64;
+        let shared = self.clone();
+        let settlement = Settlement::Handled {
+            outputs,
+            timeout: settings.publish_timeout,
+        };
+        delivery.finish(
+            settlement,
+            Box::new(move |settled| match settled {
+                Settled::Done => {
+                    if let (Some(window), Some(id), true) =
+                        (&shared.dedupe, &event.id, event.claimed)
+                    {
+                        window.complete(id);
+                    }
+                    shared.stats.handled.fetch_add(1, Ordering::Relaxed);
+                    shared.stats.outputs.fetch_add(published, Ordering::Relaxed);
+                    shared.metrics.outputs.inc_by(published);
+                    shared.metrics.succeeded.inc();
+                }
+                Settled::Refused { delivery, error } => {
+                    shared.fail(*delivery, &plugin, &settings, event, publish_failure(error));
+                }
+                other => shared.not_settled(&event, &other),
+            }),
+        );
     }
 
     fn failure_info(
@@ -338,57 +404,101 @@ impl Shared {
     /// Either way the event may come back (retry, re-drive): its dedupe claim,
     /// if it made one, goes.
     fn fail(
-        &self,
+        self: &Arc<Self>,
         delivery: Delivery,
         plugin: &Plugin,
         settings: &DispatchSettings,
-        event: Concerning<'_>,
+        event: Concerning,
         failed: Failed,
     ) {
-        if let (Some(window), Some(id), true) = (&self.dedupe, event.id, event.claimed) {
-            window.release(id);
-        }
+        self.release(&event);
         let Failed {
             kind,
             reason,
             retryable,
         } = failed;
-        let kind = kind.as_str();
-        let info = self.failure_info(&delivery, plugin, kind, reason);
+        let info = self.failure_info(&delivery, plugin, &kind, reason);
         let attempt = delivery.delivered.attempt;
-        self.metrics.failed(kind);
-        let settlement = if retryable && attempt < settings.max_attempts {
-            self.metrics.retried.inc();
-            tracing::debug!(plugin = %self.name, attempt, kind, reason = %info.reason, "event will be retried");
+        let retry = retryable && attempt < settings.max_attempts;
+        let settlement = if retry {
             Settlement::Retry {
                 delay: settings.backoff.delay(attempt),
-                failure: info,
+                failure: info.clone(),
             }
         } else {
-            tracing::warn!(
-                plugin = %self.name,
-                event_id = event.id.unwrap_or(""),
-                correlation_id = event.correlation_id.unwrap_or(""),
-                attempts = attempt,
-                kind,
-                reason = %info.reason,
-                "event dead-lettered"
-            );
-            self.metrics.dead_lettered(kind);
-            Settlement::DeadLetter { failure: info }
+            Settlement::DeadLetter {
+                failure: info.clone(),
+            }
         };
-        self.settle(delivery, settlement);
+        let shared = self.clone();
+        delivery.finish(
+            settlement,
+            Box::new(move |settled| {
+                if !matches!(settled, Settled::Done) {
+                    shared.not_settled(&event, &settled);
+                    return;
+                }
+                shared.metrics.failed(&kind);
+                if retry {
+                    shared.stats.retried.fetch_add(1, Ordering::Relaxed);
+                    shared.metrics.retried.inc();
+                    tracing::debug!(plugin = %shared.name, attempt, kind, reason = %info.reason, "event will be retried");
+                } else {
+                    shared.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                    shared.metrics.dead_lettered(&kind);
+                    tracing::warn!(
+                        plugin = %shared.name,
+                        event_id = event.id.as_deref().unwrap_or(""),
+                        correlation_id = event.correlation_id.as_deref().unwrap_or(""),
+                        attempts = attempt,
+                        kind,
+                        reason = %info.reason,
+                        "event dead-lettered"
+                    );
+                }
+            }),
+        );
+    }
+
+    /// A copy of an event whose first copy is still being handled: it comes
+    /// back after a pause, on the same attempt (the first copy may yet fail).
+    fn wait_for_first_copy(
+        self: &Arc<Self>,
+        delivery: Delivery,
+        plugin: &Plugin,
+        settings: &DispatchSettings,
+    ) {
+        let mut failure = self.failure_info(
+            &delivery,
+            plugin,
+            "in_flight_duplicate",
+            "another copy of this event is being handled; this one waits for its outcome".into(),
+        );
+        failure.attempts = delivery.delivered.attempt.saturating_sub(1);
+        let settlement = Settlement::Retry {
+            delay: settings.backoff.delay(1),
+            failure,
+        };
+        let shared = self.clone();
+        delivery.finish(
+            settlement,
+            Box::new(move |settled| {
+                if !matches!(settled, Settled::Done) {
+                    shared.not_settled(&Concerning::default(), &settled);
+                }
+            }),
+        );
     }
 
     /// Handles one delivery; says whether the plugin ran, and if it broke.
-    fn process(&self, delivery: Delivery) -> Outcome {
+    fn process(self: &Arc<Self>, delivery: Delivery) -> Outcome {
         if !delivery.is_live() {
             self.stats.abandoned.fetch_add(1, Ordering::Relaxed);
             return Outcome::Neutral;
         }
         self.metrics.received.inc();
         let plugin = self.plugin.load_full();
-        let settings = self.settings.load();
+        let settings = self.settings.load_full();
         let d = &delivery.delivered;
         let event = match envelope::decode(&d.exchange, &d.routing_key, &d.message, d.attempt) {
             Ok(event) => event,
@@ -416,9 +526,9 @@ impl Shared {
         );
         let _entered = span.enter();
 
-        let unclaimed = Concerning {
-            id: Some(&event.id),
-            correlation_id: event.correlation_id.as_deref(),
+        let mut concerning = Concerning {
+            id: Some(event.id.clone()),
+            correlation_id: event.correlation_id.clone(),
             claimed: false,
         };
         let hops = envelope::hops(&event);
@@ -431,24 +541,38 @@ impl Shared {
                 delivery,
                 &plugin,
                 &settings,
-                unclaimed,
+                concerning,
                 Failed::permanent("loop", reason),
             );
             return Outcome::Neutral;
         }
-        if let Some(window) = &self.dedupe
-            && !window.claim(&event.id)
-        {
-            self.stats.deduplicated.fetch_add(1, Ordering::Relaxed);
-            self.metrics.deduplicated.inc();
-            self.settle(delivery, Settlement::Ack);
-            return Outcome::Neutral;
+        if let Some(window) = &self.dedupe {
+            match window.claim(&event.id) {
+                Claim::Fresh => concerning.claimed = true,
+                Claim::Duplicate => {
+                    self.stats.deduplicated.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.deduplicated.inc();
+                    let shared = self.clone();
+                    let settlement = Settlement::Handled {
+                        outputs: Vec::new(),
+                        timeout: settings.publish_timeout,
+                    };
+                    delivery.finish(
+                        settlement,
+                        Box::new(move |settled| {
+                            if !matches!(settled, Settled::Done) {
+                                shared.not_settled(&Concerning::default(), &settled);
+                            }
+                        }),
+                    );
+                    return Outcome::Neutral;
+                }
+                Claim::InFlight => {
+                    self.wait_for_first_copy(delivery, &plugin, &settings);
+                    return Outcome::Neutral;
+                }
+            }
         }
-        // From here on, a failure gives up the claim (if a dedupe window made one).
-        let concerning = || Concerning {
-            claimed: true,
-            ..unclaimed
-        };
 
         let started = std::time::Instant::now();
         let handled = plugin.handle(&event);
@@ -463,7 +587,7 @@ impl Shared {
                     reason: failure.reason().into(),
                     retryable: failure.is_retryable(),
                 };
-                self.fail(delivery, &plugin, &settings, concerning(), failed);
+                self.fail(delivery, &plugin, &settings, concerning, failed);
                 return match failure.kind() {
                     "timeout" => Outcome::TimedOut,
                     kind if cooldown::breaks_the_sandbox(kind) => Outcome::Broken,
@@ -492,61 +616,12 @@ impl Shared {
                         Failure::InvalidOutput(String::new()).kind(),
                         e.to_string(),
                     );
-                    self.fail(delivery, &plugin, &settings, concerning(), failed);
+                    self.fail(delivery, &plugin, &settings, concerning, failed);
                     return Outcome::Fine;
                 }
             }
         }
-        let published = batch.len() as u64;
-        if batch.is_empty() {
-            self.metrics.succeeded.inc();
-            self.settle(delivery, Settlement::Ack);
-            return Outcome::Fine;
-        }
-        // Not with a dedupe window: its claim must be given up if the outputs
-        // are never confirmed, which only this worker can do.
-        let delivery = if self.bus.pipelines() && self.dedupe.is_none() {
-            // The bus acks once the outputs are confirmed; this worker goes on.
-            match self
-                .bus
-                .publish_then_ack(batch, delivery, settings.publish_timeout)
-            {
-                Ok(()) => {
-                    self.stats.outputs.fetch_add(published, Ordering::Relaxed);
-                    self.stats.handled.fetch_add(1, Ordering::Relaxed);
-                    self.metrics.outputs.inc_by(published);
-                    self.metrics.succeeded.inc();
-                    return Outcome::Fine;
-                }
-                Err(refused) => {
-                    let (delivery, e) = *refused;
-                    self.fail(
-                        delivery,
-                        &plugin,
-                        &settings,
-                        concerning(),
-                        publish_failure(e),
-                    );
-                    return Outcome::Fine;
-                }
-            }
-        } else {
-            delivery
-        };
-        if let Err(e) = self.bus.publish(batch, settings.publish_timeout) {
-            self.fail(
-                delivery,
-                &plugin,
-                &settings,
-                concerning(),
-                publish_failure(e),
-            );
-            return Outcome::Fine;
-        }
-        self.stats.outputs.fetch_add(published, Ordering::Relaxed);
-        self.metrics.outputs.inc_by(published);
-        self.metrics.succeeded.inc();
-        self.settle(delivery, Settlement::Ack);
+        self.handled(delivery, batch, plugin, settings, concerning);
         Outcome::Fine
     }
 }

@@ -12,16 +12,22 @@
 //!
 //! - **Seed envelope** (`seed.rs`): the JSON object services already publish,
 //!   `{id, type, source, timestamp, tenant_id, correlation_id, causation_id, hops,
-//!   data, metadata}`. A missing or empty `id` becomes a UUIDv7, a missing
-//!   `timestamp` now.
+//!   data, metadata}`. A missing `timestamp` becomes now.
 //! - **CloudEvents 1.0, structured mode** (`cloudevents.rs`): content type
 //!   `application/cloudevents+json`, the whole event as JSON in the body.
 //! - **CloudEvents 1.0, binary mode** (`cloudevents.rs`): the body is the event's
 //!   data, the AMQP content type its `datacontenttype`, every other attribute an
 //!   AMQP header named `cloudEvents_<name>` (AMQP binding 1.0.3) or
 //!   `cloudEvents:<name>` (1.0.2); both are accepted.
-//! - **Raw** (`raw.rs`): any bytes. The routing key is the kind, the AMQP
-//!   `message-id` the id (a UUIDv7 when there is none).
+//! - **Raw** (`raw.rs`): any bytes. The routing key is the kind.
+//!
+//! # Identity
+//!
+//! An event's id is stable across deliveries: the envelope's (or CloudEvent's)
+//! `id`; else the AMQP `message-id`; else one derived from the message itself
+//! ([`derived_id`]), never a fresh random id per delivery. Output ids are
+//! derived from it ([`output_id`]), so a redelivered input yields the same
+//! outputs.
 //!
 //! Outputs are always published as seed envelopes, with the fields the host owns
 //! filled in (see [`output_envelope`]): consumers of the router's outputs read one
@@ -97,6 +103,12 @@ pub const HOPS_HEADER: &str = "switchboard-hops";
 
 /// Header naming the plugin that produced a published output.
 pub const SOURCE_HEADER: &str = "switchboard-source";
+
+/// Whether the host owns header `name`: every `switchboard-*` header.
+pub fn is_host_header(name: &str) -> bool {
+    name.get(..12)
+        .is_some_and(|prefix| prefix.eq_ignore_ascii_case("switchboard-"))
+}
 
 /// Namespace of the name-based (v5) UUIDs given to outputs.
 const OUTPUT_ID_NAMESPACE: Uuid = Uuid::from_u128(0x8f6c_2d1e_5b3a_4c7d_9e0f_1a2b_3c4d_5e6f);
@@ -293,7 +305,41 @@ fn decode_unbounded(
     } else {
         raw::decode(routing_key, message, exchange, attempt)?
     };
-    with_message_headers(decoded, message)
+    let mut event = with_message_headers(decoded, message)?;
+    if event.id.is_empty() {
+        event.id = match message.message_id.as_deref().filter(|id| !id.is_empty()) {
+            Some(id) => id.to_string(),
+            None => derived_id(exchange, routing_key, message),
+        };
+    }
+    Ok(event)
+}
+
+/// Namespace of the name-based (v5) UUIDs derived for events that carry no id.
+const DERIVED_ID_NAMESPACE: Uuid = Uuid::from_u128(0x3a1f_6c2e_8d4b_4e5f_a607_1b2c_3d4e_5f60);
+
+/// The id of an event that has none (no envelope `id`, no AMQP `message-id`):
+/// a UUIDv5 of the exchange and routing key it was published with, its content
+/// type and its body, the same on every delivery, retry and dead-letter copy
+/// (they keep all four), so that plugins that claim work by event id (billing
+/// does) see a redelivery as itself. Two such messages alike in all four are
+/// one event to the router: producers that can publish the same body twice on
+/// purpose give their events ids.
+pub fn derived_id(exchange: &str, routing_key: &str, message: &Message) -> String {
+    let content_type = message.content_type.as_deref().unwrap_or("");
+    let mut name = Vec::with_capacity(
+        exchange.len() + routing_key.len() + content_type.len() + message.body.len() + 3,
+    );
+    for part in [
+        exchange.as_bytes(),
+        routing_key.as_bytes(),
+        content_type.as_bytes(),
+    ] {
+        name.extend_from_slice(part);
+        name.push(0);
+    }
+    name.extend_from_slice(&message.body);
+    Uuid::new_v5(&DERIVED_ID_NAMESPACE, &name).to_string()
 }
 
 /// Adds the message's headers to a decoded event and settles its hop count.
@@ -344,7 +390,10 @@ pub const TRACE_HEADERS: [&str; 2] = ["traceparent", "tracestate"];
 /// `application/json` and the output's deterministic id ([`output_id`]) as
 /// `message_id`. Headers: `switchboard-hops` (the input's hops + 1),
 /// `switchboard-source` (the plugin), then the output's own headers, less any that
-/// the host owns or that would make the message look like a binary-mode CloudEvent
+/// the host owns (every `switchboard-*` header: hop count, source, and the attempt,
+/// origin and failure headers of moved messages, which a plugin copying its
+/// input's headers would otherwise pass on) or that would make the message look
+/// like a binary-mode CloudEvent
 /// (`cloudEvents_*`, `cloudEvents:*`), then the input's W3C `traceparent` and
 /// `tracestate` where the output did not set them. Where to publish
 /// (`output.exchange`) is the caller's business.
@@ -364,9 +413,7 @@ pub fn encode_output(
         output
             .headers
             .iter()
-            .filter(|(k, _)| {
-                k != HOPS_HEADER && k != SOURCE_HEADER && cloudevents::attribute_name(k).is_none()
-            })
+            .filter(|(k, _)| !is_host_header(k) && cloudevents::attribute_name(k).is_none())
             .cloned(),
     );
     for name in TRACE_HEADERS {

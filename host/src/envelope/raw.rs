@@ -2,13 +2,12 @@
 //! producers that publish their payload and nothing else.
 //!
 //! What the envelope would have said comes from the message: the routing key is
-//! the kind, the AMQP `message-id` the id (a UUIDv7 when there is none, so a
-//! redelivery of such a message gets a new id: dedupe needs a `message-id`), the
-//! AMQP content type the content type. The source is unknown (empty) and the time
-//! is when the router decoded it.
+//! the kind, the AMQP `message-id` the id (or, when there is none, an id derived
+//! from the message itself, the same on every delivery: see
+//! [`super::decode`]), the AMQP content type the content type. The source is
+//! unknown (empty) and the time is when the router decoded it.
 
 use serde::de::IgnoredAny;
-use uuid::Uuid;
 
 use super::{Decoded, EnvelopeError, JSON, OCTET_STREAM, now_rfc3339};
 use crate::bus::Message;
@@ -30,14 +29,10 @@ pub(super) fn decode(
         .clone()
         .filter(|ct| !ct.trim().is_empty())
         .unwrap_or_else(|| infer_content_type(&message.body).into());
-    let id = message
-        .message_id
-        .clone()
-        .filter(|id| !id.is_empty())
-        .unwrap_or_else(|| Uuid::now_v7().to_string());
     Ok(Decoded {
         event: Event {
-            id,
+            // Filled in by `envelope::decode`: the message id, else derived.
+            id: String::new(),
             kind: routing_key.into(),
             exchange: exchange.into(),
             attempt,

@@ -17,8 +17,8 @@ use uuid::Uuid;
 use serde_json::value::RawValue;
 
 use super::{
-    Decoded, EnvelopeError, HOPS_HEADER, JSON, OCTET_STREAM, SOURCE_HEADER, hops, is_json,
-    now_rfc3339, output_id, raw_object, raw_text,
+    Decoded, EnvelopeError, HOPS_HEADER, JSON, OCTET_STREAM, hops, is_json, now_rfc3339, output_id,
+    raw_object, raw_text,
 };
 use crate::runtime::{Event, Output};
 
@@ -230,11 +230,9 @@ pub(super) fn decode(body: &[u8], exchange: &str, attempt: u32) -> Result<Decode
         .collect::<Result<Vec<_>, EnvelopeError>>()?;
     Ok(Decoded {
         event: Event {
-            // An empty id is no id (as on the ingress): see `Envelope::into_event`.
-            id: envelope
-                .id
-                .filter(|id| !id.is_empty())
-                .unwrap_or_else(|| Uuid::now_v7().to_string()),
+            // None (or empty) yet: `envelope::decode` takes the message id, or
+            // derives one from the message (the same on every delivery).
+            id: envelope.id.unwrap_or_default(),
             kind: envelope.kind,
             exchange: exchange.into(),
             attempt,
@@ -289,9 +287,9 @@ pub(super) fn wrap(kind: &str, data: Value) -> Result<Vec<u8>, EnvelopeError> {
 
 /// The envelope to publish for output `index` that `plugin` produced from `input`.
 ///
-/// The output's headers become `metadata`, except the ones the host owns
-/// (`switchboard-hops`, `switchboard-source`): a plugin that copies its input's
-/// headers onto an output must not carry a stale hop count or source along.
+/// The output's headers become `metadata`, except the ones the host owns (every
+/// `switchboard-*` header): a plugin that copies its input's headers onto an
+/// output must not carry a stale hop count, source, attempt or origin along.
 pub fn output_envelope(
     plugin: &str,
     input: &Event,
@@ -338,7 +336,7 @@ pub fn output_envelope(
         metadata: output
             .headers
             .iter()
-            .filter(|(k, _)| k != HOPS_HEADER && k != SOURCE_HEADER)
+            .filter(|(k, _)| !super::is_host_header(k))
             .map(|(k, v)| (k.clone(), Value::String(v.clone())))
             .collect(),
     })
@@ -463,7 +461,7 @@ mod tests {
             exchange: None,
             headers: vec![
                 (HOPS_HEADER.into(), "0".into()),
-                (SOURCE_HEADER.into(), "payments".into()),
+                (super::super::SOURCE_HEADER.into(), "payments".into()),
                 ("trace".into(), "abc".into()),
             ],
         };

@@ -49,6 +49,10 @@ fn is_v7(id: &str) -> bool {
     Uuid::parse_str(id).is_ok_and(|id| id.get_version_num() == 7)
 }
 
+fn is_v5(id: &str) -> bool {
+    Uuid::parse_str(id).is_ok_and(|id| id.get_version_num() == 5)
+}
+
 fn seed_body() -> Bytes {
     json_body(json!({
         "id": "evt-1", "type": "payment.success", "source": "payments-api",
@@ -115,38 +119,53 @@ fn seed_envelope_is_detected_whatever_the_content_type_says() {
 
 #[test]
 fn seed_envelope_without_id_or_timestamp_gets_them() {
-    let event = decode(
-        "e",
-        "k",
-        &message(json_body(json!({"type": "a.b", "data": 1})), None),
-        1,
-    )
-    .unwrap();
-    assert!(is_v7(&event.id));
+    let body = json_body(json!({"type": "a.b", "data": 1}));
+    let event = decode("e", "k", &message(body.clone(), None), 1).unwrap();
+    assert!(is_v5(&event.id), "derived from the message: {:?}", event.id);
     assert!(chrono::DateTime::parse_from_rfc3339(&event.time).is_ok());
     assert_eq!(event.kind, "a.b");
+    // The same message delivered again (or retried: attempt 3) is the same event.
+    let again = decode("e", "k", &message(body.clone(), None), 3).unwrap();
+    assert_eq!(again.id, event.id);
+    // An AMQP message-id comes before a derived id.
+    let mut with_id = message(body, None);
+    with_id.message_id = Some("m-7".into());
+    assert_eq!(decode("e", "k", &with_id, 1).unwrap().id, "m-7");
+}
+
+#[test]
+fn an_id_less_event_is_identified_by_its_exchange_key_content_type_and_body() {
+    let body = || json_body(json!({"type": "payment.success", "data": {"bill": 1}}));
+    let id = |exchange: &str, key: &str, m: &Message| decode(exchange, key, m, 1).unwrap().id;
+    let base = id("e", "k", &message(body(), None));
+    assert_eq!(base, derived_id("e", "k", &message(body(), None)));
+    assert_ne!(base, id("other", "k", &message(body(), None)));
+    assert_ne!(base, id("e", "other", &message(body(), None)));
+    assert_ne!(base, id("e", "k", &message(body(), Some("text/plain"))));
+    let other_body = json_body(json!({"type": "payment.success", "data": {"bill": 2}}));
+    assert_ne!(base, id("e", "k", &message(other_body, None)));
 }
 
 #[test]
 fn seed_envelope_with_an_empty_id_gets_one() {
-    // An empty id used to be kept: the dedupe window then took every such event
-    // for a duplicate of the last, and their outputs all had one id.
+    // An empty id is no id: kept, the dedupe window would take every such event
+    // for a duplicate of the last, and their outputs would all share one id.
     let first = decode(
         "e",
         "k",
-        &message(json_body(json!({"id": "", "type": "a.b"})), None),
+        &message(json_body(json!({"id": "", "type": "a.b", "data": 1})), None),
         1,
     )
     .unwrap();
     let second = decode(
         "e",
         "k",
-        &message(json_body(json!({"id": "", "type": "a.b"})), None),
+        &message(json_body(json!({"id": "", "type": "a.b", "data": 2})), None),
         1,
     )
     .unwrap();
-    assert!(is_v7(&first.id), "{:?}", first.id);
-    assert!(is_v7(&second.id), "{:?}", second.id);
+    assert!(is_v5(&first.id), "{:?}", first.id);
+    assert!(is_v5(&second.id), "{:?}", second.id);
     assert_ne!(first.id, second.id);
 }
 
@@ -551,7 +570,7 @@ fn raw_bodies_without_labels_or_ids() {
     .unwrap();
     assert_eq!(event.kind, "order.placed");
     assert_eq!(event.content_type, JSON, "an unlabelled JSON body is JSON");
-    assert!(is_v7(&event.id));
+    assert!(is_v5(&event.id), "derived from the message");
     assert_eq!(data(&event), json!({"order": 1}));
 
     let event = decode("e", "k", &message(&b"plain words"[..], None), 1).unwrap();

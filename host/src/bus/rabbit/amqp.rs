@@ -35,26 +35,28 @@ pub const DEFAULT_FRAME_MAX: u32 = 131_072;
 /// Bytes of a frame that are not payload: type, channel, size, end marker.
 const FRAME_OVERHEAD: usize = 8;
 
+/// The headers the router writes when it moves a message (retry, dead letter).
+const MOVE_HEADERS: [&str; 9] = [
+    ATTEMPT,
+    FIRST_FAILURE,
+    ERROR_KIND,
+    ERROR,
+    PLUGIN_VERSION,
+    DEAD_LETTERED_AT,
+    EXCHANGE,
+    ROUTING_KEY,
+    DROPPED_HEADERS,
+];
+
 /// Headers the router owns: replaced, not accumulated, on every move. The
 /// broker's own `x-death` history is dropped too, since the router's headers
 /// say what happened and the history would grow with every retry.
 fn owned(name: &str) -> bool {
-    [
-        ATTEMPT,
-        FIRST_FAILURE,
-        ERROR_KIND,
-        ERROR,
-        PLUGIN_VERSION,
-        DEAD_LETTERED_AT,
-        EXCHANGE,
-        ROUTING_KEY,
-    ]
-    .contains(&name)
+    MOVE_HEADERS.contains(&name)
         || name.starts_with("x-death")
         || name == "x-delivery-count"
         || name.starts_with("x-first-death-")
         || name.starts_with("x-last-death-")
-        || name == DROPPED_HEADERS
 }
 
 /// The most bytes a message's properties and headers may take with a
@@ -161,7 +163,24 @@ pub fn message(data: Vec<u8>, properties: &BasicProperties) -> Message {
 
 /// What a delivery from `exchange` with `routing_key` is, for the dispatcher:
 /// the original exchange and key when the router moved it, and the attempt.
-pub fn delivered(exchange: &str, routing_key: &str, message: Message) -> Delivered {
+///
+/// The router's move headers (attempt, origin, failure) are believed only when
+/// `trusted`: the message came by one of the router's own paths (back from a
+/// retry tier, re-driven, or read from a DLQ). On anything else, say a service
+/// that sets `switchboard-attempt` or a plugin output that copied its input's
+/// headers, they are removed: the delivery is a first attempt from where it
+/// was published.
+pub fn delivered(
+    exchange: &str,
+    routing_key: &str,
+    mut message: Message,
+    trusted: bool,
+) -> Delivered {
+    if !trusted {
+        message
+            .headers
+            .retain(|(k, _)| !MOVE_HEADERS.contains(&k.as_str()));
+    }
     let attempt = message
         .header(ATTEMPT)
         .and_then(|a| a.trim().parse::<u32>().ok())
@@ -358,10 +377,10 @@ mod tests {
             ],
             ..Message::default()
         };
-        let d = delivered("payments", "payment.success", message);
+        let d = delivered("payments", "payment.success", message, true);
         assert_eq!(d.attempt, 2);
         let copy = moved(&d, &failure(), Some(3), header_limit(0));
-        let again = delivered("", "sb.billing", copy.clone());
+        let again = delivered("", "sb.billing", copy.clone(), true);
         assert_eq!(again.exchange, "payments");
         assert_eq!(again.routing_key, "payment.success");
         assert_eq!(again.attempt, 3);
@@ -374,7 +393,7 @@ mod tests {
         let dead = moved(&d, &failure(), None, header_limit(0));
         let info = failure_of(&dead);
         assert_eq!(info, failure());
-        let back = delivered("", "sb.billing", redriven(&dead));
+        let back = delivered("", "sb.billing", redriven(&dead), true);
         assert_eq!(back.attempt, 1);
         assert_eq!(back.first_failure, None);
         assert_eq!(back.exchange, "payments");
@@ -401,7 +420,7 @@ mod tests {
         headers.push(("filler".into(), "f".repeat(room - entry_len("filler", ""))));
         message.headers = headers;
         assert_eq!(header_len(&message), limit, "the original fits exactly");
-        let d = delivered("events", "payment.success", message.clone());
+        let d = delivered("events", "payment.success", message.clone(), true);
         let mut failure = failure();
         failure.reason = "r".repeat(1 << 20);
 
@@ -427,7 +446,7 @@ mod tests {
         }
         // Moved again (re-driven, then failed): what is missing is still said, once.
         let dead = moved(&d, &failure, None, limit);
-        let again = moved(&delivered("", "q", dead), &failure, None, limit);
+        let again = moved(&delivered("", "q", dead, true), &failure, None, limit);
         assert!(header_len(&again) <= limit);
         assert_eq!(
             again
@@ -439,7 +458,7 @@ mod tests {
         );
         assert_eq!(again.header(DROPPED_HEADERS), Some("1"));
         // Room to spare: nothing is left out.
-        let small = delivered("events", "k", Message::default());
+        let small = delivered("events", "k", Message::default(), true);
         let copy = moved(&small, &failure, None, limit);
         assert_eq!(copy.header(DROPPED_HEADERS), None);
     }
@@ -455,6 +474,36 @@ mod tests {
         // 19 fixed + (1 + 10) + (1 + 2) + (1 + 2 + 1 + 4 + 3)
         assert_eq!(header_len(&message), 19 + 11 + 3 + 11);
         assert_eq!(header_limit(4096), 4088);
+    }
+
+    #[test]
+    fn move_headers_from_anyone_else_are_not_believed() {
+        let message = Message {
+            body: Bytes::from_static(b"{}"),
+            headers: vec![
+                (ATTEMPT.into(), "4".into()),
+                (EXCHANGE.into(), "elsewhere".into()),
+                (ROUTING_KEY.into(), "other.key".into()),
+                (FIRST_FAILURE.into(), "2026-01-01T00:00:00Z".into()),
+                (crate::envelope::HOPS_HEADER.into(), "2".into()),
+                ("tenant".into(), "acme".into()),
+            ],
+            ..Message::default()
+        };
+        let d = delivered("payments", "payment.success", message.clone(), false);
+        assert_eq!(d.attempt, 1);
+        assert_eq!(d.first_failure, None);
+        assert_eq!(
+            (d.exchange.as_str(), d.routing_key.as_str()),
+            ("payments", "payment.success")
+        );
+        assert_eq!(d.message.header(ATTEMPT), None);
+        assert_eq!(d.message.header(EXCHANGE), None);
+        assert_eq!(d.message.header("tenant"), Some("acme"));
+        assert_eq!(d.message.header(crate::envelope::HOPS_HEADER), Some("2"));
+        let moved_back = delivered("", "sb.billing", message, true);
+        assert_eq!(moved_back.attempt, 4);
+        assert_eq!(moved_back.exchange, "elsewhere");
     }
 
     #[test]

@@ -1,31 +1,28 @@
 //! The RabbitMQ bus: the same seam as the embedded bus, on a real broker.
 //!
-//! - **Connection.** One AMQP connection per process, owned by a supervisor
-//!   task: it connects (TLS for `amqps://`, an optional custom CA), declares the
-//!   topology, opens the confirm-mode publishing channel, and when the
-//!   connection dies it reconnects with backoff and declares again. Every other
-//!   part waits for the next session rather than failing at once; every wait
-//!   is bounded by `[broker] timeout`. Credentials never reach a log line or an
-//!   error: library errors are scrubbed of the URL and the password.
-//! - **Topology** ([`topology`]): exchanges, one queue per plugin, retry tiers
-//!   and a dead-letter queue per plugin, declared idempotently; on a change,
-//!   new bindings are made and removed ones unbound.
-//! - **Delivery.** One consumer (own channel, `basic.qos` prefetch, manual
-//!   acks) per plugin, feeding the plugin's worker threads. Retry and
-//!   dead-letter are done by the router: it publishes a copy with its headers
-//!   (attempt, error, first failure, plugin version, origin) to the retry tier
-//!   or the DLQ, waits for the confirm, then acks the original. A delivery whose
-//!   channel has closed is not processed (the broker has requeued it).
-//! - **Publishing** is persistent, mandatory and confirmed: a batch is sent
-//!   whole, then its confirms awaited together (pipelined). If the connection
-//!   drops before every confirm arrived, the whole batch is published again on
-//!   the next session (output ids are deterministic, so a duplicate is
-//!   recognisable), within the timeout.
-//! - **Replicas** are competing consumers on the same queues; an `ordered`
-//!   plugin's queue has a single active consumer across all of them.
+//! One event's path through it, file by file:
+//!
+//! - [`session`]: the one connection per process, its supervisor (reconnect
+//!   with backoff, declare again), and waiting for a session.
+//! - [`topology`]: exchanges, one queue per plugin, retry tiers and a
+//!   dead-letter queue per plugin, declared idempotently from the
+//!   configuration; only what the configuration no longer names is unbound.
+//! - [`consume`]: one consumer per plugin feeding its worker threads.
+//! - [`settle`]: the one path by which a delivery ends (outputs, retry or dead
+//!   letter; ack only after every copy is confirmed; never held on failure).
+//! - [`publish`]: persistent, mandatory, confirmed publishing, one batch per
+//!   channel at a time so that returns are credited to the right message.
+//! - [`amqp`]: messages and headers between AMQP and the bus.
+//!
+//! **Replicas** are competing consumers on the same queues; an `ordered`
+//! plugin's queue has a single active consumer across all of them.
 
 mod amqp;
+mod consume;
 mod names;
+mod publish;
+mod session;
+mod settle;
 pub mod tools;
 mod topology;
 
@@ -35,25 +32,19 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
-use arc_swap::{ArcSwap, ArcSwapOption};
-use crossbeam_channel::{Receiver, Sender};
-use futures::StreamExt as _;
-use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, QueueDeleteOptions,
-};
-use lapin::types::FieldTable;
-use lapin::{Channel, Confirmation, Connection, ConnectionProperties};
+use arc_swap::ArcSwapOption;
+use crossbeam_channel::Receiver;
 use serde::Serialize;
 use tokio::sync::{broadcast, watch};
 
+use consume::{ConsumerMode, ConsumerTask};
 pub use names::Names;
+use publish::{publish_confirmed, record_published};
+pub use session::connect;
+use session::{Session, wait_session};
 use topology::Declared;
 
-use super::{
-    Bus, BusError, DeadLetter, Delivered, Delivery, Outgoing, Published, Settle, Settlement,
-    Topology,
-};
+use super::{Bus, BusError, DeadLetter, Delivery, Outgoing, Published, Topology};
 use crate::config::{QueueType, RouterConfig, Secret, Unroutable};
 
 /// How to reach the broker and what to declare there.
@@ -89,38 +80,6 @@ impl RabbitSettings {
     }
 }
 
-/// Opens a connection (TLS per the URL's scheme, with the custom CA if any).
-/// The error is safe to show: the URL's credentials are scrubbed from it.
-pub async fn connect(settings: &RabbitSettings, name: &str) -> Result<Connection, String> {
-    let url = settings.url.expose();
-    let properties = ConnectionProperties::default().with_connection_name(name.into());
-    let tls = match &settings.ca_file {
-        Some(path) => {
-            let pem = std::fs::read_to_string(path)
-                .map_err(|e| format!("cannot read broker.ca_file {}: {e}", path.display()))?;
-            lapin::tcp::OwnedTLSConfig {
-                identity: None,
-                cert_chain: Some(pem),
-            }
-        }
-        None => lapin::tcp::OwnedTLSConfig::default(),
-    };
-    let runtime = lapin::runtime::default_runtime().map_err(|e| e.to_string())?;
-    let connecting = Connection::connect_with_config(url, properties, tls, runtime);
-    match tokio::time::timeout(settings.timeout.max(Duration::from_secs(1)), connecting).await {
-        Ok(Ok(connection)) => Ok(connection),
-        Ok(Err(e)) => Err(format!(
-            "cannot connect to {}: {}",
-            settings.url,
-            settings.url.scrub(&e.to_string())
-        )),
-        Err(_) => Err(format!(
-            "cannot connect to {}: no answer within {:?}",
-            settings.url, settings.timeout
-        )),
-    }
-}
-
 /// The connection as `/readyz` and metrics see it.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct LinkStatus {
@@ -148,28 +107,6 @@ pub struct BrokerQueueStats {
     pub in_flight: u64,
 }
 
-/// One connected session: the connection and its publishing channel.
-struct Session {
-    connection: Connection,
-    publisher: ArcSwap<Channel>,
-}
-
-impl Session {
-    fn live(&self) -> bool {
-        self.connection.status().connected()
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum ConsumerMode {
-    Run,
-    /// No new deliveries (basic.cancel); the channel stays open so that what was
-    /// delivered can still be acknowledged.
-    Cancel,
-    /// Close the channel: unacknowledged deliveries go back to the queue.
-    Close,
-}
-
 struct ConsumerHandle {
     rx: Receiver<Delivery>,
     prefetch: watch::Sender<u16>,
@@ -194,6 +131,12 @@ struct Inner {
     unroutable: AtomicU64,
     stream: broadcast::Sender<Arc<Published>>,
     closing: AtomicBool,
+    /// A declaration of the whole topology is under way (see
+    /// [`session::redeclare`]).
+    redeclaring: AtomicBool,
+    /// Retry delays of plugins removed from the configuration whose queues
+    /// are not deleted yet (their tiers may hold retries).
+    retired: Mutex<HashMap<String, Vec<Duration>>>,
 }
 
 impl Inner {
@@ -229,9 +172,15 @@ impl std::fmt::Debug for RabbitBus {
 
 impl RabbitBus {
     /// Starts the connection supervisor and waits (at most the broker timeout)
-    /// for the first connection. Not being connected yet is not an error: the
-    /// supervisor keeps trying, and `/readyz` says so.
-    pub fn start(settings: RabbitSettings) -> anyhow::Result<Self> {
+    /// for the first connection, which declares `topology` (the configured
+    /// one, whether or not its plugins have loaded). Not being connected yet
+    /// is not an error: the supervisor keeps trying, and `/readyz` says so.
+    ///
+    /// The first declaration is the configuration's, never an empty one: what
+    /// the last run bound and the configuration still routes stays bound
+    /// throughout a restart, so what services publish meanwhile waits in the
+    /// plugins' queues instead of being dropped as unroutable.
+    pub fn start(settings: RabbitSettings, topology: Topology) -> anyhow::Result<Self> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("switchboard-amqp")
@@ -251,16 +200,18 @@ impl RabbitBus {
             handle,
             session: ArcSwapOption::empty(),
             sessions: watch::Sender::new(0),
-            desired: Mutex::new(Topology::default()),
+            exchanges: RwLock::new(topology.exchanges.iter().map(|e| e.name.clone()).collect()),
+            desired: Mutex::new(topology),
             declared: tokio::sync::Mutex::new(declared),
-            exchanges: RwLock::new(HashSet::new()),
             consumers: Mutex::new(HashMap::new()),
             link: Mutex::new(LinkStatus::default()),
             unroutable: AtomicU64::new(0),
             stream,
             closing: AtomicBool::new(false),
+            redeclaring: AtomicBool::new(false),
+            retired: Mutex::new(HashMap::new()),
         });
-        inner.handle.spawn(supervise(inner.clone()));
+        inner.handle.spawn(session::supervise(inner.clone()));
         let bus = Self { inner };
         let deadline = Instant::now() + bus.inner.settings.timeout;
         while bus.inner.session.load().is_none() && Instant::now() < deadline {
@@ -311,6 +262,22 @@ impl RabbitBus {
         &self.inner.names
     }
 
+    /// The retry tier queues of `plugin` (configured, or removed and not
+    /// deleted yet).
+    fn tiers_of(&self, plugin: &str) -> Vec<String> {
+        let delays = lock(&self.inner.desired)
+            .queues
+            .iter()
+            .find(|q| q.plugin == plugin)
+            .map(|q| q.retry_delays.clone())
+            .or_else(|| lock(&self.inner.retired).get(plugin).cloned())
+            .unwrap_or_default();
+        delays
+            .into_iter()
+            .map(|d| self.inner.names.retry_queue(plugin, d))
+            .collect()
+    }
+
     /// What the broker says about `plugin`'s queues.
     pub fn queue_stats(&self, plugin: &str) -> Result<BrokerQueueStats, BusError> {
         let inner = self.inner.clone();
@@ -318,17 +285,7 @@ impl RabbitBus {
         let in_flight = lock(&self.inner.consumers)
             .get(&plugin)
             .map_or(0, |c| c.outstanding.load(Ordering::SeqCst));
-        let tiers: Vec<String> = lock(&self.inner.desired)
-            .queues
-            .iter()
-            .filter(|q| q.plugin == plugin)
-            .flat_map(|q| {
-                q.retry_delays
-                    .iter()
-                    .map(|d| inner.names.retry_queue(&q.plugin, *d))
-                    .collect::<Vec<_>>()
-            })
-            .collect();
+        let tiers = self.tiers_of(&plugin);
         self.block(async move {
             let deadline = Instant::now() + inner.settings.timeout;
             let session = wait_session(&inner, deadline).await?;
@@ -457,306 +414,20 @@ impl Drop for Inner {
     }
 }
 
-/// Waits for a live session, at most until `deadline`.
-async fn wait_session(inner: &Inner, deadline: Instant) -> Result<Arc<Session>, BusError> {
-    let mut sessions = inner.sessions.subscribe();
-    loop {
-        if let Some(session) = inner.session.load_full()
-            && session.live()
-        {
-            return Ok(session);
-        }
-        if inner.closing.load(Ordering::SeqCst) {
-            return Err(BusError::Closed);
-        }
-        let why = lock(&inner.link)
-            .error
-            .clone()
-            .unwrap_or_else(|| "connecting".into());
-        match tokio::time::timeout_at(deadline.into(), sessions.changed()).await {
-            Err(_) => {
-                return Err(BusError::Unavailable(format!(
-                    "not connected to the broker ({why})"
-                )));
-            }
-            Ok(Err(_)) => return Err(BusError::Closed),
-            Ok(Ok(())) => {}
-        }
-    }
-}
-
-/// The connection supervisor: connect, declare, serve until the connection
-/// dies, and again, with backoff, until the bus closes.
-async fn supervise(inner: Arc<Inner>) {
-    let mut delay = Duration::from_millis(100);
-    let mut first = true;
-    while !inner.closing.load(Ordering::SeqCst) {
-        let connection = match connect(&inner.settings, "switchboard").await {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(error = %e, retry_in = ?delay, "broker connection failed");
-                lock(&inner.link).error = Some(e);
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
-                continue;
-            }
-        };
-        let publisher = match open_publisher(&connection).await {
-            Ok(p) => p,
-            Err(e) => {
-                lock(&inner.link).error = Some(format!("cannot open the publishing channel: {e}"));
-                tokio::time::sleep(delay).await;
-                continue;
-            }
-        };
-        delay = Duration::from_millis(100);
-        let session = Arc::new(Session {
-            connection,
-            publisher: ArcSwap::from_pointee(publisher),
-        });
-        let declared = declare(&inner, &session).await;
-        {
-            let mut link = lock(&inner.link);
-            link.connected = true;
-            link.declared = declared.is_ok();
-            link.error = declared.err();
-            if !first {
-                link.reconnects += 1;
-            }
-        }
-        first = false;
-        tracing::info!(url = %inner.settings.url, "connected to the broker");
-        inner.session.store(Some(session.clone()));
-        inner.sessions.send_modify(|g| *g += 1);
-
-        let mut events = session.connection.events_listener();
-        let mut tick = tokio::time::interval(Duration::from_millis(200));
-        loop {
-            tokio::select! {
-                event = events.next() => {
-                    if let Some(lapin::Event::Error(e)) = event {
-                        tracing::warn!(error = %inner.settings.url.scrub(&e.to_string()), "broker connection lost");
-                        break;
-                    }
-                    if event.is_none() {
-                        break;
-                    }
-                }
-                _ = tick.tick() => {
-                    if !session.live() || inner.closing.load(Ordering::SeqCst) {
-                        break;
-                    }
-                }
-            }
-        }
-        if inner.closing.load(Ordering::SeqCst) {
-            break;
-        }
-        {
-            let mut link = lock(&inner.link);
-            link.connected = false;
-            link.declared = false;
-            link.error = Some("connection lost; reconnecting".into());
-        }
-        inner.session.store(None);
-        inner.sessions.send_modify(|g| *g += 1);
-        tracing::warn!("broker connection lost; reconnecting");
-    }
-}
-
-async fn open_publisher(connection: &Connection) -> Result<Channel, lapin::Error> {
-    let channel = connection.create_channel().await?;
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await?;
-    Ok(channel)
-}
-
-/// Declares the desired topology on `session` and records what it declared.
-async fn declare(inner: &Inner, session: &Session) -> Result<(), String> {
-    let desired = lock(&inner.desired).clone();
-    let mut declared = inner.declared.lock().await;
-    let deadline = inner.settings.timeout * 4;
-    let result = tokio::time::timeout(
-        deadline,
-        topology::declare(
-            &session.connection,
-            &inner.names,
-            inner.settings.queue_type,
-            &desired,
-            &declared,
-        ),
-    )
-    .await
-    .unwrap_or_else(|_| {
-        Err(format!(
-            "declaring the topology took longer than {deadline:?}"
-        ))
-    });
-    match result {
-        Ok(now) => {
-            if let Some(path) = &inner.settings.state_file {
-                now.save(path);
-            }
-            *declared = now;
-            Ok(())
-        }
-        Err(e) => {
-            tracing::error!(error = %e, "the broker refused the topology");
-            Err(e)
-        }
-    }
-}
-
-/// Publishes `batch` (persistent, mandatory) and waits for every confirm,
-/// republishing the whole batch on the next session if the connection drops
-/// first. Returns, per message, whether a queue took it.
-async fn publish_confirmed(
-    inner: &Inner,
-    batch: &[Outgoing],
-    deadline: Instant,
-) -> Result<Vec<bool>, BusError> {
-    loop {
-        let session = wait_session(inner, deadline).await?;
-        let started = Instant::now();
-        match publish_on(&session, batch, deadline).await {
-            Ok(routed) => {
-                if let Some(histogram) = &inner.settings.confirm_seconds {
-                    histogram.observe(started.elapsed().as_secs_f64());
-                }
-                return Ok(routed);
-            }
-            Err(PublishError::Refused(why)) => return Err(BusError::Unavailable(why)),
-            Err(PublishError::TooLarge(why)) => return Err(BusError::TooLarge(why)),
-            Err(PublishError::Lost(why)) => {
-                if Instant::now() >= deadline {
-                    return Err(BusError::Unavailable(format!(
-                        "publish not confirmed: {why}"
-                    )));
-                }
-                if session.live() {
-                    // The channel failed but the connection lives: a new channel.
-                    match open_publisher(&session.connection).await {
-                        Ok(channel) => session.publisher.store(Arc::new(channel)),
-                        Err(e) => {
-                            tracing::debug!(error = %e, "cannot reopen the publishing channel");
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                        }
-                    }
-                } else {
-                    tracing::debug!(error = %why, "connection lost during a publish; publishing again once reconnected");
-                }
-            }
-        }
-    }
-}
-
-/// Counts the messages no queue took and offers every published message to
-/// stream watchers; returns the first unroutable (exchange, routing key).
-fn record_published(
-    inner: &Inner,
-    batch: Vec<Outgoing>,
-    routed: &[bool],
-) -> Option<(String, String)> {
-    let mut unroutable = None;
-    for (out, routed) in batch.into_iter().zip(routed) {
-        if !routed {
-            inner.unroutable.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(exchange = %out.exchange, routing_key = %out.routing_key, "no queue is bound for a published message");
-            unroutable.get_or_insert_with(|| (out.exchange.clone(), out.routing_key.clone()));
-        }
-        let _ = inner.stream.send(Arc::new(Published {
-            exchange: out.exchange,
-            routing_key: out.routing_key,
-            message: out.message,
-        }));
-    }
-    unroutable
-}
-
-/// Whether every message of `batch` has properties and headers that fit in one
-/// frame (`limit` bytes); `Err` says which does not.
-fn fits(batch: &[Outgoing], limit: usize) -> Result<(), String> {
-    for out in batch {
-        let len = amqp::header_len(&out.message);
-        if len > limit {
-            return Err(format!(
-                "a message to exchange {:?} with routing key {:?} has {len} bytes of \
-                 properties and headers, more than one AMQP frame holds ({limit})",
-                out.exchange, out.routing_key
-            ));
-        }
-    }
-    Ok(())
-}
-
-enum PublishError {
-    /// The broker said no (nack): trying again now would not help.
-    Refused(String),
-    /// A message the broker could not take at all (nothing was sent).
-    TooLarge(String),
-    /// No answer (connection or channel lost, timeout): publish again.
-    Lost(String),
-}
-
-async fn publish_on(
-    session: &Session,
-    batch: &[Outgoing],
-    deadline: Instant,
-) -> Result<Vec<bool>, PublishError> {
-    let channel = session.publisher.load_full();
-    let options = BasicPublishOptions {
-        mandatory: true,
-        ..BasicPublishOptions::default()
-    };
-    // Checked before anything is sent: the batch goes whole or not at all, and
-    // a header the broker cannot take would close the whole connection.
-    let limit = amqp::header_limit(session.connection.configuration().frame_max());
-    fits(batch, limit).map_err(PublishError::TooLarge)?;
-    let mut confirms = Vec::with_capacity(batch.len());
-    for out in batch {
-        let properties = amqp::properties(&out.message, &[]);
-        let sent = tokio::time::timeout_at(
-            deadline.into(),
-            channel.basic_publish(
-                out.exchange.as_str().into(),
-                out.routing_key.as_str().into(),
-                options,
-                &out.message.body,
-                properties,
-            ),
-        )
-        .await;
-        match sent {
-            Ok(Ok(confirm)) => confirms.push(confirm),
-            Ok(Err(e)) => return Err(PublishError::Lost(e.to_string())),
-            Err(_) => return Err(PublishError::Lost("timed out sending".into())),
-        }
-    }
-    let mut routed = Vec::with_capacity(confirms.len());
-    for confirm in confirms {
-        match tokio::time::timeout_at(deadline.into(), confirm).await {
-            Ok(Ok(Confirmation::Ack(returned))) => routed.push(returned.is_none()),
-            Ok(Ok(Confirmation::NotRequested)) => routed.push(true),
-            Ok(Ok(Confirmation::Nack(_))) => {
-                return Err(PublishError::Refused(
-                    "the broker refused the message (nack)".into(),
-                ));
-            }
-            Ok(Err(e)) => return Err(PublishError::Lost(e.to_string())),
-            Err(_) => {
-                return Err(PublishError::Lost(
-                    "timed out waiting for the confirm".into(),
-                ));
-            }
-        }
-    }
-    Ok(routed)
-}
-
 impl Bus for RabbitBus {
     fn apply(&self, topology: &Topology) -> Result<(), BusError> {
         let previous = std::mem::replace(&mut *lock(&self.inner.desired), topology.clone());
+        {
+            let mut retired = lock(&self.inner.retired);
+            for q in &previous.queues {
+                if !topology.queues.iter().any(|n| n.plugin == q.plugin) {
+                    retired.insert(q.plugin.clone(), q.retry_delays.clone());
+                }
+            }
+            for q in &topology.queues {
+                retired.remove(&q.plugin);
+            }
+        }
         *self
             .inner
             .exchanges
@@ -777,8 +448,11 @@ impl Bus for RabbitBus {
             return Ok(());
         };
         let inner = self.inner.clone();
-        let result =
-            self.block(async move { declare(&inner, &session).await.map_err(BusError::Topology) });
+        let result = self.block(async move {
+            session::declare(&inner, &session)
+                .await
+                .map_err(BusError::Topology)
+        });
         let mut link = lock(&self.inner.link);
         match &result {
             Ok(()) => {
@@ -879,369 +553,58 @@ impl Bus for RabbitBus {
     fn delete_queue(&self, plugin: &str, force: bool) -> Result<(), BusError> {
         let inner = self.inner.clone();
         let plugin = plugin.to_string();
-        let tiers: Vec<String> = inner
-            .declared
-            .try_lock()
-            .map(|d| {
-                d.tiers
-                    .iter()
-                    .map(|(q, _)| q.clone())
-                    .filter(|q| q.starts_with(&format!("{}.retry.", inner.names.queue(&plugin))))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let tiers = self.tiers_of(&plugin);
         self.block(async move {
             let deadline = Instant::now() + inner.settings.timeout;
             let session = wait_session(&inner, deadline).await?;
-            let options = QueueDeleteOptions {
-                if_empty: !force,
-                ..QueueDeleteOptions::default()
-            };
-            // Tiers first: a tier's messages dead-letter into the plugin's
-            // queue, so that queue must outlive them.
-            let mut queues = tiers;
-            queues.push(inner.names.queue(&plugin));
-            queues.push(inner.names.dlq(&plugin));
-            for queue in queues {
-                // A refusal closes the channel: one channel per deletion.
-                let channel = session
-                    .connection
-                    .create_channel()
+            let connection = &session.connection;
+            let (names, timeout) = (&inner.names, inner.settings.timeout);
+            let queue = names.queue(&plugin);
+            // Retries waiting in the tiers would come back to a queue nobody
+            // reads: they go to the dead-letter queue, as on the embedded bus.
+            // Tiers first: a tier's messages dead-letter into the plugin's queue.
+            let mut moved = 0;
+            for tier in &tiers {
+                moved += tools::dead_letter_all(connection, names, &plugin, tier, timeout)
                     .await
-                    .map_err(|e| BusError::Unavailable(e.to_string()))?;
-                let deleted = channel.queue_delete(queue.as_str().into(), options).await;
-                let _ = channel.close(200, "done".into()).await;
-                if let Err(e) = deleted {
-                    return Err(BusError::Unavailable(format!("queue {queue:?} kept: {e}")));
-                }
+                    .map_err(BusError::Unavailable)?;
+                tools::delete_if_empty(connection, tier)
+                    .await
+                    .map_err(BusError::Unavailable)?;
             }
-            Ok(())
-        })
-    }
-
-    fn pipelines(&self) -> bool {
-        // With `dead-letter`, an unroutable output fails the input: the worker
-        // must wait for the confirms to know.
-        self.inner.settings.unroutable == Unroutable::Drop
-    }
-
-    fn publish_then_ack(
-        &self,
-        batch: Vec<Outgoing>,
-        delivery: Delivery,
-        timeout: Duration,
-    ) -> Result<(), Box<(Delivery, BusError)>> {
-        {
-            let exchanges = self
-                .inner
-                .exchanges
-                .read()
-                .unwrap_or_else(PoisonError::into_inner);
-            if let Some(out) = batch.iter().find(|o| !exchanges.contains(&o.exchange)) {
-                let missing = out.exchange.clone();
-                drop(exchanges);
-                return Err(Box::new((delivery, BusError::NoSuchExchange(missing))));
+            if force {
+                moved += tools::dead_letter_all(connection, names, &plugin, &queue, timeout)
+                    .await
+                    .map_err(BusError::Unavailable)?;
             }
-        }
-        // Refused here, not in the task below: a batch that can never be sent
-        // is a failure of the input (retried, then dead-lettered with the
-        // reason), not something to put back in the queue and try again at once.
-        if let Err(why) = fits(&batch, self.inner.header_limit()) {
-            return Err(Box::new((delivery, BusError::TooLarge(why))));
-        }
-        let Delivery { delivered, settle } = delivery;
-        let settle = match settle.into_any().downcast::<RabbitSettle>() {
-            Ok(settle) => settle,
-            Err(_) => {
-                return Err(Box::new((
-                    Delivery {
-                        delivered,
-                        settle: Box::new(NotOurs),
-                    },
-                    BusError::Unavailable("a delivery from another bus".into()),
+            if moved > 0 {
+                tracing::warn!(plugin = %plugin, moved, "events of a removed plugin dead-lettered (plugin_removed)");
+            }
+            if !tools::delete_if_empty(connection, &queue)
+                .await
+                .map_err(BusError::Unavailable)?
+            {
+                return Err(BusError::Unavailable(format!(
+                    "queue {queue:?} still holds messages; kept"
                 )));
             }
-        };
-        let inner = self.inner.clone();
-        let deadline = Instant::now() + timeout.min(self.inner.settings.timeout);
-        drop(delivered);
-        self.inner.handle.spawn(async move {
-            let published = publish_confirmed(&inner, &batch, deadline).await;
-            let settled = match &published {
-                Ok(routed) => {
-                    record_published(&inner, batch, routed);
-                    settle.acker.ack(BasicAckOptions::default()).await
-                }
-                Err(e) => {
-                    tracing::warn!(plugin = %settle.plugin, error = %e, "outputs not confirmed; the event goes back to its queue");
-                    let requeue = lapin::options::BasicNackOptions {
-                        requeue: true,
-                        ..lapin::options::BasicNackOptions::default()
-                    };
-                    settle.acker.nack(requeue).await
-                }
-            };
-            if !matches!(settled, Ok(true)) {
-                tracing::debug!(plugin = %settle.plugin, "could not settle a delivery; the broker delivers it again");
+            // Dead letters are the operator's: the DLQ goes only when empty.
+            let dlq = names.dlq(&plugin);
+            if !tools::delete_if_empty(connection, &dlq)
+                .await
+                .map_err(BusError::Unavailable)?
+            {
+                tracing::info!(queue = %dlq, "the removed plugin's dead-letter queue holds messages; kept");
             }
-            drop(settle);
-        });
-        Ok(())
+            lock(&inner.retired).remove(&plugin);
+            Ok(())
+        })
     }
 
     fn stop_consuming(&self, plugin: &str) {
         if let Some(c) = lock(&self.inner.consumers).remove(plugin) {
             c.mode.send_replace(ConsumerMode::Close);
         }
-    }
-}
-
-/// One plugin's consumer: follows the sessions, re-declares and resumes when
-/// the broker cancels it (its queue was deleted).
-struct ConsumerTask {
-    bus: RabbitBus,
-    plugin: String,
-    tx: Sender<Delivery>,
-    prefetch: watch::Receiver<u16>,
-    mode: watch::Receiver<ConsumerMode>,
-    outstanding: Arc<AtomicU64>,
-}
-
-enum Ended {
-    Closed,
-    Cancelled,
-    Failed(String),
-}
-
-impl ConsumerTask {
-    async fn run(mut self) {
-        let inner = self.bus.inner.clone();
-        let mut sessions = inner.sessions.subscribe();
-        loop {
-            if *self.mode.borrow() == ConsumerMode::Close || inner.closing.load(Ordering::SeqCst) {
-                return;
-            }
-            let Some(session) = inner.session.load_full().filter(|s| s.live()) else {
-                tokio::select! {
-                    _ = sessions.changed() => {}
-                    _ = self.mode.changed() => {}
-                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
-                }
-                continue;
-            };
-            match self.consume(&session).await {
-                Ended::Closed => return,
-                Ended::Cancelled => {
-                    tracing::warn!(plugin = %self.plugin, "the broker cancelled the consumer (queue deleted?); declaring again");
-                    if let Err(e) = declare(&inner, &session).await {
-                        tracing::error!(plugin = %self.plugin, error = %e, "cannot declare the queue again");
-                    }
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-                Ended::Failed(why) => {
-                    tracing::debug!(plugin = %self.plugin, error = %why, "consumer stopped; resuming on the next connection");
-                    tokio::select! {
-                        _ = sessions.changed() => {}
-                        () = tokio::time::sleep(Duration::from_millis(500)) => {}
-                    }
-                }
-            }
-        }
-    }
-
-    async fn consume(&mut self, session: &Arc<Session>) -> Ended {
-        let inner = &self.bus.inner;
-        let queue = inner.names.queue(&self.plugin);
-        let channel = match session.connection.create_channel().await {
-            Ok(c) => c,
-            Err(e) => return Ended::Failed(e.to_string()),
-        };
-        let prefetch = *self.prefetch.borrow_and_update();
-        if let Err(e) = channel
-            .basic_qos(prefetch, BasicQosOptions::default())
-            .await
-        {
-            return Ended::Failed(e.to_string());
-        }
-        let mut consumer = match channel
-            .basic_consume(
-                queue.as_str().into(),
-                "".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-        {
-            Ok(c) => c,
-            Err(e) => {
-                let text = e.to_string();
-                // 404: the queue is gone; declare it again.
-                return if text.contains("NOT_FOUND") || text.contains("404") {
-                    Ended::Cancelled
-                } else {
-                    Ended::Failed(text)
-                };
-            }
-        };
-        let mut cancelled = false;
-        loop {
-            tokio::select! {
-                next = consumer.next(), if !cancelled => match next {
-                    Some(Ok(d)) => {
-                        let message = amqp::message(d.data, &d.properties);
-                        let delivered = amqp::delivered(d.exchange.as_str(), d.routing_key.as_str(), message);
-                        self.outstanding.fetch_add(1, Ordering::SeqCst);
-                        let settle = RabbitSettle {
-                            bus: self.bus.clone(),
-                            plugin: self.plugin.clone(),
-                            acker: d.acker,
-                            outstanding: self.outstanding.clone(),
-                        };
-                        if self.tx.send(Delivery { delivered, settle: Box::new(settle) }).is_err() {
-                            let _ = channel.close(200, "stopped".into()).await;
-                            return Ended::Closed;
-                        }
-                    }
-                    Some(Err(e)) => return Ended::Failed(e.to_string()),
-                    None => {
-                        return if session.live() && channel.status().connected() {
-                            Ended::Cancelled
-                        } else {
-                            Ended::Failed("channel closed".into())
-                        };
-                    }
-                },
-                changed = self.prefetch.changed() => {
-                    if changed.is_ok() {
-                        let prefetch = *self.prefetch.borrow_and_update();
-                        if let Err(e) = channel.basic_qos(prefetch, BasicQosOptions::default()).await {
-                            return Ended::Failed(e.to_string());
-                        }
-                    }
-                }
-                changed = self.mode.changed() => {
-                    let mode = if changed.is_ok() { *self.mode.borrow_and_update() } else { ConsumerMode::Close };
-                    match mode {
-                        ConsumerMode::Run => {}
-                        ConsumerMode::Cancel => {
-                            let _ = channel.basic_cancel(consumer.tag(), BasicCancelOptions::default()).await;
-                            cancelled = true;
-                        }
-                        ConsumerMode::Close => {
-                            let _ = channel.close(200, "consumer stopped".into()).await;
-                            return Ended::Closed;
-                        }
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// A settle handle that is not this bus's (never settles anything).
-struct NotOurs;
-
-impl Settle for NotOurs {
-    fn into_any(self: Box<Self>) -> Box<dyn std::any::Any + Send> {
-        self
-    }
-
-    fn settle(self: Box<Self>, _: Delivered, _: Settlement) -> Result<(), BusError> {
-        Err(BusError::Unavailable("a delivery from another bus".into()))
-    }
-}
-
-/// Settles one RabbitMQ delivery: ack, or a copy to the retry tier / DLQ
-/// (confirmed) and then ack.
-struct RabbitSettle {
-    bus: RabbitBus,
-    plugin: String,
-    acker: lapin::Acker,
-    outstanding: Arc<AtomicU64>,
-}
-
-impl Drop for RabbitSettle {
-    fn drop(&mut self) {
-        self.outstanding.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
-impl RabbitSettle {
-    /// The retry tier nearest to `delay` among the plugin's tiers.
-    fn tier(&self, delay: Duration) -> Option<Duration> {
-        lock(&self.bus.inner.desired)
-            .queues
-            .iter()
-            .find(|q| q.plugin == self.plugin)
-            .and_then(|q| {
-                q.retry_delays
-                    .iter()
-                    .min_by_key(|d| d.as_millis().abs_diff(delay.as_millis()))
-                    .copied()
-            })
-    }
-}
-
-impl Settle for RabbitSettle {
-    fn is_live(&self) -> bool {
-        self.acker.usable()
-    }
-
-    fn into_any(self: Box<Self>) -> Box<dyn std::any::Any + Send> {
-        self
-    }
-
-    fn settle(
-        self: Box<Self>,
-        delivered: Delivered,
-        settlement: Settlement,
-    ) -> Result<(), BusError> {
-        let names = &self.bus.inner.names;
-        let limit = self.bus.inner.header_limit();
-        let copy = match &settlement {
-            Settlement::Ack => None,
-            Settlement::Retry { delay, failure } => {
-                let Some(tier) = self.tier(*delay) else {
-                    return Err(BusError::NoSuchQueue(format!(
-                        "{} (no retry tier)",
-                        self.plugin
-                    )));
-                };
-                Some(Outgoing {
-                    exchange: names.retry_exchange(),
-                    routing_key: Names::retry_key(&self.plugin, tier),
-                    message: amqp::moved(&delivered, failure, Some(failure.attempts + 1), limit),
-                })
-            }
-            Settlement::DeadLetter { failure } => Some(Outgoing {
-                exchange: names.dlx(),
-                routing_key: self.plugin.clone(),
-                message: amqp::moved(&delivered, failure, None, limit),
-            }),
-        };
-        let inner = self.bus.inner.clone();
-        let this = *self;
-        let timeout = inner.settings.timeout;
-        this.bus.clone().block(async move {
-            if let Some(copy) = copy {
-                let deadline = Instant::now() + timeout;
-                let (exchange, key) = (copy.exchange.clone(), copy.routing_key.clone());
-                let routed = publish_confirmed(&inner, std::slice::from_ref(&copy), deadline).await?;
-                if routed.first() != Some(&true) {
-                    return Err(BusError::Unavailable(format!(
-                        "no queue took the copy sent to {exchange:?} with key {key:?}; the original stays unacknowledged"
-                    )));
-                }
-            }
-            match tokio::time::timeout(timeout, this.acker.ack(BasicAckOptions::default())).await {
-                Ok(Ok(true)) => Ok(()),
-                Ok(Ok(false)) => Err(BusError::Unavailable(
-                    "the channel the delivery came on is closed; the broker delivers it again".into(),
-                )),
-                Ok(Err(e)) => Err(BusError::Unavailable(format!("ack failed: {e}"))),
-                Err(_) => Err(BusError::Unavailable("ack timed out".into())),
-            }
-        })
     }
 }
 

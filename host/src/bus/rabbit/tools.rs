@@ -8,13 +8,13 @@ use std::time::Duration;
 use futures::StreamExt as _;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions,
-    ConfirmSelectOptions, QueueBindOptions, QueueDeclareOptions,
+    ConfirmSelectOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{Confirmation, Connection};
 
 use super::{Names, amqp};
-use crate::bus::{DeadLetter, Published};
+use crate::bus::{DeadLetter, FailureInfo, Published};
 
 /// Ready messages and consumers of `queue`, or `None` if it does not exist.
 pub async fn depth(connection: &Connection, queue: &str) -> Result<Option<(u32, u32)>, String> {
@@ -66,7 +66,8 @@ pub async fn peek(
             .unwrap_or_default()
             .to_string();
         letters.push(DeadLetter {
-            delivered: amqp::delivered(d.exchange.as_str(), d.routing_key.as_str(), message),
+            // The DLQ's content is the router's own writing.
+            delivered: amqp::delivered(d.exchange.as_str(), d.routing_key.as_str(), message, true),
             failure,
             at,
         });
@@ -140,6 +141,106 @@ pub async fn redrive(
         moved += 1;
     }
     let _ = channel.close(200, "redriven".into()).await;
+    Ok(moved)
+}
+
+/// Deletes `queue` if it holds no message; true if it is gone (or was never
+/// there). Checks the count first rather than asking for `if-empty`: RabbitMQ
+/// 3.10 refuses `if-empty` on quorum queues with a connection error.
+pub async fn delete_if_empty(connection: &Connection, queue: &str) -> Result<bool, String> {
+    match depth(connection, queue).await? {
+        None => return Ok(true),
+        Some((0, _)) => {}
+        Some(_) => return Ok(false),
+    }
+    let channel = connection
+        .create_channel()
+        .await
+        .map_err(|e| e.to_string())?;
+    let deleted = channel
+        .queue_delete(queue.into(), QueueDeleteOptions::default())
+        .await;
+    let _ = channel.close(200, "done".into()).await;
+    deleted
+        .map(|_| true)
+        .map_err(|e| format!("cannot delete {queue:?}: {e}"))
+}
+
+/// Moves every message of `queue` (a removed plugin's queue or retry tier) to
+/// the plugin's dead-letter queue with kind `plugin_removed`: each is
+/// published (confirmed) before it is removed. Returns how many moved.
+pub async fn dead_letter_all(
+    connection: &Connection,
+    names: &Names,
+    plugin: &str,
+    queue: &str,
+    timeout: Duration,
+) -> Result<usize, String> {
+    if depth(connection, queue).await?.is_none() {
+        return Ok(0);
+    }
+    let channel = connection
+        .create_channel()
+        .await
+        .map_err(|e| e.to_string())?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut moved = 0;
+    loop {
+        let got = channel
+            .basic_get(queue.into(), BasicGetOptions { no_ack: false })
+            .await
+            .map_err(|e| format!("cannot read {queue:?}: {e}"))?;
+        let Some(got) = got else { break };
+        let d = got.delivery;
+        let message = amqp::message(d.data, &d.properties);
+        let delivered = amqp::delivered(d.exchange.as_str(), d.routing_key.as_str(), message, true);
+        let failure = FailureInfo {
+            kind: "plugin_removed".into(),
+            reason: format!(
+                "plugin {plugin:?} was removed from the configuration while the event waited"
+            ),
+            attempts: delivered.attempt.saturating_sub(1),
+            plugin_version: delivered
+                .message
+                .header(amqp::PLUGIN_VERSION)
+                .unwrap_or_default()
+                .to_string(),
+            first_failure: delivered.first_failure.clone().unwrap_or_default(),
+        };
+        let copy = amqp::moved(&delivered, &failure, None, amqp::header_limit(0));
+        let options = BasicPublishOptions {
+            mandatory: true,
+            ..BasicPublishOptions::default()
+        };
+        let confirm = channel
+            .basic_publish(
+                names.dlx().as_str().into(),
+                plugin.into(),
+                options,
+                &copy.body,
+                amqp::properties(&copy, &[]),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        match tokio::time::timeout(timeout, confirm).await {
+            Ok(Ok(Confirmation::Ack(None))) => {}
+            other => {
+                let _ = channel.close(200, "stopped".into()).await;
+                return Err(format!(
+                    "the dead-letter queue of {plugin:?} did not take a message ({other:?}); {moved} moved"
+                ));
+            }
+        }
+        d.acker
+            .ack(BasicAckOptions::default())
+            .await
+            .map_err(|e| format!("{e}; {moved} moved"))?;
+        moved += 1;
+    }
+    let _ = channel.close(200, "moved".into()).await;
     Ok(moved)
 }
 

@@ -1,15 +1,17 @@
 //! Declaring the configured topology on the broker, idempotently: exchanges,
 //! each plugin's queue, retry tiers and dead-letter queue, and the routes'
-//! bindings. What an earlier configuration bound and this one does not is
-//! unbound; retry tiers no longer used are deleted when empty. Queues holding
-//! messages are never deleted here.
+//! bindings. The topology always comes from the configuration, never from what
+//! has loaded: a plugin whose `.wasm` is missing or broken keeps its queue and
+//! bindings, and its events wait. What an earlier configuration bound and this
+//! one does not is unbound (only that, never a route still configured); retry
+//! tiers no longer used are deleted once empty, checked by count (RabbitMQ
+//! 3.10 refuses `if-empty` deletes of quorum queues with a connection error).
+//! Queues holding messages are never deleted here.
 
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use lapin::options::{
-    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
-};
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
 use serde::{Deserialize, Serialize};
@@ -108,12 +110,13 @@ pub async fn declare(
         .create_channel()
         .await
         .map_err(|e| format!("cannot open a channel: {e}"))?;
-    let result = declare_on(&channel, names, queue_type, topology, previous).await;
+    let result = declare_on(connection, &channel, names, queue_type, topology, previous).await;
     let _ = channel.close(200, "topology declared".into()).await;
     result
 }
 
 async fn declare_on(
+    connection: &Connection,
     channel: &Channel,
     names: &Names,
     queue_type: QueueType,
@@ -237,7 +240,9 @@ async fn declare_on(
             .map_err(|e| format!("cannot unbind {queue:?} from {exchange:?} ({key:?}): {e}"))?;
         tracing::info!(queue = %queue, exchange = %exchange, key = %key, "route unbound");
     }
+    let mut recorded = wanted.clone();
     for (tier, key) in previous.tiers.difference(&wanted.tiers) {
+        // Unbound first: nothing new arrives, and what waits still comes back.
         let _ = channel
             .queue_unbind(
                 tier.as_str().into(),
@@ -246,19 +251,17 @@ async fn declare_on(
                 FieldTable::default(),
             )
             .await;
-        let options = QueueDeleteOptions {
-            if_empty: true,
-            ..QueueDeleteOptions::default()
-        };
-        match channel.queue_delete(tier.as_str().into(), options).await {
-            Ok(_) => tracing::info!(queue = %tier, "retry tier no longer used; deleted"),
+        match super::tools::delete_if_empty(connection, tier).await {
+            Ok(true) => tracing::info!(queue = %tier, "retry tier no longer used; deleted"),
+            Ok(false) => {
+                tracing::info!(queue = %tier, "retry tier no longer used but not empty; kept until its messages have come back");
+                recorded.tiers.insert((tier.clone(), key.clone()));
+            }
             Err(e) => {
-                // A refusal closes the channel: report, keep the queue, and
-                // let the next declaration start on a fresh channel.
-                tracing::warn!(queue = %tier, error = %e, "retry tier no longer used but not empty; kept (its messages still come back when due)");
-                return Ok(wanted);
+                tracing::warn!(queue = %tier, error = %e, "retry tier no longer used; not deleted");
+                recorded.tiers.insert((tier.clone(), key.clone()));
             }
         }
     }
-    Ok(wanted)
+    Ok(recorded)
 }

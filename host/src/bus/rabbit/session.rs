@@ -1,0 +1,222 @@
+//! The connection to the broker: one per process, owned by a supervisor task.
+//! It connects (TLS for `amqps://`, an optional custom CA), declares the
+//! configured topology, and when the connection dies reconnects with backoff
+//! and declares again. Every other part waits for the next session
+//! ([`wait_session`]) rather than failing at once, each wait bounded by
+//! `[broker] timeout`. Credentials never reach a log line or an error: library
+//! errors are scrubbed of the URL and the password.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt as _;
+use lapin::{Connection, ConnectionProperties};
+
+use super::publish::Publishers;
+use super::{Inner, RabbitSettings, lock, topology};
+
+/// One connected session: the connection and its publishing channels.
+pub(super) struct Session {
+    pub(super) connection: Connection,
+    pub(super) publishers: Publishers,
+}
+
+impl Session {
+    pub(super) fn live(&self) -> bool {
+        self.connection.status().connected()
+    }
+}
+
+/// Opens a connection (TLS per the URL's scheme, with the custom CA if any).
+/// The error is safe to show: the URL's credentials are scrubbed from it.
+pub async fn connect(settings: &RabbitSettings, name: &str) -> Result<Connection, String> {
+    let url = settings.url.expose();
+    let properties = ConnectionProperties::default().with_connection_name(name.into());
+    let tls = match &settings.ca_file {
+        Some(path) => {
+            let pem = std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read broker.ca_file {}: {e}", path.display()))?;
+            lapin::tcp::OwnedTLSConfig {
+                identity: None,
+                cert_chain: Some(pem),
+            }
+        }
+        None => lapin::tcp::OwnedTLSConfig::default(),
+    };
+    let runtime = lapin::runtime::default_runtime().map_err(|e| e.to_string())?;
+    let connecting = Connection::connect_with_config(url, properties, tls, runtime);
+    match tokio::time::timeout(settings.timeout.max(Duration::from_secs(1)), connecting).await {
+        Ok(Ok(connection)) => Ok(connection),
+        Ok(Err(e)) => Err(format!(
+            "cannot connect to {}: {}",
+            settings.url,
+            settings.url.scrub(&e.to_string())
+        )),
+        Err(_) => Err(format!(
+            "cannot connect to {}: no answer within {:?}",
+            settings.url, settings.timeout
+        )),
+    }
+}
+
+/// Waits for a live session, at most until `deadline`.
+pub(super) async fn wait_session(
+    inner: &Inner,
+    deadline: Instant,
+) -> Result<Arc<Session>, crate::bus::BusError> {
+    use crate::bus::BusError;
+    let mut sessions = inner.sessions.subscribe();
+    loop {
+        if let Some(session) = inner.session.load_full()
+            && session.live()
+        {
+            return Ok(session);
+        }
+        if inner.closing.load(Ordering::SeqCst) {
+            return Err(BusError::Closed);
+        }
+        let why = lock(&inner.link)
+            .error
+            .clone()
+            .unwrap_or_else(|| "connecting".into());
+        match tokio::time::timeout_at(deadline.into(), sessions.changed()).await {
+            Err(_) => {
+                return Err(BusError::Unavailable(format!(
+                    "not connected to the broker ({why})"
+                )));
+            }
+            Ok(Err(_)) => return Err(BusError::Closed),
+            Ok(Ok(())) => {}
+        }
+    }
+}
+
+/// The connection supervisor: connect, declare, serve until the connection
+/// dies, and again, with backoff, until the bus closes.
+pub(super) async fn supervise(inner: Arc<Inner>) {
+    let mut delay = Duration::from_millis(100);
+    let mut first = true;
+    while !inner.closing.load(Ordering::SeqCst) {
+        let connection = match connect(&inner.settings, "switchboard").await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?delay, "broker connection failed");
+                lock(&inner.link).error = Some(e);
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        delay = Duration::from_millis(100);
+        let session = Arc::new(Session {
+            connection,
+            publishers: Publishers::default(),
+        });
+        let declared = declare(&inner, &session).await;
+        {
+            let mut link = lock(&inner.link);
+            link.connected = true;
+            link.declared = declared.is_ok();
+            link.error = declared.err();
+            if !first {
+                link.reconnects += 1;
+            }
+        }
+        first = false;
+        tracing::info!(url = %inner.settings.url, "connected to the broker");
+        inner.session.store(Some(session.clone()));
+        inner.sessions.send_modify(|g| *g += 1);
+
+        let mut events = session.connection.events_listener();
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        loop {
+            tokio::select! {
+                event = events.next() => {
+                    if let Some(lapin::Event::Error(e)) = event {
+                        tracing::warn!(error = %inner.settings.url.scrub(&e.to_string()), "broker connection lost");
+                        break;
+                    }
+                    if event.is_none() {
+                        break;
+                    }
+                }
+                _ = tick.tick() => {
+                    if !session.live() || inner.closing.load(Ordering::SeqCst) {
+                        break;
+                    }
+                }
+            }
+        }
+        if inner.closing.load(Ordering::SeqCst) {
+            break;
+        }
+        {
+            let mut link = lock(&inner.link);
+            link.connected = false;
+            link.declared = false;
+            link.error = Some("connection lost; reconnecting".into());
+        }
+        inner.session.store(None);
+        inner.sessions.send_modify(|g| *g += 1);
+        tracing::warn!("broker connection lost; reconnecting");
+    }
+}
+
+/// Declares the desired topology on `session` and records what it declared.
+pub(super) async fn declare(inner: &Inner, session: &Session) -> Result<(), String> {
+    let desired = lock(&inner.desired).clone();
+    let mut declared = inner.declared.lock().await;
+    let deadline = inner.settings.timeout * 4;
+    let result = tokio::time::timeout(
+        deadline,
+        topology::declare(
+            &session.connection,
+            &inner.names,
+            inner.settings.queue_type,
+            &desired,
+            &declared,
+        ),
+    )
+    .await
+    .unwrap_or_else(|_| {
+        Err(format!(
+            "declaring the topology took longer than {deadline:?}"
+        ))
+    });
+    match result {
+        Ok(now) => {
+            if let Some(path) = &inner.settings.state_file {
+                now.save(path);
+            }
+            *declared = now;
+            Ok(())
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "the broker refused the topology");
+            Err(e)
+        }
+    }
+}
+
+/// Declares the topology again, in the background, once at a time: something
+/// it names went missing on the broker (a queue or exchange deleted by hand).
+/// Everything in it is declared idempotently, so this only puts back what is
+/// gone.
+pub(super) fn redeclare(inner: &Arc<Inner>, why: &str) {
+    if inner.redeclaring.swap(true, Ordering::SeqCst) {
+        return;
+    }
+    tracing::warn!(reason = why, "declaring the topology again");
+    let inner = inner.clone();
+    inner.handle.clone().spawn(async move {
+        if let Some(session) = inner.session.load_full().filter(|s| s.live())
+            && let Err(e) = declare(&inner, &session).await
+        {
+            tracing::warn!(error = %e, "could not declare the topology again");
+        }
+        // At most one declaration a second, however often things go missing.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        inner.redeclaring.store(false, Ordering::SeqCst);
+    });
+}
