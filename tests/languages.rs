@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use switchboard::cli::test::{TestArgs, run};
-use switchboard::envelope::Envelope;
+use switchboard::envelope;
 use switchboard::runtime::{
     CacheOutcome, Event, Failure, Limits, Output, Plugin, PluginSpec, Runtime, RuntimeConfig,
 };
@@ -108,8 +108,7 @@ fn read_events(path: &Path) -> Vec<Event> {
         .filter(|line| !line.trim().is_empty())
         .enumerate()
         .map(|(n, line)| {
-            Envelope::from_json(line.as_bytes())
-                .and_then(|env| env.into_event("events", 1))
+            envelope::decode_recorded("events", line.as_bytes(), None)
                 .unwrap_or_else(|e| panic!("{}:{}: {e}", path.display(), n + 1))
         })
         .collect()

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use serde_json::{Value, json};
-use switchboard::envelope::Envelope;
+use switchboard::envelope;
 use switchboard::kv::EmbeddedStore;
 use switchboard::runtime::{
     CacheOutcome, Event, Limits, Plugin, PluginSpec, Runtime, RuntimeConfig,
@@ -46,8 +46,7 @@ fn built(folder: &str, name: &str, make: &str) -> anyhow::Result<PathBuf> {
 fn event(id: &str, kind: &str, data: Value) -> Event {
     let envelope = json!({"id": id, "type": kind, "source": "bench", "tenant_id": "acme",
         "timestamp": "2026-11-22T10:00:00.000Z", "correlation_id": "c", "data": data});
-    Envelope::from_json(envelope.to_string().as_bytes())
-        .and_then(|e| e.into_event("events", 1))
+    envelope::decode_recorded("events", envelope.to_string().as_bytes(), None)
         .unwrap_or_else(|e| panic!("bench event: {e}"))
 }
 

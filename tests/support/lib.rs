@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use serde_json::Value;
-use switchboard::envelope::Envelope;
+use switchboard::envelope;
 use switchboard::kv::EmbeddedStore;
 use switchboard::runtime::{Event, Limits, Plugin, PluginSpec, Runtime, RuntimeConfig};
 
@@ -105,10 +105,7 @@ pub fn event(id: &str, kind: &str, data: Value) -> Event {
         "timestamp": "2026-11-22T10:00:00.000Z", "tenant_id": "acme",
         "correlation_id": "flow-1", "data": data,
     });
-    Envelope::from_json(envelope.to_string().as_bytes())
-        .unwrap()
-        .into_event("events", 1)
-        .unwrap()
+    envelope::decode_recorded("events", envelope.to_string().as_bytes(), None).unwrap()
 }
 
 /// The JSON data of an output.

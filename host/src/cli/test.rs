@@ -18,7 +18,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
 
-use crate::envelope::{Envelope, output_envelope};
+use crate::envelope::{self, output_envelope};
 use crate::kv::EmbeddedStore;
 use crate::runtime::{Event, Limits, PluginSpec, Runtime, RuntimeConfig};
 
@@ -196,12 +196,11 @@ fn read_events(path: &Path, exchange: &str) -> anyhow::Result<Vec<Event>> {
         if line.trim().is_empty() {
             continue;
         }
-        let mut envelope = Envelope::from_json(line.as_bytes())
-            .with_context(|| format!("{}:{}", path.display(), n + 1))?;
-        envelope.id.get_or_insert_with(|| format!("line-{}", n + 1));
+        // Decoded as the bus decodes a delivery (one decoder): what a golden
+        // file proves is what production does.
+        let line_id = format!("line-{}", n + 1);
         events.push(
-            envelope
-                .into_event(exchange, 1)
+            envelope::decode_recorded(exchange, line.as_bytes(), Some(&line_id))
                 .with_context(|| format!("{}:{}", path.display(), n + 1))?,
         );
     }

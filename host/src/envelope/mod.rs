@@ -315,6 +315,37 @@ fn decode_unbounded(
     Ok(event)
 }
 
+/// The event the bus delivers for a recorded body (one line of a JSONL file of
+/// envelopes: `switchboard test`, golden files, benchmarks), decoded by
+/// [`decode`] exactly as a message published to `exchange` with no AMQP
+/// properties but `message_id`, with the envelope's `type` as its routing key.
+/// Whatever decides what plugins see in production decides it here too.
+pub fn decode_recorded(
+    exchange: &str,
+    body: &[u8],
+    message_id: Option<&str>,
+) -> Result<Event, EnvelopeError> {
+    #[derive(serde::Deserialize)]
+    struct Kind {
+        #[serde(rename = "type")]
+        kind: Option<Value>,
+    }
+    let routing_key = serde_json::from_slice::<Kind>(body)
+        .ok()
+        .and_then(|k| match k.kind {
+            Some(Value::String(kind)) => Some(kind),
+            _ => None,
+        })
+        .unwrap_or_default();
+    let message = Message {
+        body: Bytes::copy_from_slice(body),
+        content_type: None,
+        message_id: message_id.map(str::to_string),
+        headers: Vec::new(),
+    };
+    decode(exchange, &routing_key, &message, 1)
+}
+
 /// Namespace of the name-based (v5) UUIDs derived for events that carry no id.
 const DERIVED_ID_NAMESPACE: Uuid = Uuid::from_u128(0x3a1f_6c2e_8d4b_4e5f_a607_1b2c_3d4e_5f60);
 

@@ -17,8 +17,8 @@ use uuid::Uuid;
 use serde_json::value::RawValue;
 
 use super::{
-    Decoded, EnvelopeError, HOPS_HEADER, JSON, OCTET_STREAM, hops, is_json, now_rfc3339, output_id,
-    raw_object, raw_text,
+    Decoded, EnvelopeError, JSON, OCTET_STREAM, hops, is_json, now_rfc3339, output_id, raw_object,
+    raw_text,
 };
 use crate::runtime::{Event, Output};
 
@@ -84,61 +84,6 @@ impl Envelope {
         }
         Ok(self)
     }
-
-    /// The event a plugin sees for this envelope, published to `exchange`, on
-    /// delivery `attempt`. A missing (or empty) id or a missing timestamp is
-    /// filled in here.
-    pub fn into_event(self, exchange: &str, attempt: u32) -> Result<Event, EnvelopeError> {
-        let (content_type, data) = match (self.data_base64, self.content_type) {
-            (Some(b64), content_type) => (
-                content_type.unwrap_or_else(|| OCTET_STREAM.into()),
-                base64::engine::general_purpose::STANDARD
-                    .decode(b64)
-                    .map_err(|e| EnvelopeError::BadBase64(e.to_string()))?,
-            ),
-            (None, Some(content_type)) if !is_json(&content_type) => {
-                let data = match self.data {
-                    Value::String(text) => text.into_bytes(),
-                    other => other.to_string().into_bytes(),
-                };
-                (content_type, data)
-            }
-            (None, content_type) => (
-                content_type.unwrap_or_else(|| JSON.into()),
-                self.data.to_string().into_bytes(),
-            ),
-        };
-        let mut headers: Vec<(String, String)> = self
-            .metadata
-            .into_iter()
-            .map(|(k, v)| match v {
-                Value::String(s) => (k, s),
-                other => (k, other.to_string()),
-            })
-            .collect();
-        if let Some(hops) = self.hops {
-            headers.push((HOPS_HEADER.into(), hops.to_string()));
-        }
-        Ok(Event {
-            // An empty id is no id: every such event would be a duplicate of the
-            // last one to the dedupe window, and their outputs would share ids.
-            id: self
-                .id
-                .filter(|id| !id.is_empty())
-                .unwrap_or_else(|| Uuid::now_v7().to_string()),
-            kind: self.kind,
-            exchange: exchange.into(),
-            attempt,
-            source: self.source.unwrap_or_default(),
-            time: self.timestamp.unwrap_or_else(now_rfc3339),
-            correlation_id: self.correlation_id,
-            causation_id: self.causation_id,
-            tenant_id: self.tenant_id,
-            content_type,
-            data,
-            headers,
-        })
-    }
 }
 
 /// Whether a JSON object is (meant to be) a seed envelope: it has a string `type`.
@@ -188,9 +133,9 @@ struct Incoming<'a> {
     metadata: BTreeMap<String, &'a RawValue>,
 }
 
-/// The event for the seed envelope in `body`, delivered on a bus; as
-/// [`Envelope::into_event`] would make it, except that JSON data and metadata
-/// values that are not strings are passed on as the text they arrived as. The
+/// The event for the seed envelope in `body`, delivered on a bus. JSON data and
+/// metadata values that are not strings are passed on as the text they arrived
+/// as, never re-serialized. The
 /// envelope's `hops` is handed back apart so that a `switchboard-hops` message
 /// header can override it.
 pub(super) fn decode(body: &[u8], exchange: &str, attempt: u32) -> Result<Decoded, EnvelopeError> {
@@ -358,12 +303,14 @@ mod tests {
         .into_bytes()
     }
 
+    /// The event the bus delivers for a recorded envelope: the production decoder.
+    fn recorded(body: &[u8], exchange: &str) -> Event {
+        super::super::decode_recorded(exchange, body, None).unwrap()
+    }
+
     #[test]
     fn seed_envelope_becomes_an_event() {
-        let event = Envelope::from_json(&seed())
-            .unwrap()
-            .into_event("payments", 1)
-            .unwrap();
+        let event = recorded(&seed(), "payments");
         assert_eq!(event.id, "evt-1");
         assert_eq!(event.kind, "payment.success");
         assert_eq!(event.exchange, "payments");
@@ -380,11 +327,8 @@ mod tests {
 
     #[test]
     fn missing_id_and_time_are_filled_in() {
-        let event = Envelope::from_json(br#"{"type":"x.y","data":1}"#)
-            .unwrap()
-            .into_event("e", 1)
-            .unwrap();
-        assert_eq!(Uuid::parse_str(&event.id).unwrap().get_version_num(), 7);
+        let event = recorded(br#"{"type":"x.y","data":1}"#, "e");
+        assert_eq!(Uuid::parse_str(&event.id).unwrap().get_version_num(), 5);
         assert!(chrono::DateTime::parse_from_rfc3339(&event.time).is_ok());
     }
 
@@ -406,10 +350,7 @@ mod tests {
 
     #[test]
     fn outputs_get_host_fields_and_stable_ids() {
-        let input = Envelope::from_json(&seed())
-            .unwrap()
-            .into_event("payments", 1)
-            .unwrap();
+        let input = recorded(&seed(), "payments");
         let output = Output {
             kind: "bill.paid".into(),
             content_type: None,
@@ -441,7 +382,7 @@ mod tests {
         assert_eq!(env.hops, Some(1));
         assert_eq!(env.data, json!({"bill_id": "b1"}));
         // The next hop counts on.
-        let next = env.into_event("billing", 1).unwrap();
+        let next = recorded(&serde_json::to_vec(&env).unwrap(), "billing");
         assert_eq!(hops(&next), 1);
         let env2 = output_envelope("notification", &next, 0, &output).unwrap();
         assert_eq!(env2.hops, Some(2));
@@ -450,17 +391,14 @@ mod tests {
 
     #[test]
     fn outputs_do_not_carry_host_owned_headers_as_metadata() {
-        let input = Envelope::from_json(&seed())
-            .unwrap()
-            .into_event("payments", 1)
-            .unwrap();
+        let input = recorded(&seed(), "payments");
         let output = Output {
             kind: "bill.paid".into(),
             content_type: None,
             data: b"{}".to_vec(),
             exchange: None,
             headers: vec![
-                (HOPS_HEADER.into(), "0".into()),
+                (super::super::HOPS_HEADER.into(), "0".into()),
                 (super::super::SOURCE_HEADER.into(), "payments".into()),
                 ("trace".into(), "abc".into()),
             ],
@@ -476,10 +414,7 @@ mod tests {
 
     #[test]
     fn non_json_outputs_are_text_or_base64() {
-        let input = Envelope::from_json(&seed())
-            .unwrap()
-            .into_event("p", 1)
-            .unwrap();
+        let input = recorded(&seed(), "p");
         let mut output = Output {
             kind: "k".into(),
             content_type: Some("text/plain".into()),
@@ -490,12 +425,15 @@ mod tests {
         let env = output_envelope("p", &input, 0, &output).unwrap();
         assert_eq!(env.data, json!("hello"));
         assert_eq!(env.content_type.as_deref(), Some("text/plain"));
-        let back = env.into_event("p", 1).unwrap();
+        let back = recorded(&serde_json::to_vec(&env).unwrap(), "p");
         assert_eq!(back.data, b"hello");
         output.data = vec![0xff, 0x00];
         output.content_type = Some("application/octet-stream".into());
         let env = output_envelope("p", &input, 0, &output).unwrap();
-        assert_eq!(env.into_event("p", 1).unwrap().data, vec![0xff, 0x00]);
+        assert_eq!(
+            recorded(&serde_json::to_vec(&env).unwrap(), "p").data,
+            vec![0xff, 0x00]
+        );
         output.content_type = None;
         assert!(matches!(
             output_envelope("p", &input, 3, &output),
