@@ -4,14 +4,14 @@
 //! policy, live routing changes, a deleted queue, a dropped connection,
 //! competing replicas and an ordered plugin.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use switchboard::appliance::PluginStatus;
 use switchboard::config::RouterConfig;
 use switchboard_tests::broker::{
-    Amqp, Confirmed, Publish, Received, SinkLife, TestVhost, require_broker,
+    Amqp, Confirmed, Publish, Received, SinkLife, TestVhost, ThrowawayNode, require_broker,
 };
 use switchboard_tests::running::{Running, start, start_in};
 
@@ -93,7 +93,7 @@ fn dead_letters(r: &Running) -> Vec<switchboard::bus::DeadLetter> {
 }
 
 #[test]
-fn outputs_are_confirmed_before_the_input_is_acked() {
+fn outputs_are_persistent_with_the_hosts_fields_and_every_input_is_acked() {
     if !require_broker() {
         return;
     }
@@ -130,6 +130,101 @@ fn outputs_are_confirmed_before_the_input_is_acked() {
                 .is_some_and(|b| b.in_flight == 0)
     });
     assert_eq!(handled(&r), 20);
+    assert!(dead_letters(&r).is_empty());
+}
+
+/// Messages (ready and unacknowledged) in `queue` on `node`.
+fn held(node: &ThrowawayNode, queue: &str) -> u64 {
+    let listing = node.ctl(&[
+        "list_queues",
+        "-q",
+        "--no-table-headers",
+        "name",
+        "messages",
+    ]);
+    listing
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            (fields.next() == Some(queue)).then(|| fields.next()?.parse().ok())?
+        })
+        .next()
+        .unwrap_or_else(|| panic!("no queue {queue} in {listing:?}"))
+}
+
+/// The promise delivery rests on, shown where it can fail: under a memory
+/// alarm the broker confirms no publish, so no input may be acknowledged.
+/// The router consumes and acks on a connection of its own (the alarm blocks
+/// only the publishing one), so an ack sent before its outputs' confirm would
+/// reach the broker and the queue would shrink. It must not: every input is
+/// held or back in its queue for as long as the alarm lasts, no output is
+/// counted, and once the alarm is lifted every one is handled.
+#[test]
+fn outputs_are_confirmed_before_the_input_is_acked() {
+    if !require_broker() {
+        return;
+    }
+    const EVENTS: u64 = 20;
+    let node = ThrowawayNode::start();
+    let url = node.url();
+    let toml = config(&url, "", "").replace(r#"timeout = "5s""#, r#"timeout = "1s""#);
+    let r = start(&toml, &[("worker.wasm", "scripted_guest")]);
+    let amqp = Amqp::connect(&url).unwrap();
+    let sink = amqp.sink("out", "#");
+    // The events wait in the worker's queue while no router runs...
+    let (_, dir) = r.stop_and_keep(Duration::from_secs(10));
+    for i in 0..EVENTS {
+        send(&amqp, &format!("held-{i}"), "echo", json!({"i": i}));
+    }
+    wait_until("the events in the queue", || {
+        held(&node, "switchboard.worker") == EVENTS
+    });
+    // ...then a memory alarm, then the router again: it consumes and runs the
+    // plugin, but nothing it publishes is confirmed.
+    node.ctl(&["set_vm_memory_high_watermark", "0.000001"]);
+    wait_until("the memory alarm", || {
+        node.ctl(&["eval", "rabbit_alarm:get_alarms()."])
+            .contains("memory")
+    });
+    let r = start_in(dir.path());
+    wait_until("the router to take the events", || {
+        status(&r, "worker").broker.is_some_and(|b| b.in_flight > 0)
+    });
+    // Three publish timeouts, each with its retry and give-back: the inputs
+    // stay where the broker can deliver them again.
+    let until = Instant::now() + Duration::from_secs(6);
+    while Instant::now() < until {
+        assert_eq!(
+            held(&node, "switchboard.worker")
+                + held(&node, "switchboard.worker.retry.200ms")
+                + held(&node, "switchboard.worker.retry.400ms"),
+            EVENTS,
+            "an input was acknowledged while its outputs could not be confirmed"
+        );
+        assert_eq!(handled(&r), 0, "handled counted before a confirm");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    node.ctl(&["set_vm_memory_high_watermark", "0.4"]);
+    // Every input handled once the alarm is gone; a publish the broker read
+    // late may repeat an output, always under the same id.
+    let mut outputs: HashMap<String, String> = HashMap::new();
+    let until = Instant::now() + Duration::from_secs(30);
+    while (outputs.len() as u64) < EVENTS && Instant::now() < until {
+        for m in amqp.get(&sink, EVENTS as usize, Duration::from_millis(500)) {
+            let input = m.header("echo-of").unwrap().to_string();
+            let id = m.message_id.clone().unwrap();
+            let first = outputs.entry(input.clone()).or_insert_with(|| id.clone());
+            assert_eq!(*first, id, "a repeated output of {input} under another id");
+        }
+    }
+    assert_eq!(
+        outputs.len() as u64,
+        EVENTS,
+        "every input handled once the alarm is gone"
+    );
+    wait_until("every input acknowledged", || {
+        held(&node, "switchboard.worker") == 0 && handled(&r) == EVENTS
+    });
     assert!(dead_letters(&r).is_empty());
 }
 

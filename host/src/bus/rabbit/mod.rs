@@ -147,7 +147,7 @@ impl Inner {
             .session
             .load()
             .as_ref()
-            .map_or(0, |s| s.connection.configuration().frame_max());
+            .map_or(0, |s| s.publishing.configuration().frame_max());
         amqp::header_limit(frame_max)
     }
 }
@@ -389,12 +389,11 @@ impl RabbitBus {
             // Give consumer tasks a moment to close their channels cleanly.
             tokio::time::sleep(Duration::from_millis(50)).await;
             if let Some(session) = inner.session.swap(None) {
-                let _ = tokio::time::timeout(
-                    Duration::from_secs(2),
-                    session
-                        .connection
-                        .close(200, "switchboard is shutting down".into()),
-                )
+                let bye = "switchboard is shutting down";
+                let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                    let _ = session.publishing.close(200, bye.into()).await;
+                    let _ = session.connection.close(200, bye.into()).await;
+                })
                 .await;
             }
             inner.sessions.send_modify(|g| *g += 1);

@@ -161,7 +161,7 @@ async fn borrow(session: &Session) -> Result<Channel, lapin::Error> {
             None => break,
         }
     }
-    let channel = session.connection.create_channel().await?;
+    let channel = session.publishing.create_channel().await?;
     channel
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
@@ -182,7 +182,7 @@ async fn publish_on(
 ) -> Result<Vec<bool>, PublishError> {
     // Checked before anything is sent: the batch goes whole or not at all, and
     // a header the broker cannot take would close the whole connection.
-    let limit = amqp::header_limit(session.connection.configuration().frame_max());
+    let limit = amqp::header_limit(session.publishing.configuration().frame_max());
     fits(batch, limit).map_err(PublishError::TooLarge)?;
     let _permit = tokio::time::timeout_at(deadline.into(), session.publishers.permits.acquire())
         .await

@@ -1,7 +1,11 @@
-//! The connection to the broker: one per process, owned by a supervisor task.
-//! It connects (TLS for `amqps://`, an optional custom CA), declares the
-//! configured topology, and when the connection dies reconnects with backoff
-//! and declares again. Every other part waits for the next session
+//! The connections to the broker, owned by a supervisor task: one for
+//! consuming (and declaring), one for publishing, as RabbitMQ advises. A broker
+//! under a resource alarm blocks every connection that publishes, reading
+//! nothing more from it; on a shared connection the acks of events already
+//! handled would wait too, and no consumer could be told anything. The
+//! supervisor connects both (TLS for `amqps://`, an optional custom CA),
+//! declares the configured topology, and when either dies reconnects with
+//! backoff and declares again. Every other part waits for the next session
 //! ([`wait_session`]) rather than failing at once, each wait bounded by
 //! `[broker] timeout`. Credentials never reach a log line or an error: library
 //! errors are scrubbed of the URL and the password.
@@ -16,15 +20,19 @@ use lapin::{Connection, ConnectionProperties};
 use super::publish::Publishers;
 use super::{Inner, RabbitSettings, lock, topology};
 
-/// One connected session: the connection and its publishing channels.
+/// One connected session: the consuming connection, and the publishing one
+/// with its channels.
 pub(super) struct Session {
+    /// Consumers, acks, declarations and broker queries.
     pub(super) connection: Connection,
+    /// Publishes (outputs, retry and dead-letter copies, ingress).
+    pub(super) publishing: Connection,
     pub(super) publishers: Publishers,
 }
 
 impl Session {
     pub(super) fn live(&self) -> bool {
-        self.connection.status().connected()
+        self.connection.status().connected() && self.publishing.status().connected()
     }
 }
 
@@ -98,8 +106,14 @@ pub(super) async fn supervise(inner: Arc<Inner>) {
     let mut delay = Duration::from_millis(100);
     let mut first = true;
     while !inner.closing.load(Ordering::SeqCst) {
-        let connection = match connect(&inner.settings, "switchboard").await {
-            Ok(c) => c,
+        let connected = match connect(&inner.settings, "switchboard").await {
+            Ok(connection) => connect(&inner.settings, "switchboard publisher")
+                .await
+                .map(|publishing| (connection, publishing)),
+            Err(e) => Err(e),
+        };
+        let (connection, publishing) = match connected {
+            Ok(both) => both,
             Err(e) => {
                 tracing::warn!(error = %e, retry_in = ?delay, "broker connection failed");
                 lock(&inner.link).error = Some(e);
@@ -111,6 +125,7 @@ pub(super) async fn supervise(inner: Arc<Inner>) {
         delay = Duration::from_millis(100);
         let session = Arc::new(Session {
             connection,
+            publishing,
             publishers: Publishers::default(),
         });
         let declared = declare(&inner, &session).await;
@@ -128,7 +143,10 @@ pub(super) async fn supervise(inner: Arc<Inner>) {
         inner.session.store(Some(session.clone()));
         inner.sessions.send_modify(|g| *g += 1);
 
-        let mut events = session.connection.events_listener();
+        let mut events = futures::stream::select(
+            session.connection.events_listener(),
+            session.publishing.events_listener(),
+        );
         let mut tick = tokio::time::interval(Duration::from_millis(200));
         loop {
             tokio::select! {
@@ -151,6 +169,9 @@ pub(super) async fn supervise(inner: Arc<Inner>) {
         if inner.closing.load(Ordering::SeqCst) {
             break;
         }
+        // Both go: a session is the pair.
+        let _ = session.connection.close(200, "reconnecting".into()).await;
+        let _ = session.publishing.close(200, "reconnecting".into()).await;
         {
             let mut link = lock(&inner.link);
             link.connected = false;
