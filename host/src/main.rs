@@ -63,7 +63,10 @@ enum Command {
 fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_env("SWITCHBOARD_LOG")
         .or_else(|_| EnvFilter::try_from_default_env())
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+        // lapin's own lines (a WARN with the whole message for every return, a
+        // trio of ERRORs per failed reconnect) repeat what Switchboard's say in
+        // one sentence; `SWITCHBOARD_LOG=info,lapin=debug` shows them.
+        .unwrap_or_else(|_| EnvFilter::new("info,lapin=off"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())

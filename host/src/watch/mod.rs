@@ -32,9 +32,25 @@ use crate::config::RouterConfig;
 /// How long the file system must be quiet before a change is applied.
 pub const DEBOUNCE: Duration = Duration::from_millis(200);
 
-/// A running watcher.
+/// A running watcher. Dropping it stops watching and waits for the thread
+/// that applies changes to end, so that the appliance it holds is let go of
+/// by the time the drop returns (a restart in the same folder can open its
+/// state store again at once).
 pub struct Watcher {
-    _watcher: notify::RecommendedWatcher,
+    watcher: Option<notify::RecommendedWatcher>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        // Dropping the notify watcher drops the sender, which ends the thread.
+        self.watcher.take();
+        if let Some(thread) = self.thread.take()
+            && thread.join().is_err()
+        {
+            tracing::error!("the watcher thread panicked");
+        }
+    }
 }
 
 impl std::fmt::Debug for Watcher {
@@ -85,12 +101,15 @@ pub fn start(appliance: Appliance, config_path: &Path) -> anyhow::Result<Watcher
             .with_context(|| format!("cannot watch {}", plugins_dir.display()))?;
     }
     // Dropping the watcher drops the sender, which ends this thread.
-    std::thread::Builder::new()
+    let thread = std::thread::Builder::new()
         .name("switchboard-watch".into())
         .spawn(move || debounce(&rx, &appliance, &config_file, &config_dir, config_seen))
         .context("cannot start the watcher thread")?;
     tracing::info!(config = %config_path.display(), plugins = %plugins_dir.display(), "watching for changes");
-    Ok(Watcher { _watcher: watcher })
+    Ok(Watcher {
+        watcher: Some(watcher),
+        thread: Some(thread),
+    })
 }
 
 /// Collects changed paths until the file system has been quiet for

@@ -286,34 +286,45 @@ impl RabbitBus {
             .get(&plugin)
             .map_or(0, |c| c.outstanding.load(Ordering::SeqCst));
         let tiers = self.tiers_of(&plugin);
+        let timeout = self.inner.settings.timeout;
         self.block(async move {
             let deadline = Instant::now() + inner.settings.timeout;
             let session = wait_session(&inner, deadline).await?;
-            let (messages, consumers) =
-                tools::depth(&session.connection, &inner.names.queue(&plugin))
+            let asked = async {
+                let (messages, consumers) =
+                    tools::depth(&session.connection, &inner.names.queue(&plugin))
+                        .await
+                        .map_err(BusError::Unavailable)?
+                        .ok_or_else(|| BusError::NoSuchQueue(plugin.clone()))?;
+                let dead_letters = tools::depth(&session.connection, &inner.names.dlq(&plugin))
                     .await
                     .map_err(BusError::Unavailable)?
-                    .ok_or_else(|| BusError::NoSuchQueue(plugin.clone()))?;
-            let dead_letters = tools::depth(&session.connection, &inner.names.dlq(&plugin))
-                .await
-                .map_err(BusError::Unavailable)?
-                .map_or(0, |(m, _)| m);
-            let mut waiting_retries = 0;
-            for tier in tiers {
-                if let Some((m, _)) = tools::depth(&session.connection, &tier)
-                    .await
-                    .map_err(BusError::Unavailable)?
-                {
-                    waiting_retries += m;
+                    .map_or(0, |(m, _)| m);
+                let mut waiting_retries = 0;
+                for tier in tiers {
+                    if let Some((m, _)) = tools::depth(&session.connection, &tier)
+                        .await
+                        .map_err(BusError::Unavailable)?
+                    {
+                        waiting_retries += m;
+                    }
                 }
-            }
-            Ok(BrokerQueueStats {
-                messages,
-                consumers,
-                waiting_retries,
-                dead_letters,
-                in_flight,
-            })
+                Ok(BrokerQueueStats {
+                    messages,
+                    consumers,
+                    waiting_retries,
+                    dead_letters,
+                    in_flight,
+                })
+            };
+            // A status page must answer even when the broker does not.
+            tokio::time::timeout_at(deadline.into(), asked)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(BusError::Unavailable(format!(
+                        "the broker did not answer within {timeout:?}"
+                    )))
+                })
         })
     }
 

@@ -150,15 +150,20 @@ pub(super) async fn supervise(inner: Arc<Inner>) {
         let mut tick = tokio::time::interval(Duration::from_millis(200));
         loop {
             tokio::select! {
-                event = events.next() => {
-                    if let Some(lapin::Event::Error(e)) = event {
+                event = events.next() => match event {
+                    // A channel closed by the broker (a publish to a missing
+                    // exchange, a passive declare of a missing queue) is that
+                    // channel's business, not the connection's.
+                    Some(lapin::Event::Error(e)) if e.is_amqp_soft_error() && session.live() => {
+                        tracing::debug!(error = %e, "a channel was closed by the broker");
+                    }
+                    Some(lapin::Event::Error(e)) => {
                         tracing::warn!(error = %inner.settings.url.scrub(&e.to_string()), "broker connection lost");
                         break;
                     }
-                    if event.is_none() {
-                        break;
-                    }
-                }
+                    Some(_) => {}
+                    None => break,
+                },
                 _ = tick.tick() => {
                     if !session.live() || inner.closing.load(Ordering::SeqCst) {
                         break;
