@@ -39,7 +39,7 @@ c-example:
 
 ## reliability: the fault, hostile-input, hostile-plugin and security tests alone
 ## (also part of `make test`), with each scenario's account printed
-RELIABILITY_TESTS := reliability hostile_inputs hostile_plugins security
+RELIABILITY_TESTS := reliability faults hostile_inputs hostile_plugins security
 reliability: plugins guests
 	$(CARGO) test --release -p switchboard-tests $(addprefix --test ,$(RELIABILITY_TESTS)) -- --test-threads=1 --nocapture
 

@@ -12,6 +12,16 @@
 //!   timeout, outputs held by an alarm, a deleted output exchange, a plugin
 //!   removed while its retries wait, re-drive.
 
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+/// Held by each scenario for its whole run: they share the machine's two cores
+/// with the broker (and start throwaway nodes), and their timings assume they
+/// have them to themselves, however many test threads the runner uses.
+fn serial() -> MutexGuard<'static, ()> {
+    static SERIAL: Mutex<()> = Mutex::new(());
+    SERIAL.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 #[path = "faults/refusals.rs"]
 mod refusals;
 #[path = "faults/restarts.rs"]

@@ -12,6 +12,9 @@
 //!   acks).
 //! - **Switchboard**: `switchboard run` with the scripted guest as plugin
 //!   `passthrough` (its `emit` script returns one small output per event).
+//! - **baseline** (with `--baseline <binary>`): the same with another
+//!   `switchboard` binary, an earlier build, so that a change is measured
+//!   before and after in one run.
 //!
 //! Each measurement gets a fresh vhost: declare, preload N events with confirms
 //! while nothing consumes, start the consumer, wait until the sink holds N
@@ -82,6 +85,10 @@ pub struct BrokerArgs {
     /// The `switchboard` binary. Default: target/release/switchboard.
     #[arg(long)]
     switchboard: Option<PathBuf>,
+    /// Another `switchboard` binary (an earlier build), measured as consumer
+    /// `baseline` (add it to `--consumers`).
+    #[arg(long)]
+    baseline: Option<PathBuf>,
 }
 
 /// `switchboard-bench raw-passthrough`: the raw lapin consumer, run as a child.
@@ -115,6 +122,7 @@ pub enum Consumer {
     Raw,
     Node,
     Switchboard,
+    Baseline,
 }
 
 impl fmt::Display for Consumer {
@@ -123,6 +131,7 @@ impl fmt::Display for Consumer {
             Self::Raw => "raw",
             Self::Node => "node",
             Self::Switchboard => "switchboard",
+            Self::Baseline => "baseline",
         })
     }
 }
@@ -181,6 +190,10 @@ pub fn run(args: BrokerArgs) -> anyhow::Result<()> {
         bench.switchboard_binary()?;
         wasm("scripted_guest")?;
     }
+    if bench.args.consumers.contains(&Consumer::Baseline) {
+        bench.baseline_binary()?;
+        wasm("scripted_guest")?;
+    }
 
     for &queue_type in &bench.args.queue_types {
         let mut samples: Vec<(Consumer, Vec<Sample>)> = bench
@@ -231,7 +244,7 @@ impl Bench {
         let n = self.args.events;
 
         let switchboard = match consumer {
-            Consumer::Switchboard => {
+            Consumer::Switchboard | Consumer::Baseline => {
                 let setup = SwitchboardDir::new(&url, queue_type, self.args.prefetch)?;
                 setup.declare_topology(self)?;
                 Some(setup)
@@ -239,14 +252,14 @@ impl Bench {
             Consumer::Raw | Consumer::Node => None,
         };
         let input = match consumer {
-            Consumer::Switchboard => SWITCHBOARD_QUEUE,
+            Consumer::Switchboard | Consumer::Baseline => SWITCHBOARD_QUEUE,
             Consumer::Raw | Consumer::Node => INPUT_QUEUE,
         };
         let connection = self.runtime.block_on(async {
             let connection = Connection::connect(&url, ConnectionProperties::default()).await?;
             let channel = connection.create_channel().await?;
             // Switchboard has declared the exchanges (and its queue) itself.
-            if consumer != Consumer::Switchboard {
+            if !matches!(consumer, Consumer::Switchboard | Consumer::Baseline) {
                 declare_exchanges(&channel).await?;
                 declare_queue(&channel, INPUT_QUEUE, queue_type).await?;
                 bind(&channel, INPUT_QUEUE, INPUT_EXCHANGE).await?;
@@ -267,10 +280,17 @@ impl Bench {
         let mut child = match consumer {
             Consumer::Raw => self.start_raw(&url)?,
             Consumer::Node => self.start_node(&url)?,
-            Consumer::Switchboard => match &switchboard {
-                Some(dir) => dir.start(&self.switchboard_binary()?)?,
-                None => bail!("no Switchboard folder"),
-            },
+            Consumer::Switchboard | Consumer::Baseline => {
+                let binary = if consumer == Consumer::Baseline {
+                    self.baseline_binary()?
+                } else {
+                    self.switchboard_binary()?
+                };
+                match &switchboard {
+                    Some(dir) => dir.start(&binary)?,
+                    None => bail!("no Switchboard folder"),
+                }
+            }
         };
         let result = self.watch(&connection, &mut child, started);
         let _ = child.kill();
@@ -412,6 +432,14 @@ impl Bench {
         Ok(())
     }
 
+    fn baseline_binary(&self) -> anyhow::Result<PathBuf> {
+        match &self.args.baseline {
+            Some(path) if path.exists() => Ok(path.clone()),
+            Some(path) => bail!("{} is missing", path.display()),
+            None => bail!("consumer `baseline` needs --baseline <switchboard binary>"),
+        }
+    }
+
     fn switchboard_binary(&self) -> anyhow::Result<PathBuf> {
         let path = match &self.args.switchboard {
             Some(path) => path.clone(),
@@ -457,6 +485,9 @@ impl Bench {
                 Consumer::Switchboard => {
                     format!("Switchboard, passthrough plugin (concurrency 2, prefetch {prefetch})")
                 }
+                Consumer::Baseline => format!(
+                    "Switchboard baseline build, same plugin and settings (prefetch {prefetch})"
+                ),
             };
             if let Some((_, why)) = failures.iter().find(|(c, _)| c == consumer) {
                 let why = why.lines().next().unwrap_or_default().replace('|', "/");

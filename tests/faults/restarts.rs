@@ -612,6 +612,7 @@ fn restarts_while_publishing(fault: Fault, label: &str) {
 
 #[test]
 fn graceful_restart_loses_nothing_while_publishing() {
+    let _one_at_a_time = crate::serial();
     if !require_broker() {
         return;
     }
@@ -620,6 +621,7 @@ fn graceful_restart_loses_nothing_while_publishing() {
 
 #[test]
 fn kill_9_and_restart_loses_nothing_while_publishing() {
+    let _one_at_a_time = crate::serial();
     if !require_broker() {
         return;
     }
@@ -708,6 +710,7 @@ fn rolling_restart(comeback: Comeback, label: &str) {
 /// topology.
 #[test]
 fn rolling_restart_of_two_replicas_loses_nothing() {
+    let _one_at_a_time = crate::serial();
     if !require_broker() {
         return;
     }
@@ -720,6 +723,7 @@ fn rolling_restart_of_two_replicas_loses_nothing() {
 /// loses nothing even where the same-folder restart does.
 #[test]
 fn rolling_replacement_with_fresh_folders_loses_nothing() {
+    let _one_at_a_time = crate::serial();
     if !require_broker() {
         return;
     }
@@ -742,6 +746,7 @@ fn metric(replica: &Replica, name: &str) -> f64 {
 
 #[test]
 fn broker_restart_loses_nothing_while_publishing() {
+    let _one_at_a_time = crate::serial();
     if !require_broker() {
         return;
     }
@@ -898,6 +903,7 @@ const KILLS: usize = 3;
 
 #[test]
 fn idless_payments_with_kill_9_pay_every_bill_exactly_once() {
+    let _one_at_a_time = crate::serial();
     if !require_broker() {
         return;
     }

@@ -108,6 +108,10 @@ struct Inner {
     dead: Mutex<HashMap<String, VecDeque<DeadLetter>>>,
     stream: tokio::sync::broadcast::Sender<Arc<Published>>,
     unroutable: AtomicU64,
+    /// Notified whenever a delivery is settled (with `quiet` held), for
+    /// [`EmbeddedBus::drain`] to wait on.
+    quiet: Mutex<()>,
+    settled: Condvar,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -148,6 +152,8 @@ impl EmbeddedBus {
             dead: Mutex::new(HashMap::new()),
             stream,
             unroutable: AtomicU64::new(0),
+            quiet: Mutex::new(()),
+            settled: Condvar::new(),
         });
         let weak = Arc::downgrade(&inner);
         let spawned = std::thread::Builder::new()
@@ -258,21 +264,26 @@ impl EmbeddedBus {
     /// at most `deadline`; true if that happened.
     pub fn drain(&self, deadline: Duration) -> bool {
         let until = Instant::now() + deadline;
+        // Checked with `quiet` held: a settlement notifies under it, so none
+        // is missed between the check and the wait.
+        let mut quiet = lock(&self.inner.quiet);
         loop {
-            let busy = {
-                let topo = lock(&self.inner.topo);
-                topo.queues.values().any(|q| {
-                    q.counters.enqueued.load(Ordering::SeqCst)
-                        != q.counters.settled.load(Ordering::SeqCst)
-                })
-            };
+            let busy = lock(&self.inner.topo).queues.values().any(|q| {
+                q.counters.enqueued.load(Ordering::SeqCst)
+                    != q.counters.settled.load(Ordering::SeqCst)
+            });
             if !busy {
                 return true;
             }
-            if Instant::now() >= until {
+            let Some(left) = until.checked_duration_since(Instant::now()) else {
                 return false;
-            }
-            std::thread::sleep(Duration::from_millis(5));
+            };
+            quiet = self
+                .inner
+                .settled
+                .wait_timeout(quiet, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
         }
     }
 
@@ -563,6 +574,10 @@ impl Settle for EmbeddedSettle {
             }
         }
         self.counters.settled.fetch_add(1, Ordering::SeqCst);
+        {
+            let _quiet = lock(&inner.quiet);
+            inner.settled.notify_all();
+        }
         then(Settled::Done);
     }
 }

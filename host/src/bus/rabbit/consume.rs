@@ -4,7 +4,7 @@
 //! cancels it (its queue was deleted).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use crossbeam_channel::Sender;
@@ -37,7 +37,7 @@ pub(super) struct ConsumerTask {
     pub(super) tx: Sender<Delivery>,
     pub(super) prefetch: watch::Receiver<u16>,
     pub(super) mode: watch::Receiver<ConsumerMode>,
-    pub(super) outstanding: Arc<AtomicU64>,
+    pub(super) outstanding: Arc<watch::Sender<u64>>,
 }
 
 enum Ended {
@@ -120,7 +120,7 @@ impl ConsumerTask {
                         // exchange by its name: only there are its headers believed.
                         let trusted = d.exchange.as_str().is_empty() && d.routing_key.as_str() == queue;
                         let delivered = amqp::delivered(d.exchange.as_str(), d.routing_key.as_str(), message, trusted);
-                        self.outstanding.fetch_add(1, Ordering::SeqCst);
+                        self.outstanding.send_modify(|n| *n += 1);
                         let settle = RabbitSettle::new(
                             self.bus.inner.clone(),
                             self.plugin.clone(),

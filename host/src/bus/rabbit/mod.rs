@@ -112,7 +112,7 @@ struct ConsumerHandle {
     prefetch: watch::Sender<u16>,
     mode: watch::Sender<ConsumerMode>,
     /// Deliveries handed to workers and not settled (buffered ones included).
-    outstanding: Arc<AtomicU64>,
+    outstanding: Arc<watch::Sender<u64>>,
 }
 
 struct Inner {
@@ -284,7 +284,7 @@ impl RabbitBus {
         let plugin = plugin.to_string();
         let in_flight = lock(&self.inner.consumers)
             .get(&plugin)
-            .map_or(0, |c| c.outstanding.load(Ordering::SeqCst));
+            .map_or(0, |c| *c.outstanding.borrow());
         let tiers = self.tiers_of(&plugin);
         let timeout = self.inner.settings.timeout;
         self.block(async move {
@@ -373,19 +373,19 @@ impl RabbitBus {
     /// Waits until every delivery handed to this process is settled, at most
     /// `deadline`; true if that happened.
     pub fn drain(&self, deadline: Duration) -> bool {
-        let until = Instant::now() + deadline;
-        loop {
-            let busy = lock(&self.inner.consumers)
-                .values()
-                .any(|c| c.outstanding.load(Ordering::SeqCst) > 0);
-            if !busy {
-                return true;
-            }
-            if Instant::now() >= until {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        let counts: Vec<watch::Receiver<u64>> = lock(&self.inner.consumers)
+            .values()
+            .map(|c| c.outstanding.subscribe())
+            .collect();
+        self.block(async move {
+            let settled = async {
+                for mut count in counts {
+                    let _ = count.wait_for(|n| *n == 0).await;
+                }
+            };
+            Ok(tokio::time::timeout(deadline, settled).await.is_ok())
+        })
+        .unwrap_or(false)
     }
 
     /// Closes every consumer channel and the connection. Unsettled deliveries
@@ -495,7 +495,7 @@ impl Bus for RabbitBus {
         let (tx, rx) = crossbeam_channel::unbounded();
         let (prefetch, prefetch_rx) = watch::channel(spec.prefetch.max(1));
         let (mode, mode_rx) = watch::channel(ConsumerMode::Run);
-        let outstanding = Arc::new(AtomicU64::new(0));
+        let outstanding = Arc::new(watch::Sender::new(0));
         let task = ConsumerTask {
             bus: self.clone(),
             plugin: plugin.to_string(),

@@ -18,10 +18,10 @@
 //! moved on, and hears what became of it through the callback.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use lapin::options::{BasicAckOptions, BasicNackOptions};
+use tokio::sync::watch;
 
 use super::publish::{publish_confirmed, record_published};
 use super::{Inner, Names, amqp, lock, session};
@@ -41,7 +41,7 @@ pub(super) struct RabbitSettle {
     inner: Arc<Inner>,
     plugin: String,
     acker: Option<lapin::Acker>,
-    outstanding: Arc<AtomicU64>,
+    outstanding: Arc<watch::Sender<u64>>,
 }
 
 impl RabbitSettle {
@@ -49,7 +49,7 @@ impl RabbitSettle {
         inner: Arc<Inner>,
         plugin: String,
         acker: lapin::Acker,
-        outstanding: Arc<AtomicU64>,
+        outstanding: Arc<watch::Sender<u64>>,
     ) -> Self {
         Self {
             inner,
@@ -267,7 +267,7 @@ impl Settle for RabbitSettle {
 
 impl Drop for RabbitSettle {
     fn drop(&mut self) {
-        self.outstanding.fetch_sub(1, Ordering::SeqCst);
+        self.outstanding.send_modify(|n| *n = n.saturating_sub(1));
         if let Some(acker) = self.acker.take() {
             let requeue = BasicNackOptions {
                 requeue: true,

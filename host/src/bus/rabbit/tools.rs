@@ -86,11 +86,27 @@ pub async fn redrive(
     limit: usize,
     timeout: Duration,
 ) -> Result<usize, String> {
-    let dlq = names.dlq(plugin);
     let queue = names.queue(plugin);
     if depth(connection, &queue).await?.is_none() {
         return Err(format!("queue {queue:?} does not exist"));
     }
+    move_messages(connection, &names.dlq(plugin), limit, timeout, |d| {
+        let message = amqp::redriven(&amqp::message(d.data, &d.properties));
+        (String::new(), queue.clone(), message)
+    })
+    .await
+}
+
+/// Moves up to `limit` messages out of `from`, one at a time: each is read,
+/// published (mandatory, confirmed) where `to` says — exchange, routing key,
+/// message — and only then removed from `from`. Returns how many moved.
+async fn move_messages(
+    connection: &Connection,
+    from: &str,
+    limit: usize,
+    timeout: Duration,
+    to: impl Fn(lapin::message::Delivery) -> (String, String, crate::bus::Message),
+) -> Result<usize, String> {
     let channel = connection
         .create_channel()
         .await
@@ -99,48 +115,48 @@ pub async fn redrive(
         .confirm_select(ConfirmSelectOptions::default())
         .await
         .map_err(|e| e.to_string())?;
+    let options = BasicPublishOptions {
+        mandatory: true,
+        ..BasicPublishOptions::default()
+    };
     let mut moved = 0;
     while moved < limit {
         let got = channel
-            .basic_get(dlq.as_str().into(), BasicGetOptions { no_ack: false })
+            .basic_get(from.into(), BasicGetOptions { no_ack: false })
             .await
-            .map_err(|e| format!("cannot read {dlq:?}: {e}"))?;
+            .map_err(|e| format!("cannot read {from:?}: {e}"))?;
         let Some(got) = got else { break };
-        let d = got.delivery;
-        let message = amqp::redriven(&amqp::message(d.data, &d.properties));
-        let properties = amqp::properties(&message, &[]);
-        let options = BasicPublishOptions {
-            mandatory: true,
-            ..BasicPublishOptions::default()
-        };
+        let acker = got.delivery.acker.clone();
+        let (exchange, key, message) = to(got.delivery);
         let confirm = channel
             .basic_publish(
-                "".into(),
-                queue.as_str().into(),
+                exchange.as_str().into(),
+                key.as_str().into(),
                 options,
                 &message.body,
-                properties,
+                amqp::properties(&message, &[]),
             )
             .await
             .map_err(|e| e.to_string())?;
         match tokio::time::timeout(timeout, confirm).await {
             Ok(Ok(Confirmation::Ack(None))) => {}
             Ok(Ok(other)) => {
-                let _ = channel.close(200, "redrive stopped".into()).await;
+                let _ = channel.close(200, "move stopped".into()).await;
                 return Err(format!(
-                    "{queue:?} did not take a re-driven message ({other:?}); {moved} moved"
+                    "no queue took a message moved from {from:?} to {exchange:?} with key \
+                     {key:?} ({other:?}); {moved} moved"
                 ));
             }
             Ok(Err(e)) => return Err(format!("{e}; {moved} moved")),
             Err(_) => return Err(format!("no confirm within {timeout:?}; {moved} moved")),
         }
-        d.acker
+        acker
             .ack(BasicAckOptions::default())
             .await
             .map_err(|e| format!("{e}; {moved} moved"))?;
         moved += 1;
     }
-    let _ = channel.close(200, "redriven".into()).await;
+    let _ = channel.close(200, "moved".into()).await;
     Ok(moved)
 }
 
@@ -179,22 +195,7 @@ pub async fn dead_letter_all(
     if depth(connection, queue).await?.is_none() {
         return Ok(0);
     }
-    let channel = connection
-        .create_channel()
-        .await
-        .map_err(|e| e.to_string())?;
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut moved = 0;
-    loop {
-        let got = channel
-            .basic_get(queue.into(), BasicGetOptions { no_ack: false })
-            .await
-            .map_err(|e| format!("cannot read {queue:?}: {e}"))?;
-        let Some(got) = got else { break };
-        let d = got.delivery;
+    move_messages(connection, queue, usize::MAX, timeout, |d| {
         let message = amqp::message(d.data, &d.properties);
         let delivered = amqp::delivered(d.exchange.as_str(), d.routing_key.as_str(), message, true);
         let failure = FailureInfo {
@@ -211,37 +212,9 @@ pub async fn dead_letter_all(
             first_failure: delivered.first_failure.clone().unwrap_or_default(),
         };
         let copy = amqp::moved(&delivered, &failure, None, amqp::header_limit(0));
-        let options = BasicPublishOptions {
-            mandatory: true,
-            ..BasicPublishOptions::default()
-        };
-        let confirm = channel
-            .basic_publish(
-                names.dlx().as_str().into(),
-                plugin.into(),
-                options,
-                &copy.body,
-                amqp::properties(&copy, &[]),
-            )
-            .await
-            .map_err(|e| e.to_string())?;
-        match tokio::time::timeout(timeout, confirm).await {
-            Ok(Ok(Confirmation::Ack(None))) => {}
-            other => {
-                let _ = channel.close(200, "stopped".into()).await;
-                return Err(format!(
-                    "the dead-letter queue of {plugin:?} did not take a message ({other:?}); {moved} moved"
-                ));
-            }
-        }
-        d.acker
-            .ack(BasicAckOptions::default())
-            .await
-            .map_err(|e| format!("{e}; {moved} moved"))?;
-        moved += 1;
-    }
-    let _ = channel.close(200, "moved".into()).await;
-    Ok(moved)
+        (names.dlx(), plugin.to_string(), copy)
+    })
+    .await
 }
 
 /// Taps `exchange`: a private queue bound with `pattern` (every binding key
