@@ -228,6 +228,50 @@ fn outputs_are_confirmed_before_the_input_is_acked() {
     assert!(dead_letters(&r).is_empty());
 }
 
+/// Outputs the broker refuses (the queue bound to the output exchange is full,
+/// with `reject-publish`: the publish is nacked) fail their input like any
+/// transient failure: retried with backoff through the tiers, then
+/// dead-lettered as `publish` after `max_attempts`; never requeued at once in a
+/// loop until the broker's own delivery limit.
+#[test]
+fn refused_outputs_are_retried_with_backoff_then_dead_lettered() {
+    if !require_broker() {
+        return;
+    }
+    let vhost = TestVhost::new("refused");
+    let r = worker(&vhost.url(), "", "");
+    let amqp = Amqp::connect(&vhost.url()).unwrap();
+    amqp.declare_sink(Some("full"), SinkLife::Durable, "out", "#");
+    let policy = std::process::Command::new("rabbitmqctl")
+        .args(["set_policy", "-p", vhost.name(), "full", "^full$"])
+        .arg(r#"{"max-length": 0, "overflow": "reject-publish"}"#)
+        .args(["--apply-to", "queues"])
+        .output()
+        .unwrap();
+    assert!(policy.status.success(), "{policy:?}");
+    std::thread::sleep(Duration::from_millis(500));
+    let started = Instant::now();
+    send(&amqp, "refused-1", "echo", json!({}));
+    wait_until("the dead letter", || dead_letters(&r).len() == 1);
+    let letter = &dead_letters(&r)[0];
+    assert_eq!(letter.failure.kind, "publish", "{letter:?}");
+    assert_eq!(letter.failure.attempts, 3, "max_attempts deliveries in all");
+    assert!(
+        started.elapsed() >= Duration::from_millis(600),
+        "two waits in the tiers (200 ms, 400 ms) came before it"
+    );
+    let stats = status(&r, "worker").dispatch.unwrap();
+    let count = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(
+        (
+            count(&stats.handled),
+            count(&stats.retried),
+            count(&stats.dead_lettered)
+        ),
+        (0, 2, 1)
+    );
+}
+
 #[test]
 fn a_transient_failure_waits_in_the_retry_tiers_then_succeeds() {
     if !require_broker() {

@@ -400,6 +400,9 @@ mod tests {
             headers: vec![
                 (super::super::HOPS_HEADER.into(), "0".into()),
                 (super::super::SOURCE_HEADER.into(), "payments".into()),
+                // Copied from a retried input: an output must not carry it on.
+                ("switchboard-attempt".into(), "4".into()),
+                ("Switchboard-Exchange".into(), "elsewhere".into()),
                 ("trace".into(), "abc".into()),
             ],
         };

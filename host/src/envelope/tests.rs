@@ -1066,3 +1066,22 @@ fn errors_quote_at_most_an_excerpt_of_the_input() {
         EnvelopeError::BadHops("many".into())
     );
 }
+
+#[test]
+fn outputs_carry_no_router_header_a_plugin_copied_from_its_input() {
+    let input = decode("e", "k", &message(seed_body(), None), 1).unwrap();
+    let output = Output {
+        kind: "done".into(),
+        content_type: None,
+        data: b"{}".to_vec(),
+        exchange: None,
+        headers: vec![
+            ("switchboard-attempt".into(), "3".into()),
+            ("switchboard-routing-key".into(), "other".into()),
+            ("x-mine".into(), "kept".into()),
+        ],
+    };
+    let message = encode_output("p", &input, 0, &output).unwrap();
+    let names: Vec<&str> = message.headers.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(names, vec![HOPS_HEADER, SOURCE_HEADER, "x-mine"]);
+}

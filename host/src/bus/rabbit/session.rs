@@ -174,9 +174,13 @@ pub(super) async fn supervise(inner: Arc<Inner>) {
         if inner.closing.load(Ordering::SeqCst) {
             break;
         }
-        // Both go: a session is the pair.
-        let _ = session.connection.close(200, "reconnecting".into()).await;
-        let _ = session.publishing.close(200, "reconnecting".into()).await;
+        // Both go: a session is the pair. A close waits for the broker's
+        // answer, which a dead connection never gives: bounded.
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            let _ = session.connection.close(200, "reconnecting".into()).await;
+            let _ = session.publishing.close(200, "reconnecting".into()).await;
+        })
+        .await;
         {
             let mut link = lock(&inner.link);
             link.connected = false;
