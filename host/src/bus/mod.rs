@@ -249,6 +249,10 @@ pub enum BusError {
     Closed,
     #[error("bus unavailable: {0}")]
     Unavailable(String),
+    /// The broker refused a message (a negative confirm: say, a queue at its
+    /// `max-length` with `reject-publish`).
+    #[error("{0}")]
+    Refused(String),
     /// The broker refused a declaration (the message says what to do).
     #[error("{0}")]
     Topology(String),

@@ -39,7 +39,7 @@ use tokio::sync::{broadcast, watch};
 
 use consume::{ConsumerMode, ConsumerTask};
 pub use names::Names;
-use publish::{publish_confirmed, record_published};
+use publish::{Returns, publish_confirmed, record_published};
 pub use session::connect;
 use session::{Session, wait_session};
 use topology::Declared;
@@ -137,6 +137,10 @@ struct Inner {
     /// Retry delays of plugins removed from the configuration whose queues
     /// are not deleted yet (their tiers may hold retries).
     retired: Mutex<HashMap<String, Vec<Duration>>>,
+    /// Why the broker blocks the publishing connection (a resource alarm), while
+    /// it does: nothing is sent meanwhile, since the broker would read it only
+    /// after the alarm, as a copy of what the router has since sent again.
+    blocked: watch::Sender<Option<String>>,
 }
 
 impl Inner {
@@ -210,6 +214,7 @@ impl RabbitBus {
             closing: AtomicBool::new(false),
             redeclaring: AtomicBool::new(false),
             retired: Mutex::new(HashMap::new()),
+            blocked: watch::Sender::new(None),
         });
         inner.handle.spawn(session::supervise(inner.clone()));
         let bus = Self { inner };
@@ -538,7 +543,11 @@ impl Bus for RabbitBus {
         };
         let deadline = Instant::now() + wait;
         self.block(async move {
-            let routed = publish_confirmed(&inner, &batch, deadline).await?;
+            let returns = match inner.settings.unroutable {
+                Unroutable::DeadLetter => Returns::Decide,
+                Unroutable::Drop => Returns::Count,
+            };
+            let routed = publish_confirmed(&inner, &batch, deadline, returns).await?;
             let unroutable = record_published(&inner, batch, &routed);
             match (unroutable, inner.settings.unroutable) {
                 (Some((exchange, routing_key)), Unroutable::DeadLetter) => {

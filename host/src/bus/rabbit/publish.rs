@@ -4,14 +4,19 @@
 //! (output ids are deterministic, so a duplicate is recognisable), within the
 //! deadline.
 //!
-//! **One batch per channel at a time.** A broker returns an unroutable
-//! mandatory message (`basic.return`) before it confirms it, but lapin hands
-//! each return to whichever confirm of the channel completes next, and a
-//! multiple-ack completes several at once in no set order: on a channel shared
-//! by concurrent batches, a return could be credited to another batch. So
-//! publishing channels are pooled and each is lent to one batch until its
-//! confirms are in: every return that arrives on it is that batch's, matched to
-//! its message by exchange and routing key.
+//! **Returns credited exactly where they decide something.** A broker returns
+//! an unroutable mandatory message (`basic.return`) before it confirms it, but
+//! lapin hands each return to whichever confirm of the channel completes next,
+//! and a multiple-ack completes several at once in no set order: on a channel
+//! shared by concurrent batches, a return can be credited to another batch.
+//! Where a return decides what happens ([`Returns::Decide`]: retry and
+//! dead-letter copies, and outputs under `unroutable = "dead-letter"`), the
+//! batch gets a channel lent to it alone until its confirms are in, so every
+//! return on it is its own, matched to its message by exchange and routing
+//! key. Where a return is only counted ([`Returns::Count`]: outputs and ingress
+//! under `unroutable = "drop"`), batches share one channel, whose confirms the
+//! broker acknowledges several at a time: the count stays exact, only which
+//! batch saw a return may be another's.
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -28,8 +33,19 @@ use crate::bus::{BusError, Outgoing, Published};
 /// Batches in flight at once on one connection (one channel each).
 const CHANNELS: usize = 64;
 
-/// The publishing channels of one session: idle ones, and permits for lending.
+/// What a batch's returns (unroutable messages) are for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Returns {
+    /// They decide the outcome: credited to exactly the right message.
+    Decide,
+    /// They are only counted.
+    Count,
+}
+
+/// The publishing channels of one session: the shared one, idle ones to lend,
+/// and permits for lending.
 pub(super) struct Publishers {
+    shared: tokio::sync::Mutex<Option<Channel>>,
     idle: Mutex<Vec<Channel>>,
     permits: tokio::sync::Semaphore,
 }
@@ -37,6 +53,7 @@ pub(super) struct Publishers {
 impl Default for Publishers {
     fn default() -> Self {
         Self {
+            shared: tokio::sync::Mutex::new(None),
             idle: Mutex::new(Vec::new()),
             permits: tokio::sync::Semaphore::new(CHANNELS),
         }
@@ -73,18 +90,19 @@ pub(super) async fn publish_confirmed(
     inner: &Arc<Inner>,
     batch: &[Outgoing],
     deadline: Instant,
+    returns: Returns,
 ) -> Result<Vec<bool>, BusError> {
     loop {
         let session = wait_session(inner, deadline).await?;
         let started = Instant::now();
-        match publish_on(&session, batch, deadline).await {
+        match publish_on(inner, &session, batch, deadline, returns).await {
             Ok(routed) => {
                 if let Some(histogram) = &inner.settings.confirm_seconds {
                     histogram.observe(started.elapsed().as_secs_f64());
                 }
                 return Ok(routed);
             }
-            Err(PublishError::Refused(why)) => return Err(BusError::Unavailable(why)),
+            Err(PublishError::Refused(why)) => return Err(BusError::Refused(why)),
             Err(PublishError::TooLarge(why)) => return Err(BusError::TooLarge(why)),
             Err(PublishError::NoExchange(why)) => {
                 // Configured exchanges are the router's to declare: put them
@@ -150,6 +168,20 @@ pub(super) fn fits(batch: &[Outgoing], limit: usize) -> Result<(), String> {
     Ok(())
 }
 
+/// The session's shared publishing channel (a new one if it was lost).
+async fn shared(session: &Session) -> Result<Channel, lapin::Error> {
+    let mut shared = session.publishers.shared.lock().await;
+    if let Some(channel) = shared.as_ref().filter(|c| c.status().connected()) {
+        return Ok(channel.clone());
+    }
+    let channel = session.publishing.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    *shared = Some(channel.clone());
+    Ok(channel)
+}
+
 /// A channel in confirm mode lent to one batch: an idle one of the session's,
 /// or a new one.
 async fn borrow(session: &Session) -> Result<Channel, lapin::Error> {
@@ -176,22 +208,41 @@ fn lost_or_missing(e: &lapin::Error) -> PublishError {
 }
 
 async fn publish_on(
+    inner: &Inner,
     session: &Session,
     batch: &[Outgoing],
     deadline: Instant,
+    returns: Returns,
 ) -> Result<Vec<bool>, PublishError> {
     // Checked before anything is sent: the batch goes whole or not at all, and
     // a header the broker cannot take would close the whole connection.
     let limit = amqp::header_limit(session.publishing.configuration().frame_max());
     fits(batch, limit).map_err(PublishError::TooLarge)?;
-    let _permit = tokio::time::timeout_at(deadline.into(), session.publishers.permits.acquire())
-        .await
-        .map_err(|_| PublishError::Lost("timed out waiting for a publishing channel".into()))?
-        .map_err(|_| PublishError::Lost("the session closed".into()))?;
-    let channel = tokio::time::timeout_at(deadline.into(), borrow(session))
-        .await
-        .map_err(|_| PublishError::Lost("timed out opening a publishing channel".into()))?
-        .map_err(|e| PublishError::Lost(e.to_string()))?;
+    let mut blocked = inner.blocked.subscribe();
+    let why = blocked.borrow().clone();
+    if let Some(why) = why {
+        tokio::time::timeout_at(deadline.into(), blocked.wait_for(Option::is_none))
+            .await
+            .map_err(|_| PublishError::Lost(format!("the broker blocks publishing: {why}")))?
+            .map_err(|_| PublishError::Lost("the session closed".into()))?;
+    }
+    let mut _permit = None;
+    let channel = match returns {
+        Returns::Count => tokio::time::timeout_at(deadline.into(), shared(session)).await,
+        Returns::Decide => {
+            let permit =
+                tokio::time::timeout_at(deadline.into(), session.publishers.permits.acquire())
+                    .await
+                    .map_err(|_| {
+                        PublishError::Lost("timed out waiting for a publishing channel".into())
+                    })?
+                    .map_err(|_| PublishError::Lost("the session closed".into()))?;
+            _permit = Some(permit);
+            tokio::time::timeout_at(deadline.into(), borrow(session)).await
+        }
+    }
+    .map_err(|_| PublishError::Lost("timed out opening a publishing channel".into()))?
+    .map_err(|e| PublishError::Lost(e.to_string()))?;
     let options = BasicPublishOptions {
         mandatory: true,
         ..BasicPublishOptions::default()
@@ -234,18 +285,24 @@ async fn publish_on(
             }
         }
     }
-    // Every confirm is in, and the broker returns a message before it confirms
-    // it: the channel carries nothing more of this batch. Lend it again.
-    lock(&session.publishers.idle).push(channel);
+    if returns == Returns::Decide {
+        // Every confirm is in, and the broker returns a message before it
+        // confirms it: the channel carries nothing more of this batch.
+        lock(&session.publishers.idle).push(channel);
+    }
     let mut routed = vec![true; batch.len()];
     for message in returned {
         let (exchange, key) = (message.delivery.exchange, message.delivery.routing_key);
-        if let Some(i) = (0..batch.len()).find(|&i| {
+        match (0..batch.len()).find(|&i| {
             routed[i]
                 && batch[i].exchange == exchange.as_str()
                 && batch[i].routing_key == key.as_str()
         }) {
-            routed[i] = false;
+            Some(i) => routed[i] = false,
+            // Another batch's, on the shared channel: counted all the same.
+            None => {
+                inner.unroutable.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
     Ok(routed)

@@ -140,6 +140,7 @@ pub(super) async fn supervise(inner: Arc<Inner>) {
         }
         first = false;
         tracing::info!(url = %inner.settings.url, "connected to the broker");
+        inner.blocked.send_replace(None);
         inner.session.store(Some(session.clone()));
         inner.sessions.send_modify(|g| *g += 1);
 
@@ -160,6 +161,14 @@ pub(super) async fn supervise(inner: Arc<Inner>) {
                     Some(lapin::Event::Error(e)) => {
                         tracing::warn!(error = %inner.settings.url.scrub(&e.to_string()), "broker connection lost");
                         break;
+                    }
+                    Some(lapin::Event::ConnectionBlocked(reason)) => {
+                        tracing::warn!(reason = %reason, "the broker blocks publishing (resource alarm); outputs wait");
+                        inner.blocked.send_replace(Some(reason));
+                    }
+                    Some(lapin::Event::ConnectionUnblocked) => {
+                        tracing::info!("the broker takes publishes again");
+                        inner.blocked.send_replace(None);
                     }
                     Some(_) => {}
                     None => break,

@@ -1,8 +1,11 @@
 //! Settling one delivery: the one path by which a delivery ends.
 //!
-//! - Handled: publish the outputs (confirmed), then ack. Outputs that cannot be
-//!   published hand the delivery back to the dispatcher, which fails the event
-//!   (retry with backoff through a tier, or dead letter).
+//! - Handled: publish the outputs (confirmed), then ack. Outputs the broker
+//!   refuses (a nack), cannot route under `unroutable = "dead-letter"` or
+//!   cannot take hand the delivery back to the dispatcher, which fails the
+//!   event (retry with backoff through a tier, or dead letter). Outputs not
+//!   confirmed in time (a resource alarm, a lost connection) requeue the
+//!   input after a pause instead: the broker is the trouble, not the event.
 //! - Retry and dead letter are done by the router, not by a nack to a DLX
 //!   (which cannot add headers): it publishes a copy with its headers (attempt,
 //!   error, first failure, plugin version, origin) to the retry tier or the
@@ -23,7 +26,7 @@ use std::time::{Duration, Instant};
 use lapin::options::{BasicAckOptions, BasicNackOptions};
 use tokio::sync::watch;
 
-use super::publish::{publish_confirmed, record_published};
+use super::publish::{Returns, publish_confirmed, record_published};
 use super::{Inner, Names, amqp, lock, session};
 use crate::bus::{
     BusError, Delivered, Delivery, FailureInfo, OnSettled, Outgoing, Settle, Settled, Settlement,
@@ -114,7 +117,8 @@ impl RabbitSettle {
     async fn copy(&self, copy: Outgoing) -> Result<(), String> {
         let deadline = Instant::now() + self.inner.settings.timeout;
         let (exchange, key) = (copy.exchange.clone(), copy.routing_key.clone());
-        let routed = publish_confirmed(&self.inner, std::slice::from_ref(&copy), deadline)
+        let one = std::slice::from_ref(&copy);
+        let routed = publish_confirmed(&self.inner, one, deadline, Returns::Decide)
             .await
             .map_err(|e| e.to_string())?;
         if routed.first() == Some(&true) {
@@ -136,7 +140,17 @@ impl RabbitSettle {
         let limit = self.inner.header_limit();
         match settlement {
             Settlement::Handled { outputs, timeout } => {
-                if let Err(error) = self.publish_outputs(outputs, timeout).await {
+                let published = self.publish_outputs(outputs, timeout).await;
+                if let Err(BusError::Unavailable(why)) = published {
+                    // Not confirmed in time (an alarm, a lost connection): the
+                    // broker is the trouble, not the event. A retry copy would
+                    // wait just the same and arrive beside the outputs later:
+                    // the input goes back, its attempts untouched.
+                    return self
+                        .give_back(format!("outputs not confirmed: {why}"), then)
+                        .await;
+                }
+                if let Err(error) = published {
                     let delivery = Box::new(Delivery {
                         delivered,
                         settle: self,
@@ -240,7 +254,11 @@ impl RabbitSettle {
             }
         }
         let deadline = Instant::now() + timeout.min(inner.settings.timeout);
-        let routed = publish_confirmed(inner, &outputs, deadline).await?;
+        let returns = match inner.settings.unroutable {
+            Unroutable::DeadLetter => Returns::Decide,
+            Unroutable::Drop => Returns::Count,
+        };
+        let routed = publish_confirmed(inner, &outputs, deadline, returns).await?;
         match (
             record_published(inner, outputs, &routed),
             inner.settings.unroutable,
