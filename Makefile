@@ -86,7 +86,9 @@ bench: plugins guests
 	$(CARGO) run --release -p switchboard-bench
 
 ## bench-broker: raw lapin vs Node.js amqplib vs Switchboard on the local RabbitMQ
-## (needs rabbitmqctl and Node.js; ARGS="--events 5000 --rounds 1" for a quick run)
+## (needs rabbitmqctl and Node.js; ARGS="--events 5000 --rounds 1" for a quick run;
+## ARGS="--consumers baseline,switchboard --baseline <older switchboard binary>"
+## measures a change before and after in one run)
 bench-broker: plugins guests
 	$(CARGO) build --release -p switchboard -p switchboard-bench
 	./target/release/switchboard-bench broker $(ARGS)
