@@ -15,7 +15,7 @@
 //!
 //! # Layout
 //!
-//! - [`plan`](self::plan): what a configuration asks of the bus, the
+//! - [`plan`]: what a configuration asks of the bus, the
 //!   dispatcher and the runtime.
 //! - `slots`: one per configured plugin: loading (outside the lock), workers,
 //!   retiring.

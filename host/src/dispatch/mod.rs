@@ -7,14 +7,20 @@
 //! 1. decode the message into an event — undecodable → dead-letter now;
 //! 2. loop guard: an event that has passed through `max_hops` plugins →
 //!    dead-letter (`loop`);
-//! 3. dedupe: an event id handled within the plugin's window → ack, skip;
+//! 3. dedupe: an event id handled within the plugin's window → ack, skip; one
+//!    still in flight → wait for it (retry on the same attempt);
 //! 4. run the plugin (on this worker thread);
-//! 5. success → publish every output, all or nothing, confirmed → ack. Outputs go
-//!    to the exchange they name, else the plugin's output exchange, else back to
-//!    the exchange the event came from;
-//! 6. failure → retry after a backoff while attempts remain and the failure is
-//!    transient, else dead-letter with kind, reason, attempts, plugin version and
-//!    first-failure time.
+//! 5. success → hand the bus the outputs ([`Settlement::Handled`]): it publishes
+//!    them, all or nothing, and acks once they are confirmed. Outputs go to the
+//!    exchange they name, else the plugin's output exchange, else back to the
+//!    exchange the event came from;
+//! 6. failure (the plugin's, or outputs the bus refused) → retry after a backoff
+//!    while attempts remain and the failure is transient, else dead-letter with
+//!    kind, reason, attempts, plugin version and first-failure time.
+//!
+//! Every delivery is settled once, through the bus, and counted once, when the
+//! bus reports what became of it ([`Settled`]): the worker does not wait for a
+//! broker and takes the next delivery meanwhile.
 //!
 //! A plugin whose events keep breaking its sandbox is paused ([`cooldown`]):
 //! its workers take nothing until a probe event shows it works again.
@@ -64,8 +70,8 @@ pub struct DispatchSettings {
     pub output_exchange: Option<String>,
     /// Drop events whose id was handled within this window.
     pub dedupe: Option<Duration>,
-    /// How long publishing outputs may wait for room or confirms before the
-    /// input is retried instead.
+    /// How long publishing outputs may wait for room (embedded bus) or
+    /// confirms (RabbitMQ, at most `[broker] timeout`).
     pub publish_timeout: Duration,
     /// When to pause a plugin whose events keep breaking its sandbox.
     pub cooldown: Cooldown,

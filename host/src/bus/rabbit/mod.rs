@@ -2,17 +2,19 @@
 //!
 //! One event's path through it, file by file:
 //!
-//! - [`session`]: the one connection per process, its supervisor (reconnect
-//!   with backoff, declare again), and waiting for a session.
-//! - [`topology`]: exchanges, one queue per plugin, retry tiers and a
+//! - `session`: the two connections per process (consuming, publishing),
+//!   their supervisor (reconnect with backoff, declare again), and waiting for
+//!   a session.
+//! - `topology`: exchanges, one queue per plugin, retry tiers and a
 //!   dead-letter queue per plugin, declared idempotently from the
 //!   configuration; only what the configuration no longer names is unbound.
-//! - [`consume`]: one consumer per plugin feeding its worker threads.
-//! - [`settle`]: the one path by which a delivery ends (outputs, retry or dead
+//! - `consume`: one consumer per plugin feeding its worker threads.
+//! - `settle`: the one path by which a delivery ends (outputs, retry or dead
 //!   letter; ack only after every copy is confirmed; never held on failure).
-//! - [`publish`]: persistent, mandatory, confirmed publishing, one batch per
-//!   channel at a time so that returns are credited to the right message.
-//! - [`amqp`]: messages and headers between AMQP and the bus.
+//! - `publish`: persistent, mandatory, confirmed publishing; where a return
+//!   decides something, one batch per channel at a time so that it is credited
+//!   to the right message.
+//! - `amqp`: messages and headers between AMQP and the bus.
 //!
 //! **Replicas** are competing consumers on the same queues; an `ordered`
 //! plugin's queue has a single active consumer across all of them.
