@@ -31,13 +31,13 @@ fn message(i: usize, kind: &str, data: &serde_json::Value) -> Outgoing {
     }
 }
 
-/// Publishes `n` events of `kind` in batches of 64 as fast as the bus takes
+/// Publishes `n` events (`event(i)`) in batches of 64 as fast as the bus takes
 /// them, with `plugins` (name, component, pattern) consuming; events/s until
-/// every queue is idle.
+/// every queue is idle (every event settled: outputs published, kv writes
+/// durable).
 fn throughput(
     plugins: &[(&str, &str, &str)],
-    kind: &str,
-    data: &serde_json::Value,
+    event: &dyn Fn(usize) -> Outgoing,
     n: usize,
     concurrency: usize,
 ) -> anyhow::Result<f64> {
@@ -87,7 +87,7 @@ fn throughput(
             metrics,
         )?);
     }
-    let messages: Vec<Outgoing> = (0..n).map(|i| message(i, kind, data)).collect();
+    let messages: Vec<Outgoing> = (0..n).map(event).collect();
     let start = Instant::now();
     for chunk in messages.chunks(64) {
         loop {
@@ -121,14 +121,35 @@ fn throughput(
 /// A plugin to run: (name, component, route pattern).
 type PluginRow<'a> = (&'a str, &'a str, &'a str);
 
-/// A throughput row: (label, plugins, event kind, event data, events).
+/// A throughput row: (label, plugins, the events, how many).
 type Row<'a> = (
     &'a str,
     &'a [PluginRow<'a>],
-    &'a str,
-    serde_json::Value,
+    Box<dyn Fn(usize) -> Outgoing>,
     usize,
 );
+
+/// Bills published in billing's row, then one payment each.
+const BILLS: usize = 20_000;
+
+/// Bill `i` (`i < BILLS`), then the payment of bill `i - BILLS`.
+fn bill_then_payment(i: usize) -> Outgoing {
+    let bill = format!("bill-{}", i % BILLS);
+    if i < BILLS {
+        message(
+            i,
+            "bill.created",
+            &json!({"bill_id": bill, "amount": 10, "currency": "EUR",
+                    "customer": {"email": "a@b.c"}}),
+        )
+    } else {
+        message(
+            i,
+            "payment.success",
+            &json!({"bill_id": bill, "payment_id": format!("pay-{i}"), "amount": 10}),
+        )
+    }
+}
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -181,32 +202,42 @@ pub(crate) fn run() -> anyhow::Result<()> {
     println!("| workload | events | events/s |");
     println!("|---|---:|---:|");
     let noop = [("noop", "noop_guest", "#")];
-    let rows: [Row<'_>; 3] = [
+    let rows: [Row<'_>; 4] = [
         (
             "no-op plugin, 2 workers",
             &noop,
-            "order.created",
-            json!({"order_id": 1}),
+            Box::new(|i| message(i, "order.created", &json!({"order_id": 1}))),
             200_000,
         ),
         (
             "notification (templates, 2 outputs per event), 2 workers",
             &[("notification", "notification", "payment.*")],
-            "payment.success",
-            json!({"amount": 10, "currency": "EUR", "customer": {"email": "a@b.c", "phone": "+331"}}),
+            Box::new(|i| {
+                message(
+                    i,
+                    "payment.success",
+                    &json!({"amount": 10, "currency": "EUR",
+                            "customer": {"email": "a@b.c", "phone": "+331"}}),
+                )
+            }),
             50_000,
         ),
         (
-            "analytics (4 durable kv writes per event), 2 workers",
+            "analytics (claim, 3 counters, record: 5 kv calls, 4 writes), 2 workers",
             &[("analytics", "analytics", "#")],
-            "order.created",
-            json!({"order_id": 1}),
-            2_000,
+            Box::new(|i| message(i, "order.created", &json!({"order_id": 1}))),
+            50_000,
+        ),
+        (
+            "billing: 20,000 bills, then their payments (bill.paid comes back to it), 2 workers",
+            &[("billing", "billing", "#")],
+            Box::new(bill_then_payment),
+            2 * BILLS,
         ),
     ];
-    for (label, plugins, kind, data, n) in rows {
+    for (label, plugins, event, n) in rows {
         let runs: anyhow::Result<Vec<f64>> = (0..3)
-            .map(|_| throughput(plugins, kind, &data, n, 2))
+            .map(|_| throughput(plugins, &*event, n, 2))
             .collect();
         println!("| {label} | {n} | {:.0} |", median(runs?));
     }

@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
 use serde_json::{Value, json};
+use switchboard::kv::{EmbeddedStore, KvStore};
 use switchboard_tests::account::{Ledger, report};
 use switchboard_tests::broker::require_broker;
 use switchboard_tests::broker::{Amqp, Received, SinkLife, TestVhost, ThrowawayNode};
@@ -898,6 +899,29 @@ fn why_unpaid(log: &str, unpaid: &[String]) -> BTreeMap<&'static str, Vec<String
     why
 }
 
+/// The bills `bill-0` … `bill-<bills - 1>` no `bill.paid` output paid, and
+/// those paid under more than one output id (with how many).
+fn bills_paid(collected: &Collected, bills: usize) -> (Vec<String>, Vec<(String, usize)>) {
+    let mut outputs_per_bill: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for m in &collected.outputs {
+        let bill = m.json()["data"]["bill_id"].as_str().unwrap().to_string();
+        outputs_per_bill
+            .entry(bill)
+            .or_default()
+            .insert(m.message_id.clone().unwrap());
+    }
+    let unpaid = (0..bills)
+        .map(|n| format!("bill-{n}"))
+        .filter(|b| !outputs_per_bill.contains_key(b))
+        .collect();
+    let paid_twice = outputs_per_bill
+        .into_iter()
+        .filter(|(_, ids)| ids.len() > 1)
+        .map(|(b, ids)| (b, ids.len()))
+        .collect();
+    (unpaid, paid_twice)
+}
+
 /// Kills of the router while it works through the payments.
 const KILLS: usize = 3;
 
@@ -956,24 +980,7 @@ fn idless_payments_with_kill_9_pay_every_bill_exactly_once() {
         billing_letter,
     );
 
-    // Each bill: exactly one distinct bill.paid output id.
-    let mut outputs_per_bill: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-    for m in &collected.outputs {
-        let bill = m.json()["data"]["bill_id"].as_str().unwrap().to_string();
-        outputs_per_bill
-            .entry(bill)
-            .or_default()
-            .insert(m.message_id.clone().unwrap());
-    }
-    let unpaid: Vec<String> = (0..BILLS)
-        .map(|n| format!("bill-{n}"))
-        .filter(|b| !outputs_per_bill.contains_key(b))
-        .collect();
-    let paid_twice: Vec<(&String, usize)> = outputs_per_bill
-        .iter()
-        .filter(|(_, ids)| ids.len() > 1)
-        .map(|(b, ids)| (b, ids.len()))
-        .collect();
+    let (unpaid, paid_twice) = bills_paid(&collected, BILLS);
     let bill_letters = collected
         .letters
         .iter()
@@ -1006,4 +1013,104 @@ fn idless_payments_with_kill_9_pay_every_bill_exactly_once() {
     counters.add(&replica, "billing");
     assert_eq!(counters.dead_lettered, 0, "{counters}");
     assert_eq!(counters.settle_errors, 0, "{counters}");
+}
+
+// --- Group commit: what is acked is durable -----------------------------------------
+
+/// Bills recorded while the router is killed.
+const RECORDED_BILLS: usize = 4000;
+
+/// Bills billing records in one run before it is killed.
+const BILLS_PER_RUN: u64 = 400;
+
+/// Billing's kv writes share fsyncs (group commit), and a `bill.created` (no
+/// output) is acked only once the commit holding its bill is durable. The router
+/// is killed while it records bills; then every bill is paid. A bill acked
+/// before its write was durable would vanish with the crash: its payment would
+/// find no bill, be retried until its attempts run out, and be dead-lettered.
+#[test]
+fn kill_9_while_bills_are_recorded_loses_no_acknowledged_bill() {
+    let _one_at_a_time = crate::serial();
+    if !require_broker() {
+        return;
+    }
+    let started = Instant::now();
+    let vhost = TestVhost::new("acked-bills");
+    let mut replica = Replica::start(
+        &billing_config(&vhost.url()),
+        &[("billing.wasm", "billing")],
+    );
+    let amqp = Amqp::connect(&vhost.url()).unwrap();
+    amqp.declare_sink(Some(OBSERVED), SinkLife::Durable, OUT, "#");
+    let recorder = Service::start(&vhost.url(), |i| {
+        (i < RECORDED_BILLS).then(|| bill_created(i))
+    });
+    let mut killed_after = Vec::new();
+    for _ in 0..KILLS {
+        wait_until("billing to record more bills", Duration::from_secs(120), || {
+            counter(&replica.dispatch("billing"), "handled") >= BILLS_PER_RUN
+        });
+        killed_after.push(counter(&replica.dispatch("billing"), "handled"));
+        replica.kill();
+        replica.restart();
+    }
+    let bills = recorder.wait_done();
+    assert_eq!(bills.confirmed.len(), RECORDED_BILLS, "every bill was confirmed");
+    wait_until("the bills to be recorded", Duration::from_secs(120), || {
+        depth(&amqp, "switchboard.billing") == 0
+    });
+
+    let payer = Service::start(&vhost.url(), |i| {
+        (i < RECORDED_BILLS).then(|| payment_success(i))
+    });
+    let payments = payer.wait_done();
+    let mut ledger = ledger_of(&payments);
+    let collected = collect(
+        &mut ledger,
+        &amqp,
+        "switchboard.billing",
+        "switchboard.billing.dlq",
+        paid_by,
+        billing_letter,
+    );
+    let (unpaid, paid_twice) = bills_paid(&collected, RECORDED_BILLS);
+    let account = ledger.account();
+    replica.stop();
+
+    // The store itself: every bill is there, paid.
+    let store = EmbeddedStore::open(&replica.dir().join("state/kv.redb")).unwrap();
+    let not_paid_in_store: Vec<String> = (0..RECORDED_BILLS)
+        .map(|n| format!("bill-{n}"))
+        .filter(|bill| {
+            let stored = store.get("billing", &format!("bill:{bill}")).unwrap();
+            stored.is_none_or(|raw| {
+                serde_json::from_slice::<Value>(&raw).unwrap()["status"] != "paid"
+            })
+        })
+        .collect();
+    report(
+        "bills recorded through kill -9, then paid",
+        &account,
+        &format!(
+            "killed after {killed_after:?} bills recorded in each run; {} bills unpaid, {} paid \
+             under two output ids, {} not paid in the store; {} s",
+            unpaid.len(),
+            paid_twice.len(),
+            not_paid_in_store.len(),
+            started.elapsed().as_secs()
+        ),
+    );
+    assert!(
+        unpaid.is_empty(),
+        "{} bills unpaid (their bill.created was acked, its write lost?): first {:?}",
+        unpaid.len(),
+        &unpaid[..unpaid.len().min(10)]
+    );
+    assert!(paid_twice.is_empty(), "bills paid twice: {paid_twice:?}");
+    assert!(
+        not_paid_in_store.is_empty(),
+        "bills not paid in the store: first {:?}",
+        &not_paid_in_store[..not_paid_in_store.len().min(10)]
+    );
+    account.assert_complete(0);
 }

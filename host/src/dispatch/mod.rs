@@ -347,6 +347,44 @@ impl Shared {
         }
     }
 
+    /// Runs `settle` once the kv writes the plugin made or read for this event
+    /// (up to `mark`) are durable, so that nothing it did is published or acked
+    /// before a crash could take it back. Events handled meanwhile share the
+    /// commit; the worker takes the next event at once. A commit that fails
+    /// fails the event as `kv_unavailable` (retried).
+    fn once_durable(
+        self: &Arc<Self>,
+        mark: u64,
+        delivery: Delivery,
+        plugin: Arc<Plugin>,
+        settings: Arc<DispatchSettings>,
+        event: Concerning,
+        settle: impl FnOnce(&Arc<Self>, Delivery, Arc<Plugin>, Arc<DispatchSettings>, Concerning)
+        + Send
+        + 'static,
+    ) {
+        if mark == 0 {
+            settle(self, delivery, plugin, settings, event);
+            return;
+        }
+        let shared = self.clone();
+        let waiting_on = plugin.clone();
+        waiting_on.when_durable(
+            mark,
+            Box::new(move |durable| match durable {
+                Ok(()) => settle(&shared, delivery, plugin, settings, event),
+                Err(e) => {
+                    let failed = Failed {
+                        kind: Failure::KvUnavailable(String::new()).kind().into(),
+                        reason: format!("the event's state could not be committed: {e}"),
+                        retryable: true,
+                    };
+                    shared.fail(delivery, &plugin, &settings, event, failed);
+                }
+            }),
+        );
+    }
+
     /// Hands the outputs to the bus, which publishes them and then acks the
     /// input. Counted once the bus says it is done; outputs it could not
     /// publish fail the event (retry with backoff, or dead letter).
@@ -581,7 +619,7 @@ impl Shared {
         }
 
         let started = std::time::Instant::now();
-        let handled = plugin.handle(&event);
+        let (handled, mark) = plugin.handle_marked(&event);
         self.metrics
             .handler_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -593,7 +631,16 @@ impl Shared {
                     reason: failure.reason().into(),
                     retryable: failure.is_retryable(),
                 };
-                self.fail(delivery, &plugin, &settings, concerning, failed);
+                self.once_durable(
+                    mark,
+                    delivery,
+                    plugin,
+                    settings,
+                    concerning,
+                    |shared, d, p, s, c| {
+                        shared.fail(d, &p, &s, c, failed);
+                    },
+                );
                 return match failure.kind() {
                     "timeout" => Outcome::TimedOut,
                     kind if cooldown::breaks_the_sandbox(kind) => Outcome::Broken,
@@ -622,12 +669,30 @@ impl Shared {
                         Failure::InvalidOutput(String::new()).kind(),
                         e.to_string(),
                     );
-                    self.fail(delivery, &plugin, &settings, concerning, failed);
+                    self.once_durable(
+                        mark,
+                        delivery,
+                        plugin,
+                        settings,
+                        concerning,
+                        |shared, d, p, s, c| {
+                            shared.fail(d, &p, &s, c, failed);
+                        },
+                    );
                     return Outcome::Fine;
                 }
             }
         }
-        self.handled(delivery, batch, plugin, settings, concerning);
+        self.once_durable(
+            mark,
+            delivery,
+            plugin,
+            settings,
+            concerning,
+            |shared, d, p, s, c| {
+                shared.handled(d, batch, p, s, c);
+            },
+        );
         Outcome::Fine
     }
 }

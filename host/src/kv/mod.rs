@@ -29,12 +29,33 @@ pub enum KvError {
     Unavailable(String),
 }
 
+/// Told once writes are durable, or that they could not be made so.
+pub type OnDurable = Box<dyn FnOnce(Result<(), KvError>) + Send>;
+
 /// The narrow seam every backend implements (embedded file store, Redis).
 ///
 /// Calls are synchronous: they run inside a plugin call on the thread executing
 /// the guest, and must bound their own time (epoch interruption does not reach
 /// into host code).
+///
+/// A write is visible to every reader when it returns. It may become durable
+/// later (group commit): [`KvStore::written`] numbers it and
+/// [`KvStore::when_durable`] says when a commit covers that number. Stores
+/// whose writes are durable on return keep both defaults.
 pub trait KvStore: Send + Sync + 'static {
+    /// The number of the latest write this store has taken, or has let a reader
+    /// see; 0 for stores that are durable on return.
+    fn written(&self) -> u64 {
+        0
+    }
+
+    /// Runs `then` once every write numbered up to `mark` is durable (at once
+    /// if it is already), possibly on another thread.
+    fn when_durable(&self, mark: u64, then: OnDurable) {
+        let _ = mark;
+        then(Ok(()));
+    }
+
     /// The value under `key` in `namespace`, unless absent or expired.
     fn get(&self, namespace: &str, key: &str) -> Result<Option<Vec<u8>>, KvError>;
     /// Store `value`, replacing any previous value and expiry.

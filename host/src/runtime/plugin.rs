@@ -109,21 +109,47 @@ impl Plugin {
     /// (a guest's reason may quote a whole input). Whatever the guest does, the
     /// caller and every other plugin carry on.
     pub fn handle(&self, event: &Event) -> Result<Vec<Output>, Failure> {
-        self.run(event).map_err(Failure::bounded)
+        self.handle_marked(event).0
     }
 
-    fn run(&self, event: &Event) -> Result<Vec<Output>, Failure> {
+    /// [`Plugin::handle`], with the kv write number the event's outcome waits
+    /// for ([`Plugin::when_durable`]): its writes, and the writes it read.
+    pub fn handle_marked(&self, event: &Event) -> (Result<Vec<Output>, Failure>, u64) {
+        let (result, mark) = self.run(event);
+        (result.map_err(Failure::bounded), mark)
+    }
+
+    /// Runs `then` once the kv writes up to `mark` are durable (at once when
+    /// `mark` is 0 or they already are).
+    pub fn when_durable(&self, mark: u64, then: crate::kv::OnDurable) {
+        if mark == 0 {
+            then(Ok(()));
+        } else {
+            self.context.kv.store.when_durable(mark, then);
+        }
+    }
+
+    fn run(&self, event: &Event) -> (Result<Vec<Output>, Failure>, u64) {
         let mut instance = match self.take_idle() {
             Some(instance) => instance,
-            None => self.instantiate()?,
+            None => match self.instantiate() {
+                Ok(instance) => instance,
+                // Start-up code may have called the store: every write so far.
+                Err(failure) => return (Err(failure), self.context.kv.store.written()),
+            },
         };
-        let verdict = self.call(&mut instance, event)?;
+        let (verdict, mark) = self.call(&mut instance, event);
+        let verdict = match verdict {
+            Ok(verdict) => verdict,
+            Err(failure) => return (Err(failure), mark),
+        };
         self.put_back(instance);
-        match verdict {
+        let result = match verdict {
             Ok(outputs) => self.check_outputs(outputs),
             Err(Verdict::Retry(reason)) => Err(Failure::Retry(reason)),
             Err(Verdict::Reject(reason)) => Err(Failure::Reject(reason)),
-        }
+        };
+        (result, mark)
     }
 
     fn take_idle(&self) -> Option<Instance> {
@@ -160,22 +186,28 @@ impl Plugin {
         }
     }
 
-    /// Calls `handle` in `instance`; `Err` is a trap (the instance is then unusable).
+    /// Calls `handle` in `instance`; `Err` is a trap (the instance is then
+    /// unusable). Also returns the event's kv write number.
     fn call(
         &self,
         instance: &mut Instance,
         event: &Event,
-    ) -> Result<Result<Vec<Output>, Verdict>, Failure> {
+    ) -> (Result<Result<Vec<Output>, Verdict>, Failure>, u64) {
         instance.handled += 1;
         let state = instance.store.data_mut();
         state.limiter.refused = None;
         state.wasi.stderr.clear();
         state.event_id.clone_from(&event.id);
+        state.kv_mark = 0;
         instance.store.set_epoch_deadline(self.deadline_ticks);
         let result = instance.handler.call_handle(&mut instance.store, event);
         let state = instance.store.data_mut();
         state.log.finish(&self.context.name, &event.id);
-        result.map_err(|e| self.classify(&e, instance.store.data()))
+        let mark = state.kv_mark;
+        (
+            result.map_err(|e| self.classify(&e, instance.store.data())),
+            mark,
+        )
     }
 
     fn classify(&self, error: &wasmtime::Error, state: &InstanceState) -> Failure {

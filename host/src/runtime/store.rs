@@ -28,6 +28,8 @@ pub(crate) struct InstanceState {
     pub(crate) plugin: Arc<PluginContext>,
     /// The event being handled, for log lines.
     pub(crate) event_id: String,
+    /// The store's latest write number seen by this event's kv calls (0: none).
+    pub(crate) kv_mark: u64,
 }
 
 impl InstanceState {
@@ -38,6 +40,7 @@ impl InstanceState {
             log: LogState::default(),
             plugin,
             event_id: String::new(),
+            kv_mark: 0,
         }
     }
 }

@@ -62,39 +62,44 @@ fn conditional_ttl(ttl_ms: Option<u64>) -> Option<Duration> {
 }
 
 impl InstanceState {
-    fn kv(&self) -> (&dyn KvStore, &str) {
-        (&*self.plugin.kv.store, &self.plugin.name)
+    /// Runs one store call in the plugin's namespace and notes the store's
+    /// latest write number: the event's outputs wait until a commit covers
+    /// what it wrote and what it read (see `KvStore::when_durable`).
+    fn kv<T>(
+        &mut self,
+        call: impl FnOnce(&dyn KvStore, &str) -> Result<T, KvError>,
+    ) -> Result<T, KvError> {
+        let plugin = &self.plugin;
+        let result = call(&*plugin.kv.store, &plugin.name);
+        self.kv_mark = self.kv_mark.max(plugin.kv.store.written());
+        result
     }
 }
 
 impl Host for InstanceState {
     fn get(&mut self, key: String) -> Result<Option<Vec<u8>>, KvError> {
         check_key(&key)?;
-        let (store, ns) = self.kv();
-        store.get(ns, &key)
+        self.kv(|store, ns| store.get(ns, &key))
     }
 
     fn set(&mut self, key: String, value: Vec<u8>, ttl_ms: Option<u64>) -> Result<(), KvError> {
         check_key(&key)?;
         check_value(&value)?;
-        let (store, ns) = self.kv();
-        match ttl_ms {
+        self.kv(|store, ns| match ttl_ms {
             // Expiring now: what is left to store is nothing.
             Some(0) => store.delete(ns, &key).map(drop),
             ttl => store.set(ns, &key, &value, ttl.map(Duration::from_millis)),
-        }
+        })
     }
 
     fn delete(&mut self, key: String) -> Result<bool, KvError> {
         check_key(&key)?;
-        let (store, ns) = self.kv();
-        store.delete(ns, &key)
+        self.kv(|store, ns| store.delete(ns, &key))
     }
 
     fn incr(&mut self, key: String, delta: i64) -> Result<i64, KvError> {
         check_key(&key)?;
-        let (store, ns) = self.kv();
-        store.incr(ns, &key, delta)
+        self.kv(|store, ns| store.incr(ns, &key, delta))
     }
 
     fn set_if_absent(
@@ -105,8 +110,7 @@ impl Host for InstanceState {
     ) -> Result<bool, KvError> {
         check_key(&key)?;
         check_value(&value)?;
-        let (store, ns) = self.kv();
-        store.set_if_absent(ns, &key, &value, conditional_ttl(ttl_ms))
+        self.kv(|store, ns| store.set_if_absent(ns, &key, &value, conditional_ttl(ttl_ms)))
     }
 
     fn compare_and_set(
@@ -118,14 +122,15 @@ impl Host for InstanceState {
     ) -> Result<bool, KvError> {
         check_key(&key)?;
         check_value(&value)?;
-        let (store, ns) = self.kv();
-        store.compare_and_set(
-            ns,
-            &key,
-            expected.as_deref(),
-            &value,
-            conditional_ttl(ttl_ms),
-        )
+        self.kv(|store, ns| {
+            store.compare_and_set(
+                ns,
+                &key,
+                expected.as_deref(),
+                &value,
+                conditional_ttl(ttl_ms),
+            )
+        })
     }
 
     fn convert_kv_error(&mut self, err: KvError) -> wasmtime::Result<wit::KvError> {
