@@ -5,13 +5,20 @@
 //! topic exchange `bench.out` (bound to a sink queue that counts outputs), then
 //! acknowledge the input. The consumers, each a child process:
 //!
-//! - **raw lapin**: `switchboard-bench raw-passthrough`, the plain way: consume →
+//! - **pipelined lapin** (the headline baseline): `switchboard-bench
+//!   pipelined-consumer`, a consumer as one writes it by hand with lapin: for
+//!   each delivery, parse the JSON, build one small event, publish it and move
+//!   on; a task per delivery awaits its confirm and then acks (so up to
+//!   `prefetch` events are in flight, their confirms pipelined).
+//! - **raw lapin, one at a time**: `switchboard-bench raw-passthrough`: consume →
 //!   publish → await the confirm → ack, one message at a time; the floor.
 //! - **Node.js amqplib**: `bench/node/consumer.js`, as services commonly write one
 //!   (confirm channel, `JSON.parse`, a handler, publish with a confirm callback that
 //!   acks).
-//! - **Switchboard**: `switchboard run` with the scripted guest as plugin
-//!   `passthrough` (its `emit` script returns one small output per event).
+//! - **Switchboard**: `switchboard run` with the shipped `notification` plugin
+//!   (one `notification.email` per `order.created`), or with `--plugin
+//!   passthrough` the scripted guest (its `emit` script returns one small output
+//!   per event).
 //! - **baseline** (with `--baseline <binary>`): the same with another
 //!   `switchboard` binary, an earlier build, so that a change is measured
 //!   before and after in one run.
@@ -51,7 +58,8 @@ const INPUT_EXCHANGE: &str = "bench.in";
 const OUTPUT_EXCHANGE: &str = "bench.out";
 /// The input queue of the raw and Node consumers (Switchboard declares its own).
 const INPUT_QUEUE: &str = "bench.input";
-const SWITCHBOARD_QUEUE: &str = "switchboard.passthrough";
+/// Switchboard's input queue: `switchboard.<plugin>`.
+const SWITCHBOARD_PREFIX: &str = "switchboard";
 const SINK_QUEUE: &str = "bench.sink";
 /// Publishes in flight (unconfirmed) while preloading.
 const PRELOAD_WINDOW: usize = 1000;
@@ -70,8 +78,15 @@ pub struct BrokerArgs {
     #[arg(long, value_delimiter = ',', default_value = "quorum,classic")]
     queue_types: Vec<QueueType>,
     /// Consumers to measure.
-    #[arg(long, value_delimiter = ',', default_value = "raw,node,switchboard")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "pipelined,switchboard,node,raw"
+    )]
     consumers: Vec<Consumer>,
+    /// The plugin Switchboard runs.
+    #[arg(long, default_value = "notification")]
+    plugin: BenchPlugin,
     /// Prefetch of every consumer.
     #[arg(long, default_value_t = 100)]
     prefetch: u16,
@@ -117,8 +132,42 @@ impl QueueType {
     }
 }
 
+/// What Switchboard runs, and what the seed events are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchPlugin {
+    /// The shipped notification plugin; seed events are `order.created`.
+    Notification,
+    /// The scripted test guest; seed events are `emit` (one small output).
+    Passthrough,
+}
+
+impl BenchPlugin {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Notification => "notification",
+            Self::Passthrough => "passthrough",
+        }
+    }
+
+    fn wasm(self) -> anyhow::Result<PathBuf> {
+        match self {
+            Self::Notification => wasm("notification"),
+            Self::Passthrough => wasm("scripted_guest"),
+        }
+    }
+
+    /// The seed events' type.
+    fn kind(self) -> &'static str {
+        match self {
+            Self::Notification => "order.created",
+            Self::Passthrough => "emit",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Consumer {
+    Pipelined,
     Raw,
     Node,
     Switchboard,
@@ -128,6 +177,7 @@ pub enum Consumer {
 impl fmt::Display for Consumer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
+            Self::Pipelined => "pipelined",
             Self::Raw => "raw",
             Self::Node => "node",
             Self::Switchboard => "switchboard",
@@ -188,11 +238,11 @@ pub fn run(args: BrokerArgs) -> anyhow::Result<()> {
     }
     if bench.args.consumers.contains(&Consumer::Switchboard) {
         bench.switchboard_binary()?;
-        wasm("scripted_guest")?;
+        bench.args.plugin.wasm()?;
     }
     if bench.args.consumers.contains(&Consumer::Baseline) {
         bench.baseline_binary()?;
-        wasm("scripted_guest")?;
+        bench.args.plugin.wasm()?;
     }
 
     for &queue_type in &bench.args.queue_types {
@@ -245,15 +295,17 @@ impl Bench {
 
         let switchboard = match consumer {
             Consumer::Switchboard | Consumer::Baseline => {
-                let setup = SwitchboardDir::new(&url, queue_type, self.args.prefetch)?;
+                let setup =
+                    SwitchboardDir::new(&url, queue_type, self.args.prefetch, self.args.plugin)?;
                 setup.declare_topology(self)?;
                 Some(setup)
             }
-            Consumer::Raw | Consumer::Node => None,
+            Consumer::Pipelined | Consumer::Raw | Consumer::Node => None,
         };
+        let switchboard_queue = format!("{SWITCHBOARD_PREFIX}.{}", self.args.plugin.name());
         let input = match consumer {
-            Consumer::Switchboard | Consumer::Baseline => SWITCHBOARD_QUEUE,
-            Consumer::Raw | Consumer::Node => INPUT_QUEUE,
+            Consumer::Switchboard | Consumer::Baseline => switchboard_queue.as_str(),
+            Consumer::Pipelined | Consumer::Raw | Consumer::Node => INPUT_QUEUE,
         };
         let connection = self.runtime.block_on(async {
             let connection = Connection::connect(&url, ConnectionProperties::default()).await?;
@@ -266,7 +318,7 @@ impl Bench {
             }
             declare_queue(&channel, SINK_QUEUE, queue_type).await?;
             bind(&channel, SINK_QUEUE, OUTPUT_EXCHANGE).await?;
-            preload(&channel, n).await?;
+            preload(&channel, n, self.args.plugin.kind()).await?;
             anyhow::Ok(connection)
         })?;
         let depth = self.depth(&connection, input)?;
@@ -278,7 +330,8 @@ impl Bench {
 
         let started = Instant::now();
         let mut child = match consumer {
-            Consumer::Raw => self.start_raw(&url)?,
+            Consumer::Pipelined => self.start_lapin("pipelined-consumer", &url)?,
+            Consumer::Raw => self.start_lapin("raw-passthrough", &url)?,
             Consumer::Node => self.start_node(&url)?,
             Consumer::Switchboard | Consumer::Baseline => {
                 let binary = if consumer == Consumer::Baseline {
@@ -395,13 +448,14 @@ impl Bench {
         Ok((field(11)? + field(12)?) / self.ticks_per_second)
     }
 
-    fn start_raw(&self, url: &str) -> anyhow::Result<Child> {
+    /// One of this program's own lapin consumers, as a child.
+    fn start_lapin(&self, subcommand: &str, url: &str) -> anyhow::Result<Child> {
         Command::new(std::env::current_exe()?)
-            .args(["raw-passthrough", "--url", url, "--queue", INPUT_QUEUE])
+            .args([subcommand, "--url", url, "--queue", INPUT_QUEUE])
             .args(["--prefetch", &self.args.prefetch.to_string()])
             .stdout(Stdio::null())
             .spawn()
-            .context("starting the raw lapin consumer")
+            .with_context(|| format!("starting `switchboard-bench {subcommand}`"))
     }
 
     fn start_node(&self, url: &str) -> anyhow::Result<Child> {
@@ -468,22 +522,26 @@ impl Bench {
             self.args.rounds
         );
         println!(
-            "| consumer | events/s | vs raw lapin | consumer CPU µs/event | broker CPU µs/event |"
+            "| consumer | events/s | vs pipelined lapin | consumer CPU µs/event | broker CPU µs/event |"
         );
         println!("|---|---:|---:|---:|---:|");
         let median_of = |v: &[Sample], f: fn(&Sample) -> f64| median(v.iter().map(f).collect());
-        let raw_rate = samples
+        let baseline_rate = samples
             .iter()
-            .find(|(c, v)| *c == Consumer::Raw && !v.is_empty())
+            .find(|(c, v)| *c == Consumer::Pipelined && !v.is_empty())
             .map(|(_, v)| median_of(v, Sample::rate));
+        let plugin = self.args.plugin.name();
         for (consumer, runs) in samples {
             let label = match consumer {
+                Consumer::Pipelined => format!(
+                    "hand-written lapin, confirms pipelined, ack after confirm (prefetch {prefetch})"
+                ),
                 Consumer::Raw => format!("raw lapin, one at a time (prefetch {prefetch})"),
                 Consumer::Node => {
                     format!("Node.js amqplib, confirm callback (prefetch {prefetch})")
                 }
                 Consumer::Switchboard => {
-                    format!("Switchboard, passthrough plugin (concurrency 2, prefetch {prefetch})")
+                    format!("Switchboard, {plugin} plugin (concurrency 2, prefetch {prefetch})")
                 }
                 Consumer::Baseline => format!(
                     "Switchboard baseline build, same plugin and settings (prefetch {prefetch})"
@@ -495,7 +553,7 @@ impl Bench {
                 continue;
             }
             let rate = median_of(runs, Sample::rate);
-            let ratio = raw_rate.map_or("–".to_string(), |raw| format!("{:.2}×", rate / raw));
+            let ratio = baseline_rate.map_or("–".to_string(), |base| format!("{:.2}×", rate / base));
             println!(
                 "| {label} | {rate:.0} | {ratio} | {:.1} | {:.1} |",
                 median_of(runs, Sample::consumer_us),
@@ -635,16 +693,17 @@ async fn bind(channel: &lapin::Channel, queue: &str, exchange: &str) -> lapin::R
         .await
 }
 
-/// A seed envelope of about 400 bytes. Its type, `emit`, is the script the
-/// scripted guest runs; the data has no `count`, so it emits one output.
-fn seed_event(i: usize) -> Vec<u8> {
+/// A seed envelope of about 400 bytes, of type `kind`: `order.created` gives
+/// one `notification.email` (the customer has an email and no phone); `emit`
+/// is the script the scripted guest runs (no `count`: one output).
+fn seed_event(i: usize, kind: &str) -> Vec<u8> {
     serde_json::json!({
-        "id": format!("evt-{i:08}"), "type": "emit", "source": "checkout-api",
+        "id": format!("evt-{i:08}"), "type": kind, "source": "checkout-api",
         "timestamp": "2026-11-22T10:00:00.000Z", "tenant_id": "acme",
         "correlation_id": format!("order-{i:08}"),
         "data": {
             "order_id": format!("O-{i:08}"), "amount": 129.9, "currency": "EUR",
-            "customer": {"name": "Ann Lee", "email": "ann@example.com", "phone": "+33612345678"},
+            "customer": {"name": "Ann Lee", "email": "ann@example.com"},
             "items": [{"sku": "SKU-1001", "qty": 1, "price": 99.9},
                       {"sku": "SKU-2002", "qty": 2, "price": 15.0}],
             "shipping": {"method": "standard", "city": "Lyon", "country": "FR"}
@@ -656,7 +715,7 @@ fn seed_event(i: usize) -> Vec<u8> {
 
 /// Publishes `n` persistent seed events to the input exchange, up to
 /// `PRELOAD_WINDOW` unconfirmed at a time; fails on any nack or unroutable one.
-async fn preload(channel: &lapin::Channel, n: usize) -> anyhow::Result<()> {
+async fn preload(channel: &lapin::Channel, n: usize, kind: &str) -> anyhow::Result<()> {
     channel
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
@@ -674,12 +733,12 @@ async fn preload(channel: &lapin::Channel, n: usize) -> anyhow::Result<()> {
         let confirm = channel
             .basic_publish(
                 INPUT_EXCHANGE.into(),
-                "emit".into(),
+                kind.into(),
                 BasicPublishOptions {
                     mandatory: true,
                     ..BasicPublishOptions::default()
                 },
-                &seed_event(i),
+                &seed_event(i, kind),
                 properties,
             )
             .await?;
@@ -703,19 +762,25 @@ async fn check_confirm(confirm: lapin::PublisherConfirm) -> anyhow::Result<()> {
 
 // --- Switchboard ----------------------------------------------------------------------
 
-/// A folder with `router.toml`, the passthrough plugin and Switchboard's state.
+/// A folder with `router.toml`, the plugin and Switchboard's state.
 struct SwitchboardDir {
     dir: tempfile::TempDir,
     listen: String,
 }
 
 impl SwitchboardDir {
-    fn new(url: &str, queue_type: QueueType, prefetch: u16) -> anyhow::Result<Self> {
+    fn new(
+        url: &str,
+        queue_type: QueueType,
+        prefetch: u16,
+        plugin: BenchPlugin,
+    ) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let plugins = dir.path().join("plugins");
         std::fs::create_dir_all(&plugins)?;
-        // `[plugins.passthrough]` loads `passthrough.wasm` from the plugins folder.
-        std::fs::copy(wasm("scripted_guest")?, plugins.join("passthrough.wasm"))?;
+        // `[plugins.<name>]` loads `<name>.wasm` from the plugins folder.
+        let name = plugin.name();
+        std::fs::copy(plugin.wasm()?, plugins.join(format!("{name}.wasm")))?;
         let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
             .local_addr()?
             .port();
@@ -740,7 +805,7 @@ kind = "topic"
 name = "{OUTPUT_EXCHANGE}"
 kind = "topic"
 
-[plugins.passthrough]
+[plugins.{name}]
 output_exchange = "{OUTPUT_EXCHANGE}"
 concurrency = 2
 prefetch = {prefetch}
@@ -748,7 +813,7 @@ prefetch = {prefetch}
 [[routes]]
 exchange = "{INPUT_EXCHANGE}"
 pattern = "#"
-plugin = "passthrough"
+plugin = "{name}"
 "##,
             plugins = plugins.display(),
             state = dir.path().join("state").display(),
@@ -909,6 +974,75 @@ pub fn raw_passthrough(args: RawArgs) -> anyhow::Result<()> {
                 bail!("the broker refused an output");
             }
             delivery.ack(BasicAckOptions::default()).await?;
+        }
+        bail!("the broker cancelled the consumer")
+    })
+}
+
+// --- The pipelined lapin consumer ----------------------------------------------------
+
+/// The "business logic" of the hand-written consumers: one small event out per
+/// event in (as `bench/node/consumer.js` does).
+fn handle(input: &[u8]) -> anyhow::Result<Vec<u8>> {
+    let event: serde_json::Value = serde_json::from_slice(input)?;
+    let id = event["id"].as_str().unwrap_or_default();
+    Ok(serde_json::json!({
+        "id": format!("{id}:0"), "type": "emitted.0", "source": "pipelined",
+        "causation_id": id,
+        "correlation_id": event["correlation_id"].as_str().unwrap_or(id),
+        "tenant_id": event["tenant_id"],
+        "timestamp": "2026-11-22T10:00:00.000Z",
+        "data": {"i": 0},
+    })
+    .to_string()
+    .into_bytes())
+}
+
+/// Consume → handle → publish, and on to the next delivery; a task per
+/// delivery awaits the confirm, then acks (a nack requeues). Runs until killed.
+pub fn pipelined_consumer(args: RawArgs) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async {
+        let connection = Connection::connect(&args.url, ConnectionProperties::default()).await?;
+        let channel = connection.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        channel
+            .basic_qos(args.prefetch, BasicQosOptions::default())
+            .await?;
+        let mut deliveries = channel
+            .basic_consume(
+                args.queue.as_str().into(),
+                "pipelined".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        while let Some(delivery) = deliveries.next().await {
+            let delivery = delivery?;
+            let output = handle(&delivery.data)?;
+            let confirm = channel
+                .basic_publish(
+                    OUTPUT_EXCHANGE.into(),
+                    "emitted.0".into(),
+                    BasicPublishOptions::default(),
+                    &output,
+                    BasicProperties::default()
+                        .with_delivery_mode(2)
+                        .with_content_type("application/json".into()),
+                )
+                .await?;
+            tokio::spawn(async move {
+                match confirm.await {
+                    Ok(Confirmation::Ack(_)) => delivery.ack(BasicAckOptions::default()).await,
+                    _ => delivery.nack(lapin::options::BasicNackOptions {
+                        requeue: true,
+                        ..Default::default()
+                    })
+                    .await,
+                }
+            });
         }
         bail!("the broker cancelled the consumer")
     })

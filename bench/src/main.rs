@@ -323,6 +323,9 @@ enum Bench {
     /// The raw lapin consumer of `broker`, run as its child process.
     #[command(hide = true)]
     RawPassthrough(broker::RawArgs),
+    /// The pipelined hand-written lapin consumer of `broker`, run as its child.
+    #[command(hide = true)]
+    PipelinedConsumer(broker::RawArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -340,6 +343,7 @@ fn main() -> anyhow::Result<()> {
         Some(Bench::Embedded) => embedded::run(),
         Some(Bench::Broker(args)) => broker::run(args),
         Some(Bench::RawPassthrough(args)) => broker::raw_passthrough(args),
+        Some(Bench::PipelinedConsumer(args)) => broker::pipelined_consumer(args),
         Some(Bench::Kv(args)) => kv::run(&args),
         Some(Bench::Hostile(args)) => hostile::run_all(&args),
         Some(Bench::Languages(args)) => languages::run(&args),
