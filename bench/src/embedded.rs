@@ -15,7 +15,7 @@ use switchboard::kv::EmbeddedStore;
 use switchboard::route::{Binding, ExchangeKind};
 use switchboard::runtime::{PluginSpec, Runtime, RuntimeConfig};
 
-use crate::wasm;
+use crate::{median, wasm};
 
 fn message(i: usize, kind: &str, data: &serde_json::Value) -> Outgoing {
     let body = json!({"id": format!("e{i}"), "type": kind, "source": "bench", "tenant_id": "acme",
@@ -129,11 +129,6 @@ type Row<'a> = (
     serde_json::Value,
     usize,
 );
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
 
 /// Milliseconds from writing a new version of a plugin file to that version
 /// serving, through the watcher (debounce included) and compilation.

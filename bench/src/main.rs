@@ -24,6 +24,7 @@ mod embedded;
 mod hostile;
 mod kv;
 mod languages;
+mod process;
 
 const ROUNDS: usize = 7;
 
@@ -66,6 +67,15 @@ fn per_call(n: usize, mut f: impl FnMut(usize)) -> Duration {
         .collect();
     rounds.sort();
     rounds[ROUNDS / 2]
+}
+
+/// The median of `v` (the upper one of an even count); NaN when empty.
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
 }
 
 fn us(d: Duration) -> String {
