@@ -1,7 +1,7 @@
 //! `switchboard run` as its own process, the way a user runs it: a folder with
 //! its `router.toml`, a log file, the HTTP interface on a free port, ready when
 //! `/readyz` answers 200, stopped with SIGTERM. The benchmarks that measure the
-//! whole appliance start it through here.
+//! whole appliance (`broker`, `appliance`) start it through here.
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
@@ -132,4 +132,58 @@ pub(crate) fn log_tail(log: &Path) -> String {
     let text = std::fs::read_to_string(log).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(3)..].join(" ⏎ ")
+}
+
+/// A `switchboard run` in a folder of its own (`router.toml` there, the log
+/// beside it), started and ready; killed if dropped while running.
+pub(crate) struct Running {
+    child: Child,
+    /// `http://127.0.0.1:<port>`.
+    pub(crate) url: String,
+    log: PathBuf,
+    /// From spawning the process to `/readyz` answering 200.
+    pub(crate) ready_after: Duration,
+}
+
+impl Running {
+    /// Starts `binary` on `dir/router.toml` with a free HTTP port (through
+    /// `SWITCHBOARD_HTTP_LISTEN`) and `env`, and waits until it is ready.
+    pub(crate) fn start(binary: &Path, dir: &Path, env: &[(&str, &str)]) -> anyhow::Result<Self> {
+        let listen = free_listen()?;
+        let log = dir.join("switchboard.log");
+        let mut env = env.to_vec();
+        env.push(("SWITCHBOARD_HTTP_LISTEN", &listen));
+        let started = Instant::now();
+        let mut child = spawn(binary, &dir.join("router.toml"), &log, &env)?;
+        if let Err(e) = wait_ready(&mut child, &listen, Duration::from_secs(60)) {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("{e:#}; its log ends: {}", log_tail(&log));
+        }
+        Ok(Self {
+            ready_after: started.elapsed(),
+            child,
+            url: format!("http://{listen}"),
+            log,
+        })
+    }
+
+    /// What its log ends with, for an error message.
+    pub(crate) fn log_tail(&self) -> String {
+        log_tail(&self.log)
+    }
+
+    /// SIGTERM and a clean exit (queued events finish first).
+    pub(crate) fn stop(mut self) -> anyhow::Result<()> {
+        terminate(&mut self.child)
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
 }
