@@ -1,7 +1,7 @@
 //! Switchboard benchmarks. `cargo run --release -p switchboard-bench -- runtime`
 //! (or `make bench`) prints a Markdown table for BENCHMARKS.md; `-- broker`
 //! (`make bench-broker`) compares consumers against the real RabbitMQ;
-//! `-- appliance` runs the `switchboard` binary as a user does.
+//! `-- appliance` and `-- growth` run the `switchboard` binary as a user does.
 //!
 //! Every number is a median over rounds measured back to back in one process, so
 //! that ratios between rows are fair on a noisy machine.
@@ -23,6 +23,7 @@ use switchboard::runtime::{
 mod appliance;
 mod broker;
 mod embedded;
+mod growth;
 mod hostile;
 mod ingress;
 mod kv;
@@ -343,6 +344,9 @@ enum Bench {
     /// through its HTTP ingress: fully handled events/s, then latency from POST
     /// to the last output at half that rate.
     Appliance(appliance::ApplianceArgs),
+    /// What each plugin adds: start-up time, throughput and memory with 1 to
+    /// 30 copies of the notification plugin.
+    Growth(growth::GrowthArgs),
     /// The raw lapin consumer of `broker`, run as its child process.
     #[command(hide = true)]
     RawPassthrough(broker::RawArgs),
@@ -367,6 +371,7 @@ fn main() -> anyhow::Result<()> {
         Some(Bench::Hostile(args)) => hostile::run_all(&args),
         Some(Bench::Languages(args)) => languages::run(&args),
         Some(Bench::Appliance(args)) => appliance::run(&args),
+        Some(Bench::Growth(args)) => growth::run(&args),
         None => {
             runtime_bench()?;
             embedded::run()

@@ -1,7 +1,7 @@
 //! `switchboard run` as its own process, the way a user runs it: a folder with
 //! its `router.toml`, a log file, the HTTP interface on a free port, ready when
 //! `/readyz` answers 200, stopped with SIGTERM. The benchmarks that measure the
-//! whole appliance (`broker`, `appliance`) start it through here.
+//! whole appliance (`broker`, `appliance`, `growth`) start it through here.
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
@@ -134,6 +134,34 @@ pub(crate) fn log_tail(log: &Path) -> String {
     lines[lines.len().saturating_sub(3)..].join(" ⏎ ")
 }
 
+/// Time a process's threads have spent on a CPU and waiting for one, so far,
+/// each summed over its threads (`/proc/<pid>/task/*/schedstat`; threads that
+/// have ended are not counted). On shared cores, the waiting says how much
+/// other processes held them up.
+pub(crate) struct CpuTime {
+    pub(crate) running: Duration,
+    pub(crate) waiting: Duration,
+}
+
+impl CpuTime {
+    fn of(pid: u32) -> anyhow::Result<Self> {
+        let mut ns = [0u64; 2];
+        for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+            // A thread may end between the listing and the read.
+            let Ok(text) = std::fs::read_to_string(task?.path().join("schedstat")) else {
+                continue;
+            };
+            for (total, field) in ns.iter_mut().zip(text.split_whitespace()) {
+                *total += field.parse::<u64>()?;
+            }
+        }
+        Ok(Self {
+            running: Duration::from_nanos(ns[0]),
+            waiting: Duration::from_nanos(ns[1]),
+        })
+    }
+}
+
 /// A `switchboard run` in a folder of its own (`router.toml` there, the log
 /// beside it), started and ready; killed if dropped while running.
 pub(crate) struct Running {
@@ -143,6 +171,8 @@ pub(crate) struct Running {
     log: PathBuf,
     /// From spawning the process to `/readyz` answering 200.
     pub(crate) ready_after: Duration,
+    /// Its threads' time on and waiting for a CPU until then.
+    pub(crate) ready_cpu: CpuTime,
 }
 
 impl Running {
@@ -155,17 +185,37 @@ impl Running {
         env.push(("SWITCHBOARD_HTTP_LISTEN", &listen));
         let started = Instant::now();
         let mut child = spawn(binary, &dir.join("router.toml"), &log, &env)?;
-        if let Err(e) = wait_ready(&mut child, &listen, Duration::from_secs(60)) {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!("{e:#}; its log ends: {}", log_tail(&log));
-        }
+        let ready = wait_ready(&mut child, &listen, Duration::from_secs(60))
+            .and_then(|()| Ok((started.elapsed(), CpuTime::of(child.id())?)));
+        let (ready_after, ready_cpu) = match ready {
+            Ok(ready) => ready,
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("{e:#}; its log ends: {}", log_tail(&log));
+            }
+        };
         Ok(Self {
-            ready_after: started.elapsed(),
+            ready_after,
+            ready_cpu,
             child,
             url: format!("http://{listen}"),
             log,
         })
+    }
+
+    /// Resident memory now (`VmRSS`), in bytes.
+    pub(crate) fn rss(&self) -> anyhow::Result<u64> {
+        let pid = self.child.id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .with_context(|| format!("reading /proc/{pid}/status"))?;
+        let kib: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .context("no VmRSS in /proc/<pid>/status")?
+            .parse()?;
+        Ok(kib * 1024)
     }
 
     /// What its log ends with, for an error message.
