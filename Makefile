@@ -7,7 +7,7 @@ PLUGINS := notification billing analytics
 GUESTS  := scripted-guest noop-guest wrong-world-guest contract-0-1-0-guest tally-guest trap-guest
 OUT     := target/$(WASM)/release
 
-.PHONY: run test c-example reliability soak lint fmt plugins guests lang-plugins toolchains wasm-target bench bench-broker bench-kv bench-hostile bench-languages fuzz clean
+.PHONY: run test c-example reliability soak lint fmt plugins guests lang-plugins toolchains wasm-target bench bench-broker bench-kv bench-hostile bench-languages bench-appliance bench-growth fuzz clean
 
 ## run: build the plugins and the appliance, then run it with router.toml
 run: plugins
@@ -105,6 +105,20 @@ bench-hostile: plugins guests
 ## by side (component size, compile, cache load, per-event cost)
 bench-languages: plugins lang-plugins
 	$(CARGO) run --release -p switchboard-bench -- languages $(ARGS)
+
+## bench-appliance: `switchboard run` with the shipped router.toml and plugins,
+## loaded through its HTTP ingress: fully handled events/s, then POST → last
+## output latency at half that rate (ARGS="--bus embedded,rabbitmq" adds the
+## local RabbitMQ; ARGS="--seconds 5" for a quick run)
+bench-appliance: plugins
+	$(CARGO) build --release -p switchboard -p switchboard-bench
+	./target/release/switchboard-bench appliance $(ARGS)
+
+## bench-growth: start-up, throughput and memory of `switchboard run` with 1, 3,
+## 10 and 30 copies of the notification plugin
+bench-growth: plugins
+	$(CARGO) build --release -p switchboard -p switchboard-bench
+	./target/release/switchboard-bench growth $(ARGS)
 
 ## fuzz: each fuzz target in fuzz/ for FUZZ_SECONDS (needs nightly and cargo-fuzz;
 ## not part of test or CI). Corpora and crashes go to target/fuzz/; one target:

@@ -36,8 +36,6 @@
 
 use std::collections::VecDeque;
 use std::fmt;
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -52,7 +50,7 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Confirmation, Connection, ConnectionProperties, ExchangeKind};
 
-use crate::wasm;
+use crate::{median, process, wasm};
 
 const INPUT_EXCHANGE: &str = "bench.in";
 const OUTPUT_EXCHANGE: &str = "bench.out";
@@ -495,17 +493,7 @@ impl Bench {
     }
 
     fn switchboard_binary(&self) -> anyhow::Result<PathBuf> {
-        let path = match &self.args.switchboard {
-            Some(path) => path.clone(),
-            None => self.repo.join("target/release/switchboard"),
-        };
-        if !path.exists() {
-            bail!(
-                "{} is missing: `cargo build --release -p switchboard` first",
-                path.display()
-            );
-        }
-        Ok(path)
+        process::binary(self.args.switchboard.as_deref())
     }
 
     fn print_table(
@@ -563,25 +551,17 @@ impl Bench {
     }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 // --- Broker administration ---------------------------------------------------------
 
 static VHOSTS: AtomicUsize = AtomicUsize::new(0);
 
 /// A vhost of its own for one measurement; deleted on drop.
-struct Vhost {
-    name: String,
+pub(crate) struct Vhost {
+    pub(crate) name: String,
 }
 
 impl Vhost {
-    fn create(label: &str) -> anyhow::Result<Self> {
+    pub(crate) fn create(label: &str) -> anyhow::Result<Self> {
         let name = format!(
             "{label}-{}-{}",
             std::process::id(),
@@ -781,10 +761,7 @@ impl SwitchboardDir {
         // `[plugins.<name>]` loads `<name>.wasm` from the plugins folder.
         let name = plugin.name();
         std::fs::copy(plugin.wasm()?, plugins.join(format!("{name}.wasm")))?;
-        let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
-            .local_addr()?
-            .port();
-        let listen = format!("127.0.0.1:{port}");
+        let listen = process::free_listen()?;
         let config = format!(
             r##"plugins_dir = "{plugins}"
 state_dir = "{state}"
@@ -825,30 +802,12 @@ plugin = "{name}"
 
     /// `switchboard run` in this folder, its output appended to `switchboard.log`.
     fn start(&self, binary: &Path) -> anyhow::Result<Child> {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log_path())?;
-        let mut command = Command::new(binary);
-        command
-            .arg("run")
-            .arg("--config")
-            .arg(self.dir.path().join("router.toml"))
-            .stdout(log.try_clone()?)
-            .stderr(log);
-        // router.toml is the whole configuration: no overrides from this shell.
-        for var in [
-            "RABBITMQ_URL",
-            "RABBITMQ_HOST",
-            "RABBITMQ_PORT",
-            "RABBITMQ_USER",
-            "RABBITMQ_PASSWORD",
-            "RABBITMQ_VHOST",
-            "SWITCHBOARD_HTTP_LISTEN",
-        ] {
-            command.env_remove(var);
-        }
-        command.spawn().context("starting switchboard run")
+        process::spawn(
+            binary,
+            &self.dir.path().join("router.toml"),
+            &self.log_path(),
+            &[],
+        )
     }
 
     /// Starts Switchboard on the empty vhost so that it declares its exchanges
@@ -856,29 +815,13 @@ plugin = "{name}"
     /// 200, then stops it with SIGTERM and waits for it to exit.
     fn declare_topology(&self, bench: &Bench) -> anyhow::Result<()> {
         let mut child = self.start(&bench.switchboard_binary()?)?;
-        let ready = self.wait_ready(&mut child);
+        let ready = process::wait_ready(&mut child, &self.listen, Duration::from_secs(60));
         let stopped = match child.try_wait()? {
             Some(_) => Ok(()),
-            None => terminate(&mut child),
+            None => process::terminate(&mut child),
         };
         ready.map_err(|e| anyhow::anyhow!("{e:#}; its log ends: {}", self.log_tail()))?;
         stopped
-    }
-
-    fn wait_ready(&self, child: &mut Child) -> anyhow::Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(status) = child.try_wait()? {
-                bail!("switchboard run exited before it was ready ({status})");
-            }
-            if http_status(&self.listen, "/readyz").ok() == Some(200) {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!("/readyz did not answer 200 within 60 s");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
     }
 
     fn log_path(&self) -> PathBuf {
@@ -887,50 +830,8 @@ plugin = "{name}"
 
     /// The last lines Switchboard wrote, on one line, for an error message.
     fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(self.log_path()).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(3)..].join(" ⏎ ")
+        process::log_tail(&self.log_path())
     }
-}
-
-/// SIGTERM, then up to 30 s for a clean exit (SIGKILL after that).
-fn terminate(child: &mut Child) -> anyhow::Result<()> {
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .stderr(Stdio::null())
-        .status()?;
-    if !status.success() {
-        bail!("kill -TERM {} failed", child.id());
-    }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
-        if let Some(status) = child.try_wait()? {
-            return if status.success() {
-                Ok(())
-            } else {
-                Err(anyhow::anyhow!(
-                    "switchboard run exited with {status} on SIGTERM"
-                ))
-            };
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    child.kill()?;
-    bail!("switchboard run did not exit within 30 s of SIGTERM")
-}
-
-/// The status code of `GET path` on `addr`.
-fn http_status(addr: &str, path: &str) -> anyhow::Result<u16> {
-    let mut stream = TcpStream::connect(addr)?;
-    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut head = [0u8; 12];
-    stream.read_exact(&mut head)?;
-    // "HTTP/1.1 200"
-    Ok(std::str::from_utf8(&head[9..12])?.parse()?)
 }
 
 // --- The raw lapin consumer ----------------------------------------------------------

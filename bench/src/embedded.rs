@@ -15,7 +15,7 @@ use switchboard::kv::EmbeddedStore;
 use switchboard::route::{Binding, ExchangeKind};
 use switchboard::runtime::{PluginSpec, Runtime, RuntimeConfig};
 
-use crate::wasm;
+use crate::{median, wasm};
 
 fn message(i: usize, kind: &str, data: &serde_json::Value) -> Outgoing {
     let body = json!({"id": format!("e{i}"), "type": kind, "source": "bench", "tenant_id": "acme",
@@ -149,11 +149,6 @@ fn bill_then_payment(i: usize) -> Outgoing {
             &json!({"bill_id": bill, "payment_id": format!("pay-{i}"), "amount": 10}),
         )
     }
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 /// Milliseconds from writing a new version of a plugin file to that version

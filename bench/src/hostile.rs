@@ -15,7 +15,7 @@ use switchboard::kv::EmbeddedStore;
 use switchboard::route::{Binding, ExchangeKind};
 use switchboard::runtime::{PluginSpec, Runtime, RuntimeConfig};
 
-use crate::wasm;
+use crate::{median, wasm};
 
 #[derive(clap::Args)]
 pub(crate) struct HostileArgs {
@@ -191,11 +191,6 @@ fn run(
         w.stop();
     }
     Ok((rate, pauses))
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 pub(crate) fn run_all(args: &HostileArgs) -> anyhow::Result<()> {

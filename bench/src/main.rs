@@ -1,6 +1,7 @@
 //! Switchboard benchmarks. `cargo run --release -p switchboard-bench -- runtime`
 //! (or `make bench`) prints a Markdown table for BENCHMARKS.md; `-- broker`
-//! (`make bench-broker`) compares consumers against the real RabbitMQ.
+//! (`make bench-broker`) compares consumers against the real RabbitMQ;
+//! `-- appliance` and `-- growth` run the `switchboard` binary as a user does.
 //!
 //! Every number is a median over rounds measured back to back in one process, so
 //! that ratios between rows are fair on a noisy machine.
@@ -19,11 +20,15 @@ use switchboard::runtime::{
     CacheOutcome, Event, Limits, Plugin, PluginSpec, Runtime, RuntimeConfig,
 };
 
+mod appliance;
 mod broker;
 mod embedded;
+mod growth;
 mod hostile;
+mod ingress;
 mod kv;
 mod languages;
+mod process;
 
 const ROUNDS: usize = 7;
 
@@ -66,6 +71,21 @@ fn per_call(n: usize, mut f: impl FnMut(usize)) -> Duration {
         .collect();
     rounds.sort();
     rounds[ROUNDS / 2]
+}
+
+/// The median of `v` (the upper one of an even count); NaN when empty.
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// The `p` quantile (0 to 1) of `sorted`, nearest rank; NaN when empty.
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let rank = (p * sorted.len() as f64).ceil() as usize;
+    sorted.get(rank.max(1) - 1).copied().unwrap_or(f64::NAN)
 }
 
 fn us(d: Duration) -> String {
@@ -320,6 +340,13 @@ enum Bench {
     /// The notification plugin in Rust, Python and JavaScript: size, compile,
     /// cache load and per-event cost.
     Languages(languages::LanguagesArgs),
+    /// `switchboard run` with the shipped router.toml and plugins, loaded
+    /// through its HTTP ingress: fully handled events/s, then latency from POST
+    /// to the last output at half that rate.
+    Appliance(appliance::ApplianceArgs),
+    /// What each plugin adds: start-up time, throughput and memory with 1 to
+    /// 30 copies of the notification plugin.
+    Growth(growth::GrowthArgs),
     /// The raw lapin consumer of `broker`, run as its child process.
     #[command(hide = true)]
     RawPassthrough(broker::RawArgs),
@@ -347,6 +374,8 @@ fn main() -> anyhow::Result<()> {
         Some(Bench::Kv(args)) => kv::run(&args),
         Some(Bench::Hostile(args)) => hostile::run_all(&args),
         Some(Bench::Languages(args)) => languages::run(&args),
+        Some(Bench::Appliance(args)) => appliance::run(&args),
+        Some(Bench::Growth(args)) => growth::run(&args),
         None => {
             runtime_bench()?;
             embedded::run()
