@@ -2,16 +2,19 @@
 //! dead letters, the loop guard, backpressure and dedupe. Every event is
 //! accounted for: received = acked + dead-lettered once the bus is idle.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use switchboard::bus::embedded::EmbeddedBus;
-use switchboard::bus::{Bus, BusError, ExchangeSpec, Message, Outgoing, QueueSpec, Topology};
+use switchboard::bus::{
+    Bus, BusError, ExchangeSpec, Message, Outgoing, Published, QueueSpec, Topology,
+};
 use switchboard::dispatch::{Backoff, DispatchSettings, PluginWorkers};
+use switchboard::kv::{EmbeddedStore, KvError, KvStore, OnDurable};
 use switchboard::route::{Binding, ExchangeKind};
-use switchboard::runtime::Limits;
-use switchboard_tests::Harness;
+use switchboard::runtime::{Limits, PluginSpec};
+use switchboard_tests::{Harness, wasm};
 
 fn topology(capacity: usize, routes: &[(&str, &str)]) -> Topology {
     let mut plugins: Vec<&str> = routes.iter().map(|(_, p)| *p).collect();
@@ -449,4 +452,136 @@ fn dead_letters_can_be_redriven() {
     wait_idle(&app.bus);
     assert_eq!(app.bus.dead_letters("scripted").len(), 1);
     assert_eq!(app.bus.stats()["scripted"].redriven, 1);
+}
+
+/// A store whose writes become durable only when the test says so.
+struct GatedStore {
+    inner: EmbeddedStore,
+    held: Mutex<Vec<OnDurable>>,
+}
+
+impl GatedStore {
+    fn held(&self) -> usize {
+        self.held.lock().unwrap().len()
+    }
+
+    /// The commit everyone waits for.
+    fn commit(&self) {
+        let held = std::mem::take(&mut *self.held.lock().unwrap());
+        for then in held {
+            then(Ok(()));
+        }
+    }
+}
+
+impl KvStore for GatedStore {
+    fn get(&self, ns: &str, key: &str) -> Result<Option<Vec<u8>>, KvError> {
+        self.inner.get(ns, key)
+    }
+    fn set(&self, ns: &str, key: &str, v: &[u8], ttl: Option<Duration>) -> Result<(), KvError> {
+        self.inner.set(ns, key, v, ttl)
+    }
+    fn delete(&self, ns: &str, key: &str) -> Result<bool, KvError> {
+        self.inner.delete(ns, key)
+    }
+    fn incr(&self, ns: &str, key: &str, delta: i64) -> Result<i64, KvError> {
+        self.inner.incr(ns, key, delta)
+    }
+    fn set_if_absent(
+        &self,
+        ns: &str,
+        key: &str,
+        v: &[u8],
+        ttl: Option<Duration>,
+    ) -> Result<bool, KvError> {
+        self.inner.set_if_absent(ns, key, v, ttl)
+    }
+    fn compare_and_set(
+        &self,
+        ns: &str,
+        key: &str,
+        expected: Option<&[u8]>,
+        v: &[u8],
+        ttl: Option<Duration>,
+    ) -> Result<bool, KvError> {
+        self.inner.compare_and_set(ns, key, expected, v, ttl)
+    }
+    fn written(&self) -> u64 {
+        self.inner.written()
+    }
+    fn when_durable(&self, _mark: u64, then: OnDurable) {
+        self.held.lock().unwrap().push(then);
+    }
+}
+
+/// Group commit: a handled event is acked, and its outputs published, only
+/// once the store says what it wrote is durable.
+#[test]
+fn nothing_leaves_before_the_commit_that_holds_the_events_writes() {
+    let app = Appliance::new(
+        100,
+        &[("bill.created", "billing"), ("payment.*", "billing")],
+    );
+    let mut stream = app.bus.subscribe_stream();
+    let store = Arc::new(GatedStore {
+        inner: EmbeddedStore::open(&app.h.dir.path().join("gated.redb")).unwrap(),
+        held: Mutex::new(Vec::new()),
+    });
+    let spec = PluginSpec::from_file("billing", &wasm("billing"), store.clone()).unwrap();
+    let plugin = Arc::new(app.h.runtime.load(spec).unwrap().0);
+    let bus: Arc<dyn Bus> = Arc::new(app.bus.clone());
+    let metrics = switchboard::metrics::Metrics::new().plugin("billing");
+    let workers = PluginWorkers::start(bus, plugin, fast(), metrics).unwrap();
+
+    let waits = |n: usize| {
+        let until = Instant::now() + Duration::from_secs(10);
+        while store.held() < n {
+            assert!(
+                Instant::now() < until,
+                "the event never waited for a commit"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    let acked = || app.bus.stats()["billing"].acked;
+
+    // A bill (no output): handled, written, not acked until the commit.
+    app.publish(envelope(
+        "evt-1",
+        "bill.created",
+        json!({"bill_id": "B-1", "amount": 30, "customer": {"email": "a@b.c"}}),
+    ));
+    waits(1);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(acked(), 0, "acked before its write was durable");
+    store.commit();
+    wait_idle(&app.bus);
+    assert_eq!(acked(), 1);
+
+    // A payment: its bill.paid is not published before the commit either.
+    app.publish(envelope(
+        "evt-2",
+        "payment.success",
+        json!({"bill_id": "B-1", "payment_id": "P-1"}),
+    ));
+    waits(1);
+    std::thread::sleep(Duration::from_millis(200));
+    let kinds = |stream: &mut tokio::sync::broadcast::Receiver<Arc<Published>>| {
+        let mut kinds = Vec::new();
+        while let Ok(p) = stream.try_recv() {
+            kinds.push(p.routing_key.clone());
+        }
+        kinds
+    };
+    assert_eq!(kinds(&mut stream), ["bill.created", "payment.success"]);
+    assert_eq!(acked(), 1);
+    store.commit();
+    wait_idle(&app.bus);
+    assert_eq!(
+        kinds(&mut stream),
+        ["bill.paid"],
+        "published after the commit"
+    );
+    assert_eq!(acked(), 2);
+    workers.stop();
 }

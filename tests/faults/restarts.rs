@@ -1023,11 +1023,14 @@ const RECORDED_BILLS: usize = 4000;
 /// Bills billing records in one run before it is killed.
 const BILLS_PER_RUN: u64 = 400;
 
-/// Billing's kv writes share fsyncs (group commit), and a `bill.created` (no
-/// output) is acked only once the commit holding its bill is durable. The router
-/// is killed while it records bills; then every bill is paid. A bill acked
-/// before its write was durable would vanish with the crash: its payment would
-/// find no bill, be retried until its attempts run out, and be dead-lettered.
+/// Billing's kv writes share fsyncs (group commit): a `bill.created` (no
+/// output) is acked once the log record of its bill is fsynced, and the store
+/// reaches `kv.redb` only about once a second. The router is killed while it
+/// records bills; then every bill is paid. A bill whose acked write the crash
+/// took back (a log not replayed on start, a record acked before it was
+/// written) leaves its payment with no bill: retried until its attempts run
+/// out, and dead-lettered. (That nothing is acked before its fsync is held
+/// exactly by `delivery.rs`, with a store whose commits the test releases.)
 #[test]
 fn kill_9_while_bills_are_recorded_loses_no_acknowledged_bill() {
     let _one_at_a_time = crate::serial();
@@ -1047,15 +1050,21 @@ fn kill_9_while_bills_are_recorded_loses_no_acknowledged_bill() {
     });
     let mut killed_after = Vec::new();
     for _ in 0..KILLS {
-        wait_until("billing to record more bills", Duration::from_secs(120), || {
-            counter(&replica.dispatch("billing"), "handled") >= BILLS_PER_RUN
-        });
+        wait_until(
+            "billing to record more bills",
+            Duration::from_secs(120),
+            || counter(&replica.dispatch("billing"), "handled") >= BILLS_PER_RUN,
+        );
         killed_after.push(counter(&replica.dispatch("billing"), "handled"));
         replica.kill();
         replica.restart();
     }
     let bills = recorder.wait_done();
-    assert_eq!(bills.confirmed.len(), RECORDED_BILLS, "every bill was confirmed");
+    assert_eq!(
+        bills.confirmed.len(),
+        RECORDED_BILLS,
+        "every bill was confirmed"
+    );
     wait_until("the bills to be recorded", Duration::from_secs(120), || {
         depth(&amqp, "switchboard.billing") == 0
     });

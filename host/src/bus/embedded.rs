@@ -66,9 +66,12 @@ struct Counters {
     settled: AtomicU64,
 }
 
+/// A plugin's queue: a channel that grows as it fills (nothing is allocated
+/// for room not used), refused past `capacity`.
 struct Queue {
     tx: Sender<Delivery>,
     rx: Receiver<Delivery>,
+    capacity: usize,
     counters: Arc<Counters>,
 }
 
@@ -344,6 +347,11 @@ impl EmbeddedBus {
             plugin: plugin.into(),
             counters: queue.counters.clone(),
         });
+        if queue.tx.len() >= queue.capacity {
+            return Err(BusError::Full {
+                plugin: plugin.into(),
+            });
+        }
         match queue.tx.try_send(Delivery { delivered, settle }) {
             Ok(()) => {
                 queue.counters.enqueued.fetch_add(1, Ordering::SeqCst);
@@ -373,8 +381,7 @@ impl EmbeddedBus {
         }
         for (plugin, n) in &needed {
             if let Some(q) = topo.queues.get(&**plugin) {
-                let capacity = q.tx.capacity().unwrap_or(usize::MAX);
-                if q.tx.len() + n > capacity {
+                if q.tx.len() + n > q.capacity {
                     return Err(BusError::Full {
                         plugin: plugin.to_string(),
                     });
@@ -424,34 +431,17 @@ impl Bus for EmbeddedBus {
             .map(|e| (e.name.clone(), e.kind))
             .collect();
         for spec in &topology.queues {
-            let resize = topo
-                .queues
-                .get(&spec.plugin)
-                .is_some_and(|q| q.tx.capacity() != Some(spec.capacity));
-            if resize {
-                // A new capacity needs a new channel: move what waits into it.
-                // Consumers of the old one see it close and ask for the new one.
-                if let Some(old) = topo.queues.remove(&spec.plugin) {
-                    let (tx, rx) = crossbeam_channel::bounded(spec.capacity.max(old.rx.len()));
-                    while let Ok(d) = old.rx.try_recv() {
-                        let _ = tx.try_send(d);
-                    }
-                    topo.queues.insert(
-                        spec.plugin.clone(),
-                        Queue {
-                            tx,
-                            rx,
-                            counters: old.counters,
-                        },
-                    );
-                }
-            } else if !topo.queues.contains_key(&spec.plugin) {
-                let (tx, rx) = crossbeam_channel::bounded(spec.capacity);
+            if let Some(queue) = topo.queues.get_mut(&spec.plugin) {
+                // What already waits stays, even past a smaller capacity.
+                queue.capacity = spec.capacity;
+            } else {
+                let (tx, rx) = crossbeam_channel::unbounded();
                 topo.queues.insert(
                     spec.plugin.clone(),
                     Queue {
                         tx,
                         rx,
+                        capacity: spec.capacity,
                         counters: Arc::default(),
                     },
                 );
