@@ -14,7 +14,6 @@ use lapin::protocol::AMQPSoftError;
 use lapin::types::FieldTable;
 use tokio::sync::watch;
 
-use super::acks::Acks;
 use super::publish::soft_error;
 use super::session::{Session, declare};
 use super::settle::RabbitSettle;
@@ -110,7 +109,6 @@ impl ConsumerTask {
             Err(e) if soft_error(&e) == Some(AMQPSoftError::NOTFOUND) => return Ended::Cancelled,
             Err(e) => return Ended::Failed(e.to_string()),
         };
-        let acks = Acks::new(&inner.handle);
         let mut cancelled = false;
         loop {
             tokio::select! {
@@ -126,8 +124,7 @@ impl ConsumerTask {
                         let settle = RabbitSettle::new(
                             self.bus.inner.clone(),
                             self.plugin.clone(),
-                            (d.acker, d.delivery_tag),
-                            acks.clone(),
+                            d.acker,
                             self.outstanding.clone(),
                         );
                         if self.tx.send(Delivery { delivered, settle: Box::new(settle) }).is_err() {

@@ -11,8 +11,6 @@
 //! - `consume`: one consumer per plugin feeding its worker threads.
 //! - `settle`: the one path by which a delivery ends (outputs, retry or dead
 //!   letter; ack only after every copy is confirmed; never held on failure).
-//! - `acks`: acks of one consumer channel, a contiguous run of settled
-//!   deliveries acked with one `multiple` ack.
 //! - `publish`: persistent, mandatory, confirmed publishing; where a return
 //!   decides something, one batch per channel at a time so that it is credited
 //!   to the right message.
@@ -21,7 +19,6 @@
 //! **Replicas** are competing consumers on the same queues; an `ordered`
 //! plugin's queue has a single active consumer across all of them.
 
-mod acks;
 mod amqp;
 mod consume;
 mod names;

@@ -23,10 +23,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use lapin::options::BasicNackOptions;
+use lapin::options::{BasicAckOptions, BasicNackOptions};
 use tokio::sync::watch;
 
-use super::acks::Acks;
 use super::publish::{Returns, publish_confirmed, record_published};
 use super::{Inner, Names, amqp, lock, session};
 use crate::bus::{
@@ -45,9 +44,6 @@ pub(super) struct RabbitSettle {
     inner: Arc<Inner>,
     plugin: String,
     acker: Option<lapin::Acker>,
-    /// The delivery tag, and the acks of the channel it came on.
-    tag: u64,
-    acks: Arc<Acks>,
     outstanding: Arc<watch::Sender<u64>>,
 }
 
@@ -55,17 +51,13 @@ impl RabbitSettle {
     pub(super) fn new(
         inner: Arc<Inner>,
         plugin: String,
-        (acker, tag): (lapin::Acker, u64),
-        acks: Arc<Acks>,
+        acker: lapin::Acker,
         outstanding: Arc<watch::Sender<u64>>,
     ) -> Self {
-        acks.delivered(tag);
         Self {
             inner,
             plugin,
             acker: Some(acker),
-            tag,
-            acks,
             outstanding,
         }
     }
@@ -89,14 +81,17 @@ impl RabbitSettle {
 
     async fn ack(&mut self) -> Result<(), String> {
         let acker = self.acker.take().ok_or("already settled")?;
-        match tokio::time::timeout(self.inner.settings.timeout, self.acks.ack(self.tag, acker))
-            .await
+        match tokio::time::timeout(
+            self.inner.settings.timeout,
+            acker.ack(BasicAckOptions::default()),
+        )
+        .await
         {
             Ok(Ok(true)) => Ok(()),
             Ok(Ok(false)) => Err(
                 "the channel the delivery came on is closed; the broker delivers it again".into(),
             ),
-            Ok(Err(e)) => Err(e),
+            Ok(Err(e)) => Err(format!("ack failed: {e}")),
             Err(_) => Err("ack timed out".into()),
         }
     }
@@ -112,9 +107,7 @@ impl RabbitSettle {
             requeue: true,
             ..BasicNackOptions::default()
         };
-        let nacked = tokio::time::timeout(self.inner.settings.timeout, acker.nack(requeue)).await;
-        self.acks.settled(self.tag);
-        match nacked {
+        match tokio::time::timeout(self.inner.settings.timeout, acker.nack(requeue)).await {
             Ok(Ok(true)) => then(Settled::Returned(why)),
             _ => then(Settled::Lost(why)),
         }
@@ -298,10 +291,8 @@ impl Drop for RabbitSettle {
                 requeue: true,
                 ..BasicNackOptions::default()
             };
-            let (acks, tag) = (self.acks.clone(), self.tag);
             self.inner.handle.spawn(async move {
                 let _ = acker.nack(requeue).await;
-                acks.settled(tag);
             });
         }
     }
