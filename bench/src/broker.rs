@@ -541,7 +541,8 @@ impl Bench {
                 continue;
             }
             let rate = median_of(runs, Sample::rate);
-            let ratio = baseline_rate.map_or("–".to_string(), |base| format!("{:.2}×", rate / base));
+            let ratio =
+                baseline_rate.map_or("–".to_string(), |base| format!("{:.2}×", rate / base));
             println!(
                 "| {label} | {rate:.0} | {ratio} | {:.1} | {:.1} |",
                 median_of(runs, Sample::consumer_us),
@@ -937,11 +938,14 @@ pub fn pipelined_consumer(args: RawArgs) -> anyhow::Result<()> {
             tokio::spawn(async move {
                 match confirm.await {
                     Ok(Confirmation::Ack(_)) => delivery.ack(BasicAckOptions::default()).await,
-                    _ => delivery.nack(lapin::options::BasicNackOptions {
-                        requeue: true,
-                        ..Default::default()
-                    })
-                    .await,
+                    _ => {
+                        delivery
+                            .nack(lapin::options::BasicNackOptions {
+                                requeue: true,
+                                ..Default::default()
+                            })
+                            .await
+                    }
                 }
             });
         }

@@ -231,9 +231,8 @@ pub(crate) fn run() -> anyhow::Result<()> {
         ),
     ];
     for (label, plugins, event, n) in rows {
-        let runs: anyhow::Result<Vec<f64>> = (0..3)
-            .map(|_| throughput(plugins, &*event, n, 2))
-            .collect();
+        let runs: anyhow::Result<Vec<f64>> =
+            (0..3).map(|_| throughput(plugins, &*event, n, 2)).collect();
         println!("| {label} | {n} | {:.0} |", median(runs?));
     }
     let times = hot_swap()?;
