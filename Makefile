@@ -85,7 +85,9 @@ guests: wasm-target
 bench: plugins guests
 	$(CARGO) run --release -p switchboard-bench
 
-## bench-broker: raw lapin vs Node.js amqplib vs Switchboard on the local RabbitMQ
+## bench-broker: Switchboard (the notification plugin) against a hand-written lapin
+## consumer with pipelined confirms (the baseline), Node.js amqplib and a
+## one-at-a-time lapin consumer, on the local RabbitMQ
 ## (needs rabbitmqctl and Node.js; ARGS="--events 5000 --rounds 1" for a quick run;
 ## ARGS="--consumers baseline,switchboard --baseline <older switchboard binary>"
 ## measures a change before and after in one run)
