@@ -837,27 +837,37 @@ plugin = "{name}"
 
 // --- The raw lapin consumer ----------------------------------------------------------
 
+/// A confirm channel consuming `args.queue` with `args.prefetch`, as the
+/// hand-written consumers start.
+async fn consume(
+    args: &RawArgs,
+    tag: &str,
+) -> anyhow::Result<(Connection, lapin::Channel, lapin::Consumer)> {
+    let connection = Connection::connect(&args.url, ConnectionProperties::default()).await?;
+    let channel = connection.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    channel
+        .basic_qos(args.prefetch, BasicQosOptions::default())
+        .await?;
+    let deliveries = channel
+        .basic_consume(
+            args.queue.as_str().into(),
+            tag.into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    Ok((connection, channel, deliveries))
+}
+
 /// Consume → publish the same body to `bench.out` → await the confirm → ack, one
 /// message at a time. Runs until killed.
 pub fn raw_passthrough(args: RawArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
-        let connection = Connection::connect(&args.url, ConnectionProperties::default()).await?;
-        let channel = connection.create_channel().await?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
-        channel
-            .basic_qos(args.prefetch, BasicQosOptions::default())
-            .await?;
-        let mut deliveries = channel
-            .basic_consume(
-                args.queue.as_str().into(),
-                "raw-passthrough".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
+        let (_connection, channel, mut deliveries) = consume(&args, "raw-passthrough").await?;
         while let Some(delivery) = deliveries.next().await {
             let delivery = delivery?;
             let confirmation = channel
@@ -905,22 +915,7 @@ fn handle(input: &[u8]) -> anyhow::Result<Vec<u8>> {
 pub fn pipelined_consumer(args: RawArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
-        let connection = Connection::connect(&args.url, ConnectionProperties::default()).await?;
-        let channel = connection.create_channel().await?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
-        channel
-            .basic_qos(args.prefetch, BasicQosOptions::default())
-            .await?;
-        let mut deliveries = channel
-            .basic_consume(
-                args.queue.as_str().into(),
-                "pipelined".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
+        let (_connection, channel, mut deliveries) = consume(&args, "pipelined").await?;
         while let Some(delivery) = deliveries.next().await {
             let delivery = delivery?;
             let output = handle(&delivery.data)?;

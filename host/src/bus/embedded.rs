@@ -380,12 +380,12 @@ impl EmbeddedBus {
             plan.push((i, destinations));
         }
         for (plugin, n) in &needed {
-            if let Some(q) = topo.queues.get(&**plugin) {
-                if q.tx.len() + n > q.capacity {
-                    return Err(BusError::Full {
-                        plugin: plugin.to_string(),
-                    });
-                }
+            if let Some(q) = topo.queues.get(&**plugin)
+                && q.tx.len() + n > q.capacity
+            {
+                return Err(BusError::Full {
+                    plugin: plugin.to_string(),
+                });
             }
         }
         for (i, destinations) in plan {

@@ -69,6 +69,12 @@ impl std::fmt::Debug for EmbeddedStore {
 /// A value and its expiry (0: none).
 type Stored = (u64, Vec<u8>);
 
+/// `(namespace, key)`.
+type Key = (String, String);
+
+/// A key's latest value in memory (`None`: deleted), and the write that left it.
+type Recent = (Option<Stored>, u64);
+
 /// What the writers, the readers and the committer share.
 struct Shared {
     state: Mutex<State>,
@@ -82,7 +88,7 @@ struct Shared {
 struct State {
     /// Writes not yet in `kv.redb`: each key's latest value (`None`: deleted),
     /// with the number of the write that left it.
-    recent: HashMap<(String, String), (Option<Stored>, u64)>,
+    recent: HashMap<Key, Recent>,
     /// Log records not yet written to `kv.wal`.
     log: Vec<u8>,
     /// The number of the latest write.
@@ -386,6 +392,23 @@ impl EmbeddedStore {
     }
 }
 
+/// Writes what a key was left with into `kv.redb` (`None`: deleted).
+fn store(
+    table: &mut redb::Table<'_, (&str, &str), (u64, &[u8])>,
+    namespace: &str,
+    key: &str,
+    value: Option<&Stored>,
+) -> Result<(), KvError> {
+    let at = (namespace, key);
+    match value {
+        Some((expires_at, bytes)) => table
+            .insert(at, (*expires_at, bytes.as_slice()))
+            .map(drop)
+            .map_err(unavailable),
+        None => table.remove(at).map(drop).map_err(unavailable),
+    }
+}
+
 /// Replays the log into `kv.redb` (the writes numbered past its checkpoint, up
 /// to the first bad record), empties it, and returns it with the number of the
 /// last write.
@@ -412,17 +435,12 @@ fn recover(db: &Database, path: &Path) -> Result<(Wal, u64), KvError> {
         let checkpoint = last;
         let mut table = txn.open_table(ENTRIES).map_err(unavailable)?;
         for record in records.iter().filter(|r| r.number > checkpoint) {
-            let at = (record.namespace.as_str(), record.key.as_str());
-            match &record.value {
-                Some((expires_at, bytes)) => {
-                    table
-                        .insert(at, (*expires_at, bytes.as_slice()))
-                        .map_err(unavailable)?;
-                }
-                None => {
-                    table.remove(at).map_err(unavailable)?;
-                }
-            }
+            store(
+                &mut table,
+                &record.namespace,
+                &record.key,
+                record.value.as_ref(),
+            )?;
             last = last.max(record.number);
         }
         meta.insert(CHECKPOINT, last).map_err(unavailable)?;
@@ -534,7 +552,7 @@ impl Committer {
             if state.recent.is_empty() {
                 return Ok(());
             }
-            let snapshot: Vec<((String, String), (Option<Stored>, u64))> = state
+            let snapshot: Vec<(Key, Recent)> = state
                 .recent
                 .iter()
                 .map(|(k, v)| (k.clone(), v.clone()))
@@ -545,17 +563,7 @@ impl Committer {
         {
             let mut table = txn.open_table(ENTRIES).map_err(unavailable)?;
             for ((namespace, key), (value, _)) in &snapshot {
-                let at = (namespace.as_str(), key.as_str());
-                match value {
-                    Some((expires_at, bytes)) => {
-                        table
-                            .insert(at, (*expires_at, bytes.as_slice()))
-                            .map_err(unavailable)?;
-                    }
-                    None => {
-                        table.remove(at).map_err(unavailable)?;
-                    }
-                }
+                store(&mut table, namespace, key, value.as_ref())?;
             }
             let mut meta = txn.open_table(META).map_err(unavailable)?;
             meta.insert(CHECKPOINT, upto).map_err(unavailable)?;
