@@ -899,10 +899,13 @@ fn one_in_four_retried(i: usize) -> (&'static str, Value) {
 }
 
 /// Events of `worker` wait in its 6 s retry tier when `worker` is removed
-/// from router.toml (hot reload). Each of them ends in `worker`'s DLQ with
-/// kind `plugin_removed` (or `retry`, had it used up its attempts first):
-/// none is stranded in a tier or in the orphaned queue, or lost. `keeper`
-/// (the shipped notification plugin) handles its payments throughout.
+/// from router.toml (hot reload), and one more is being handled (slowly) at
+/// that moment, failing with a retry only after the removal. Each of them ends
+/// in `worker`'s DLQ with kind `plugin_removed` (or `retry`, had it used up
+/// its attempts first): none is stranded in a tier or in the orphaned queue,
+/// or lost, and none goes round until the broker's delivery limit drops it
+/// there without a reason. `keeper` (the shipped notification plugin) handles
+/// its payments throughout.
 #[test]
 fn a_plugin_removed_while_its_retries_wait_dead_letters_them() {
     let _one_at_a_time = crate::serial();
@@ -940,6 +943,20 @@ fn a_plugin_removed_while_its_retries_wait_dead_letters_them() {
         Duration::from_secs(10),
         || vhost_queues(&vhost).get(TIER).is_some_and(|(r, _)| *r >= 5),
     );
+    // Fails 4 s after it is taken: after the removal below, while the
+    // plugin drains (its retry must still reach the tier).
+    const SLOW: &str = "r-slow";
+    let slow = Publish::json(
+        "events",
+        "retry",
+        &json!({"id": SLOW, "type": "retry", "source": "faults", "data": {"sleep_ms": 4000}}),
+    )
+    .message_id(SLOW);
+    assert_eq!(observer.amqp.publish(&slow), Confirmed::Routed);
+    let slow_at = Instant::now();
+    wait_until("the slow event taken", Duration::from_secs(10), || {
+        replica.plugin("worker")["broker"]["in_flight"].as_u64() >= Some(1)
+    });
     let before = vhost_queues(&vhost);
     let in_tier = before.get(TIER).map_or(0, |(r, _)| *r);
     let fed_before = feeder.fed();
@@ -956,7 +973,12 @@ fn a_plugin_removed_while_its_retries_wait_dead_letters_them() {
     );
     let removed_at = Instant::now();
     observer.watch(Duration::from_secs(3));
-    let fed = feeder.stop();
+    let mut fed = feeder.stop();
+    fed.sent.push(Sent {
+        id: SLOW.into(),
+        kind: "retry",
+        at: slow_at,
+    });
     // Long enough for every tier message to come due (6 s) and be moved.
     while removed_at.elapsed() < Duration::from_secs(20) {
         observer.poll();
@@ -1007,6 +1029,15 @@ fn a_plugin_removed_while_its_retries_wait_dead_letters_them() {
     assert!(
         kinds.get("plugin_removed").is_some_and(|n| *n > 0),
         "the retries waiting at the removal say why they were dead-lettered: {kinds:?}"
+    );
+    let slow_letters: Vec<&str> = observer.letters[SLOW]
+        .iter()
+        .map(|l| l.kind.as_str())
+        .collect();
+    assert_eq!(
+        slow_letters,
+        ["plugin_removed"],
+        "the event that failed while its plugin drained"
     );
     account.assert_complete(PREFETCH);
     assert_eq!(

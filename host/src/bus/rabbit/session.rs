@@ -205,6 +205,7 @@ pub(super) async fn supervise(inner: Arc<Inner>) {
 /// Declares the desired topology on `session` and records what it declared.
 pub(super) async fn declare(inner: &Inner, session: &Session) -> Result<(), String> {
     let desired = lock(&inner.desired).clone();
+    let draining = lock(&inner.retired).clone();
     let mut declared = inner.declared.lock().await;
     let deadline = inner.settings.timeout * 4;
     let result = tokio::time::timeout(
@@ -214,6 +215,7 @@ pub(super) async fn declare(inner: &Inner, session: &Session) -> Result<(), Stri
             &inner.names,
             inner.settings.queue_type,
             &desired,
+            &draining,
             &declared,
         ),
     )

@@ -64,12 +64,14 @@ impl RabbitSettle {
 
     /// The plugin's retry tier nearest to `delay` (`None`: the longest).
     fn tier(&self, delay: Option<Duration>) -> Option<Duration> {
-        let desired = lock(&self.inner.desired);
-        let delays = &desired
+        // A plugin removed from the configuration keeps its tiers (bound)
+        // while it drains: its failures still wait there.
+        let delays = lock(&self.inner.desired)
             .queues
             .iter()
-            .find(|q| q.plugin == self.plugin)?
-            .retry_delays;
+            .find(|q| q.plugin == self.plugin)
+            .map(|q| q.retry_delays.clone())
+            .or_else(|| lock(&self.inner.retired).get(&self.plugin).cloned())?;
         match delay {
             Some(delay) => delays
                 .iter()

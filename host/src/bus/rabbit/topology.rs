@@ -6,10 +6,14 @@
 //! one does not is unbound (only that, never a route still configured); retry
 //! tiers no longer used are deleted once empty, checked by count (RabbitMQ
 //! 3.10 refuses `if-empty` deletes of quorum queues with a connection error).
+//! The tiers of a plugin that left the configuration but still drains stay
+//! bound: its retries must still reach them until the plugin is retired
+//! (`Bus::delete_queue` moves what waits there to its dead-letter queue).
 //! Queues holding messages are never deleted here.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
+use std::time::Duration;
 
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
@@ -97,20 +101,25 @@ fn refused(what: &str, e: &lapin::Error) -> String {
 }
 
 /// Declares `topology` (with the prefix's names and queue type) and takes back
-/// what `previous` declared that it no longer asks for. Uses its own channel:
-/// a refused declaration closes the channel it was made on.
+/// what `previous` declared that it no longer asks for, except the retry tiers
+/// of `draining` plugins (plugin → its retry delays). Uses its own channel: a
+/// refused declaration closes the channel it was made on.
 pub async fn declare(
     connection: &Connection,
     names: &Names,
     queue_type: QueueType,
     topology: &Topology,
+    draining: &HashMap<String, Vec<Duration>>,
     previous: &Declared,
 ) -> Result<Declared, String> {
     let channel = connection
         .create_channel()
         .await
         .map_err(|e| format!("cannot open a channel: {e}"))?;
-    let result = declare_on(connection, &channel, names, queue_type, topology, previous).await;
+    let result = declare_on(
+        connection, &channel, names, queue_type, topology, draining, previous,
+    )
+    .await;
     let _ = channel.close(200, "topology declared".into()).await;
     result
 }
@@ -121,6 +130,7 @@ async fn declare_on(
     names: &Names,
     queue_type: QueueType,
     topology: &Topology,
+    draining: &HashMap<String, Vec<Duration>>,
     previous: &Declared,
 ) -> Result<Declared, String> {
     let durable = ExchangeDeclareOptions {
@@ -209,7 +219,15 @@ async fn declare_on(
                 .map_err(|e| refused(&format!("the binding of {tier:?}"), &e))?;
         }
     }
-    let wanted = wanted(names, topology);
+    let mut wanted = wanted(names, topology);
+    for (plugin, delays) in draining {
+        for delay in delays {
+            wanted.tiers.insert((
+                names.retry_queue(plugin, *delay),
+                Names::retry_key(plugin, *delay),
+            ));
+        }
+    }
     for (queue, exchange, key) in &wanted.bindings {
         channel
             .queue_bind(

@@ -58,11 +58,7 @@ impl Guest for Scripted {
             // With `record`, also stores that key once done (proof of handling).
             "sleep" => {
                 let params = params()?;
-                let ms = params.get("ms").and_then(Value::as_u64).unwrap_or(10);
-                let start = std::time::Instant::now();
-                while start.elapsed() < std::time::Duration::from_millis(ms) {
-                    std::hint::spin_loop();
-                }
+                busy_wait(params.get("ms").and_then(Value::as_u64).unwrap_or(10));
                 if let Some(key) = params.get("record").and_then(Value::as_str) {
                     kv::set(key, b"done", None)
                         .map_err(|e| Failure::Reject(format!("kv: {e:?}")))?;
@@ -70,7 +66,14 @@ impl Guest for Scripted {
                 Ok(vec![])
             }
             "emit" => Ok(emit(&params()?)),
-            "retry" => Err(Failure::Retry("asked to retry".into())),
+            // With `{"sleep_ms": N}` as data, busy-waits N ms first (a slow
+            // failure); any other data is ignored.
+            "retry" => {
+                if let Some(ms) = params().ok().and_then(|p| p.get("sleep_ms")?.as_u64()) {
+                    busy_wait(ms);
+                }
+                Err(Failure::Retry("asked to retry".into()))
+            }
             "reject" => Err(Failure::Reject("asked to reject".into())),
             "fail-until" => fail_until(&event, &params()?),
             "loop" => spin(),
@@ -181,6 +184,14 @@ fn fail_until(event: &Event, params: &Value) -> Result<Vec<Output>, Failure> {
         "succeeded",
         &json!({ "attempt": event.attempt }),
     )])
+}
+
+/// Busy-waits `ms` milliseconds on WASI's monotonic clock.
+fn busy_wait(ms: u64) {
+    let start = std::time::Instant::now();
+    while start.elapsed() < std::time::Duration::from_millis(ms) {
+        std::hint::spin_loop();
+    }
 }
 
 /// Spins forever; `black_box` keeps the optimiser from proving the loop pure.
