@@ -29,6 +29,7 @@
 
 pub mod admin;
 pub mod appliance;
+pub mod archive;
 pub mod bus;
 pub mod cli;
 pub mod config;

@@ -55,6 +55,8 @@ enum Command {
     /// Print what is published on an exchange of the broker, one JSON line per
     /// message, until Ctrl-C.
     Tail(cli::broker::TailArgs),
+    /// Print archived events (`[archive]`) as JSON lines, oldest first.
+    Events(cli::events::EventsArgs),
     /// Inspect and re-drive a plugin's dead-letter queue on the broker.
     #[command(subcommand)]
     Dlq(cli::broker::DlqCommand),
@@ -97,6 +99,7 @@ fn main() -> ExitCode {
         Command::New(args) => cli::new::run(&args, &mut std::io::stdout().lock()),
         Command::Publish(args) => cli::broker::publish(&args, &mut std::io::stdout().lock()),
         Command::Tail(args) => cli::broker::tail(&args, &mut std::io::stdout().lock()),
+        Command::Events(args) => cli::events::run(&args, &mut std::io::stdout().lock()),
         Command::Dlq(command) => cli::broker::dlq(&command, &mut std::io::stdout().lock()),
     };
     match result {

@@ -171,3 +171,58 @@ pub(super) async fn reload(
         Err(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "the reload task failed"),
     }
 }
+
+/// `GET /api/events` parameters (`switchboard events` takes the same).
+#[derive(Debug, Deserialize)]
+pub(super) struct EventsQuery {
+    exchange: Option<String>,
+    #[serde(rename = "match")]
+    pattern: Option<String>,
+    aggregate: Option<String>,
+    since: Option<String>,
+    until: Option<String>,
+    /// Only events after this position (the `next_after` of the last page).
+    after: Option<u64>,
+    limit: Option<usize>,
+}
+
+/// `GET /api/events`: archived events, oldest first, a page at a time.
+pub(super) async fn events(
+    State(appliance): State<Appliance>,
+    Query(q): Query<EventsQuery>,
+) -> Response {
+    let Some(archive) = appliance
+        .transport()
+        .embedded()
+        .and_then(|b| b.archive().cloned())
+    else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "the event archive is not enabled here ([archive] enabled = true, on the embedded bus)",
+        );
+    };
+    let mut query = match crate::archive::Query::parse(
+        q.exchange.as_deref(),
+        q.pattern.as_deref(),
+        q.aggregate.as_deref(),
+        q.since.as_deref(),
+        q.until.as_deref(),
+    ) {
+        Ok(query) => query,
+        Err(why) => return error(StatusCode::BAD_REQUEST, why),
+    };
+    let limit = q.limit.unwrap_or(100).clamp(1, MAX_PAGE);
+    query.after = q.after;
+    query.limit = Some(limit);
+    match tokio::task::spawn_blocking(move || archive.query(&query)).await {
+        Ok(Ok(items)) => {
+            let next = (items.len() == limit).then(|| items.last().map(|e| e.seq));
+            Json(json!({"items": items, "next_after": next.flatten()})).into_response()
+        }
+        Ok(Err(e)) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot read the archive: {e}"),
+        ),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    }
+}

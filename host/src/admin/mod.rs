@@ -16,6 +16,7 @@
 //! | GET | `/api/dlq/{plugin}?offset=&limit=` | a page of dead letters with their reasons |
 //! | POST | `/api/dlq/{plugin}/redrive?limit=N` | as `/dlq/{plugin}/redrive` |
 //! | POST | `/api/plugins/{name}/reload` | load the plugin's file again |
+//! | GET | `/api/events?exchange=&match=&aggregate=&since=&until=&after=&limit=` | archived events, oldest first (`[archive]`); `next_after` pages on |
 //!
 //! With `[http] token`, ingress and every POST need `Authorization: Bearer
 //! <token>` (401 without); with `protect_reads` too, every GET but the probes.
@@ -66,6 +67,7 @@ pub fn router(appliance: Appliance) -> Router {
         .route("/api/plugins", get(api::plugins))
         .route("/api/routes", get(api::routes))
         .route("/api/dlq/{plugin}", get(api::dead_letters))
+        .route("/api/events", get(api::events))
         .route_layer(middleware::from_fn_with_state(
             appliance.clone(),
             auth::require_for_reads,

@@ -93,10 +93,27 @@ impl Appliance {
         let metrics = Arc::new(Metrics::new());
         let bus = match RabbitSettings::from_config(&config) {
             Some(mut settings) => {
+                if config.archive.enabled {
+                    tracing::warn!(
+                        "[archive] is enabled but the archive is kept only on the embedded bus \
+                         in this version: on RabbitMQ nothing is archived"
+                    );
+                }
                 settings.confirm_seconds = Some(metrics.confirm_seconds.clone());
                 Transport::Rabbit(RabbitBus::start(settings, topology(&config))?)
             }
-            None => Transport::Embedded(EmbeddedBus::new()),
+            None => {
+                let archive = if config.archive.enabled {
+                    let archive = crate::archive::Archive::open(&config.state_dir, &config.archive)
+                        .context("cannot open the event archive")?;
+                    let archive = Arc::new(archive);
+                    archive.start_flusher();
+                    Some(archive)
+                } else {
+                    None
+                };
+                Transport::Embedded(EmbeddedBus::with_archive(archive))
+            }
         };
         let appliance = Self {
             inner: Arc::new(Inner {

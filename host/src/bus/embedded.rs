@@ -115,6 +115,8 @@ struct Inner {
     /// [`EmbeddedBus::drain`] to wait on.
     quiet: Mutex<()>,
     settled: Condvar,
+    /// The event archive, when `[archive]` is enabled.
+    archive: Option<Arc<crate::archive::Archive>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -143,6 +145,12 @@ impl EmbeddedBus {
     /// An empty bus; starts its retry timer thread (it stops when the last clone
     /// of the bus is dropped).
     pub fn new() -> Self {
+        Self::with_archive(None)
+    }
+
+    /// An empty bus that archives what is published to it: [`Bus::publish`]
+    /// returns once the archive holds the batch on disk.
+    pub fn with_archive(archive: Option<Arc<crate::archive::Archive>>) -> Self {
         let (stream, _) = tokio::sync::broadcast::channel(4096);
         let inner = Arc::new(Inner {
             topo: Mutex::new(Topo {
@@ -157,6 +165,7 @@ impl EmbeddedBus {
             unroutable: AtomicU64::new(0),
             quiet: Mutex::new(()),
             settled: Condvar::new(),
+            archive,
         });
         let weak = Arc::downgrade(&inner);
         let spawned = std::thread::Builder::new()
@@ -166,6 +175,11 @@ impl EmbeddedBus {
             tracing::error!(error = %e, "cannot start the retry timer; retries will wait for shutdown");
         }
         Self { inner }
+    }
+
+    /// The event archive, when enabled.
+    pub fn archive(&self) -> Option<&Arc<crate::archive::Archive>> {
+        self.inner.archive.as_ref()
     }
 
     /// Watch every published message (outputs and ingress alike).
@@ -365,6 +379,45 @@ impl EmbeddedBus {
     }
 
     /// One attempt at publishing the whole batch.
+    /// Queues `batch` (waiting up to `timeout` for room), then archives it.
+    /// With `synced`, returns only once an fsync covers the archived records
+    /// (ingress: what is answered 202 is on disk). Without, they are written
+    /// (a `kill -9` keeps them) and fsynced by the archive's flusher within
+    /// milliseconds: plugin outputs, whose worker takes its next event meanwhile.
+    fn publish_archived(
+        &self,
+        batch: Vec<Outgoing>,
+        timeout: Duration,
+        synced: bool,
+    ) -> Result<(), BusError> {
+        let until = Instant::now() + timeout;
+        let mut pause = Duration::from_micros(200);
+        loop {
+            match self.try_publish(&batch) {
+                Err(BusError::Full { plugin }) => {
+                    if Instant::now() + pause > until {
+                        return Err(BusError::Full { plugin });
+                    }
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_millis(20));
+                }
+                Ok(()) => break,
+                other => return other,
+            }
+        }
+        // Queued, and archived before anyone is told it was published: an
+        // event acknowledged (202, an input settled) is in the archive.
+        let Some(archive) = &self.inner.archive else {
+            return Ok(());
+        };
+        let archived = if synced {
+            archive.append(&batch)
+        } else {
+            archive.write(&batch).map(|_| ())
+        };
+        archived.map_err(|e| BusError::Unavailable(e.to_string()))
+    }
+
     fn try_publish(&self, batch: &[Outgoing]) -> Result<(), BusError> {
         let topo = lock(&self.inner.topo);
         let mut plan: Vec<(usize, Vec<Arc<str>>)> = Vec::with_capacity(batch.len());
@@ -461,20 +514,7 @@ impl Bus for EmbeddedBus {
     }
 
     fn publish(&self, batch: Vec<Outgoing>, timeout: Duration) -> Result<(), BusError> {
-        let until = Instant::now() + timeout;
-        let mut pause = Duration::from_micros(200);
-        loop {
-            match self.try_publish(&batch) {
-                Err(BusError::Full { plugin }) => {
-                    if Instant::now() + pause > until {
-                        return Err(BusError::Full { plugin });
-                    }
-                    std::thread::sleep(pause);
-                    pause = (pause * 2).min(Duration::from_millis(20));
-                }
-                other => return other,
-            }
-        }
+        self.publish_archived(batch, timeout, true)
     }
 
     fn has_exchange(&self, name: &str) -> bool {
@@ -533,7 +573,7 @@ impl Settle for EmbeddedSettle {
                     let bus = EmbeddedBus {
                         inner: inner.clone(),
                     };
-                    if let Err(error) = bus.publish(outputs, timeout) {
+                    if let Err(error) = bus.publish_archived(outputs, timeout, false) {
                         let delivery = Box::new(Delivery {
                             delivered,
                             settle: self,

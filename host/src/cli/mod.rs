@@ -3,6 +3,7 @@
 
 pub mod broker;
 pub mod check;
+pub mod events;
 pub mod new;
 pub mod run;
 pub mod test;

@@ -54,6 +54,8 @@ pub struct RouterConfig {
     pub kv: KvConfig,
     /// `[http]`: ingress, metrics, health and the admin API.
     pub http: HttpConfig,
+    /// `[archive]`: the event history (off unless enabled).
+    pub archive: ArchiveConfig,
     /// `[runtime]`: the WebAssembly engine shared by all plugins.
     pub runtime: RuntimeSection,
     /// `[defaults]`: how every plugin runs unless its own table overrides it.
@@ -77,6 +79,7 @@ impl Default for RouterConfig {
             broker: BrokerConfig::default(),
             kv: KvConfig::default(),
             http: HttpConfig::default(),
+            archive: ArchiveConfig::default(),
             runtime: RuntimeSection::default(),
             defaults: PluginDefaults::default(),
             exchanges: Vec::new(),
@@ -196,6 +199,57 @@ pub enum Unroutable {
     Drop,
     /// The input is dead-lettered with reason `unroutable`, outputs unpublished.
     DeadLetter,
+}
+
+/// `[archive]`: the event history. On the embedded bus, every message
+/// published to an archived exchange is kept in `state_dir/archive/` (an
+/// append-only, segmented log) and can be listed with `switchboard events` or
+/// `GET /api/events`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ArchiveConfig {
+    /// Keep the history (default false).
+    pub enabled: bool,
+    /// The exchanges archived; empty (the default) = every exchange.
+    pub exchanges: Vec<String>,
+    /// Segments whose newest event is older than this are deleted (`"7d"`).
+    #[serde(deserialize_with = "units::duration")]
+    pub max_age: std::time::Duration,
+    /// Past this size the oldest segments are deleted (`"1GiB"`).
+    #[serde(deserialize_with = "units::size")]
+    pub max_size: ByteSize,
+    /// Size at which a new segment starts (`"64MiB"`); retention deletes whole
+    /// segments.
+    #[serde(deserialize_with = "units::size")]
+    pub segment_size: ByteSize,
+    /// `[[archive.aggregates]]`: which events are indexed under which
+    /// aggregate id, first matching rule wins.
+    pub aggregates: Vec<AggregateRule>,
+}
+
+impl Default for ArchiveConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            exchanges: Vec::new(),
+            max_age: std::time::Duration::from_secs(7 * 24 * 3600),
+            max_size: ByteSize::gib(1),
+            segment_size: ByteSize::mib(64),
+            aggregates: Vec::new(),
+        }
+    }
+}
+
+/// One `[[archive.aggregates]]` rule: events whose routing key matches `match`
+/// are indexed under the value at `field`, a dotted path into the event
+/// (`data.order_id`; `id`, `type`, `source`, `correlation_id` also work).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AggregateRule {
+    /// A topic pattern (`order.*`, `bill.#`).
+    #[serde(rename = "match")]
+    pub pattern: String,
+    pub field: String,
 }
 
 /// `[http]`: the HTTP server.

@@ -103,6 +103,23 @@ impl RouterConfig {
                 ));
             }
         }
+        for (i, rule) in self.archive.aggregates.iter().enumerate() {
+            if let Err(why) = crate::route::TopicPattern::parse(&rule.pattern) {
+                e.push(format!("archive.aggregates[{i}].match: {why}"));
+            }
+            if rule.field.is_empty() || rule.field.split('.').any(str::is_empty) {
+                e.push(format!(
+                    "archive.aggregates[{i}].field: {:?} is not a dotted path such as data.order_id",
+                    rule.field
+                ));
+            }
+        }
+        if self.archive.segment_size.as_u64() < 4096 {
+            e.push(format!(
+                "archive.segment_size: {} is too small (at least 4KiB)",
+                self.archive.segment_size
+            ));
+        }
         if let Some(ca) = &self.broker.ca_file
             && !ca.is_file()
         {
