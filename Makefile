@@ -7,7 +7,7 @@ PLUGINS := notification billing analytics
 GUESTS  := scripted-guest noop-guest wrong-world-guest contract-0-1-0-guest tally-guest trap-guest
 OUT     := target/$(WASM)/release
 
-.PHONY: run test c-example reliability soak lint fmt plugins guests lang-plugins toolchains wasm-target bench bench-broker bench-kv bench-hostile bench-languages bench-appliance bench-growth fuzz clean
+.PHONY: run test c-example reliability soak lint fmt plugins guests lang-plugins toolchains wasm-target bench bench-broker bench-kv bench-hostile bench-languages bench-appliance bench-growth bench-archive fuzz clean
 
 ## run: build the plugins and the appliance, then run it with router.toml
 run: plugins
@@ -107,6 +107,12 @@ bench-hostile: plugins guests
 ## by side (component size, compile, cache load, per-event cost)
 bench-languages: plugins lang-plugins
 	$(CARGO) run --release -p switchboard-bench -- languages $(ARGS)
+
+## bench-archive: the event archive: append (with and without waiting for the
+## fsync), read back, and the embedded bus with it off and on
+bench-archive:
+	$(CARGO) build --release -p switchboard-bench
+	./target/release/switchboard-bench archive $(ARGS)
 
 ## bench-appliance: `switchboard run` with the shipped router.toml and plugins,
 ## loaded through its HTTP ingress: fully handled events/s, then POST → last

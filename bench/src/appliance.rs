@@ -70,6 +70,8 @@ pub(crate) struct ApplianceArgs {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum BusKind {
     Embedded,
+    /// The embedded bus with the shipped `[archive]` turned off.
+    EmbeddedNoArchive,
     Rabbitmq,
 }
 
@@ -77,6 +79,7 @@ impl BusKind {
     fn label(self) -> &'static str {
         match self {
             Self::Embedded => "embedded",
+            Self::EmbeddedNoArchive => "embedded, archive off",
             Self::Rabbitmq => "RabbitMQ (quorum queues)",
         }
     }
@@ -101,10 +104,10 @@ pub(crate) fn run(args: &ApplianceArgs) -> anyhow::Result<()> {
     let binary = process::binary(args.switchboard.as_deref())?;
     let mut rows = Vec::new();
     for &bus in &args.bus {
-        let dir = shipped_folder()?;
+        let dir = shipped_folder(bus != BusKind::EmbeddedNoArchive)?;
         let vhost = match bus {
             BusKind::Rabbitmq => Some(Vhost::create("sbb-appliance")?),
-            BusKind::Embedded => None,
+            BusKind::Embedded | BusKind::EmbeddedNoArchive => None,
         };
         let amqp = vhost
             .as_ref()
@@ -126,13 +129,22 @@ pub(crate) fn run(args: &ApplianceArgs) -> anyhow::Result<()> {
 }
 
 /// A temporary folder with the shipped `router.toml` and the components it
-/// declares, unchanged: `plugins_dir` and `state_dir` are relative to the
-/// file, so they point into the folder.
-fn shipped_folder() -> anyhow::Result<tempfile::TempDir> {
+/// declares, unchanged but for `[archive] enabled` when `archive` is false:
+/// `plugins_dir` and `state_dir` are relative to the file, so they point into
+/// the folder.
+fn shipped_folder(archive: bool) -> anyhow::Result<tempfile::TempDir> {
     let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let config = RouterConfig::load(&repo.join("router.toml"))?;
     let dir = tempfile::tempdir()?;
-    std::fs::copy(repo.join("router.toml"), dir.path().join("router.toml"))?;
+    let mut text = std::fs::read_to_string(repo.join("router.toml"))?;
+    if !archive {
+        let on = "[archive]\nenabled = true\n";
+        if !text.contains(on) {
+            bail!("the shipped router.toml has no `{on}` to turn off");
+        }
+        text = text.replace(on, "[archive]\nenabled = false\n");
+    }
+    std::fs::write(dir.path().join("router.toml"), text)?;
     for name in config.plugins.keys() {
         let Some(settings) = config.plugin_settings(name) else {
             continue;

@@ -21,6 +21,7 @@ use switchboard::runtime::{
 };
 
 mod appliance;
+mod archive;
 mod broker;
 mod embedded;
 mod growth;
@@ -328,6 +329,9 @@ struct Cli {
 enum Bench {
     /// Per-event cost of the plugin runtime, no bus.
     Runtime,
+    /// The event archive: append, read back, and the embedded bus with it on
+    /// and off.
+    Archive(archive::ArchiveArgs),
     /// Throughput of the embedded bus, and hot-swap time.
     Embedded,
     /// Consume, publish one output with a confirm, ack: raw lapin, Node.js
@@ -367,6 +371,7 @@ fn main() -> anyhow::Result<()> {
         .init();
     match cli.command {
         Some(Bench::Runtime) => runtime_bench(),
+        Some(Bench::Archive(args)) => archive::run(&args),
         Some(Bench::Embedded) => embedded::run(),
         Some(Bench::Broker(args)) => broker::run(args),
         Some(Bench::RawPassthrough(args)) => broker::raw_passthrough(args),
