@@ -297,7 +297,12 @@ fn a_hundred_hot_swaps_under_load_lose_nothing_on_rabbitmq() {
 
 /// Accepts event `id` at the ingress; false when the queue was full.
 fn ingress(r: &Running, id: &str) -> bool {
-    let body = envelope(id).to_string();
+    accept(r, id, &envelope(id))
+}
+
+/// Accepts `body` (event `id`) at the ingress; false when the queue was full.
+fn accept(r: &Running, id: &str, body: &serde_json::Value) -> bool {
+    let body = body.to_string();
     match r
         .appliance
         .ingress("events", "echo", body.as_bytes(), Some("application/json"))
@@ -349,9 +354,15 @@ fn a_graceful_restart_mid_load_loses_nothing_on_the_embedded_bus() {
     );
     let mut ledger = Ledger::new();
     let mut ids = Vec::new();
+    // 1 ms each, two at a time: a second of work, accepted far faster, so the
+    // stop below finds most of it still queued whatever the machine.
+    let slow = |id: &str| {
+        json!({"id": id, "type": "echo", "source": "reliability",
+               "data": {"id": id, "sleep_ms": 1}})
+    };
     for i in 0..n {
         let id = format!("g-{i}");
-        if ingress(&r, &id) {
+        if accept(&r, &id, &slow(&id)) {
             ledger.published(id.clone());
             ids.push(id);
         }

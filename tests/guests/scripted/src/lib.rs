@@ -39,13 +39,20 @@ impl Guest for Scripted {
         let params = || params(&event);
         match event.kind.as_str() {
             "ok" => Ok(Vec::new()),
-            "echo" => Ok(vec![Output {
-                kind: "echoed".into(),
-                content_type: Some(event.content_type.clone()),
-                data: event.data.clone(),
-                exchange: None,
-                headers: vec![("echo-of".into(), event.id.clone())],
-            }]),
+            // With `{"sleep_ms": N}` in JSON data, busy-waits N ms first (a
+            // slow handler); any data is echoed.
+            "echo" => {
+                if let Some(ms) = params().ok().and_then(|p| p.get("sleep_ms")?.as_u64()) {
+                    busy_wait(ms);
+                }
+                Ok(vec![Output {
+                    kind: "echoed".into(),
+                    content_type: Some(event.content_type.clone()),
+                    data: event.data.clone(),
+                    exchange: None,
+                    headers: vec![("echo-of".into(), event.id.clone())],
+                }])
+            }
             // Same kind out as in: a plugin feeding itself, for the loop guard.
             "bounce" => Ok(vec![Output {
                 kind: "bounce".into(),
