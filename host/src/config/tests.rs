@@ -691,6 +691,7 @@ const KEY_ROOTS: &[&str] = &[
     "broker.",
     "kv.",
     "http.",
+    "archive.",
     "runtime.",
     "defaults.",
     "exchanges[",
