@@ -682,3 +682,57 @@ fn kill_9_while_archiving_loses_no_acknowledged_event() {
         all.len()
     );
 }
+
+#[test]
+fn a_plugins_state_is_read_over_http_while_running_and_from_the_cli_once_stopped() {
+    let r = seed();
+    let (status, reply, _) = r.post(
+        "events",
+        "bill.created",
+        &json!({"bill_id": "B-9", "amount": 30, "currency": "EUR",
+                "customer": {"name": "Bo", "email": "bo@example.com"}}),
+    );
+    assert_eq!(status, 202, "{reply}");
+    r.wait_idle();
+    let bill = r.get("/api/kv/billing/bill:B-9");
+    assert_eq!(bill["plugin"], "billing");
+    assert_eq!(bill["value"]["bill_id"], "B-9", "{bill}");
+    assert_eq!(bill["value"]["amount"], 30, "{bill}");
+    let (status, body) = r.request("GET", "/api/kv/billing/bill:nope", None, None);
+    assert_eq!(status, 404, "{body}");
+    assert!(body.contains("keeps nothing under"), "{body}");
+    let (status, _) = r.request("GET", "/api/kv/nobody/x", None, None);
+    assert_eq!(status, 404);
+
+    // The running appliance holds the embedded store: the CLI says where to ask.
+    let held = kv_get_cli(&r.dir, &["billing", "bill:B-9"]);
+    assert_eq!(held.status.code(), Some(2));
+    let said = String::from_utf8_lossy(&held.stderr);
+    assert!(said.contains("GET /api/kv/billing/bill:B-9"), "{said}");
+
+    let dir = r.dir.clone();
+    let (_, _temp) = r.stop_and_keep(Duration::from_secs(5));
+    let read = |args: &[&str]| kv_get_cli(&dir, args);
+    let found = read(&["billing", "bill:B-9"]);
+    assert_eq!(
+        found.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&found.stderr)
+    );
+    let value: Value = serde_json::from_slice(&found.stdout).unwrap();
+    assert_eq!(value["value"]["bill_id"], "B-9");
+    let missing = read(&["billing", "bill:nope"]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(missing.stdout.is_empty());
+}
+
+/// `switchboard kv get` on `dir`'s router.toml.
+fn kv_get_cli(dir: &std::path::Path, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(switchboard_tests::target_dir().join("release/switchboard"))
+        .args(["kv", "get", "--config"])
+        .arg(dir.join("router.toml"))
+        .args(args)
+        .output()
+        .unwrap()
+}

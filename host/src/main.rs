@@ -57,6 +57,9 @@ enum Command {
     Tail(cli::broker::TailArgs),
     /// Print archived events (`[archive]`) as JSON lines, oldest first.
     Events(cli::events::EventsArgs),
+    /// Read a plugin's kv state.
+    #[command(subcommand)]
+    Kv(cli::kv::KvCommand),
     /// Inspect and re-drive a plugin's dead-letter queue on the broker.
     #[command(subcommand)]
     Dlq(cli::broker::DlqCommand),
@@ -100,6 +103,11 @@ fn main() -> ExitCode {
         Command::Publish(args) => cli::broker::publish(&args, &mut std::io::stdout().lock()),
         Command::Tail(args) => cli::broker::tail(&args, &mut std::io::stdout().lock()),
         Command::Events(args) => cli::events::run(&args, &mut std::io::stdout().lock()),
+        Command::Kv(command) => cli::kv::run(
+            &command,
+            &mut std::io::stdout().lock(),
+            &mut std::io::stderr(),
+        ),
         Command::Dlq(command) => cli::broker::dlq(&command, &mut std::io::stdout().lock()),
     };
     match result {

@@ -226,3 +226,43 @@ pub(super) async fn events(
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
     }
 }
+
+/// A kv value as the API and `switchboard kv get` show it: JSON when it is
+/// JSON, else text when it is UTF-8, else base64.
+pub(crate) fn kv_value_json(plugin: &str, key: &str, value: &[u8]) -> Value {
+    use base64::Engine as _;
+    if let Ok(json) = serde_json::from_slice::<Value>(value) {
+        return json!({"plugin": plugin, "key": key, "value": json});
+    }
+    match std::str::from_utf8(value) {
+        Ok(text) => json!({"plugin": plugin, "key": key, "text": text}),
+        Err(_) => json!({"plugin": plugin, "key": key,
+                         "base64": base64::engine::general_purpose::STANDARD.encode(value)}),
+    }
+}
+
+/// `GET /api/kv/{plugin}/{key}`: one value of a plugin's state.
+pub(super) async fn kv_get(
+    State(appliance): State<Appliance>,
+    Path((plugin, key)): Path<(String, String)>,
+) -> Response {
+    if !appliance.config().plugins.contains_key(&plugin) {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("no plugin {plugin:?} is configured"),
+        );
+    }
+    let read = {
+        let (plugin, key) = (plugin.clone(), key.clone());
+        tokio::task::spawn_blocking(move || appliance.kv_get(&plugin, &key)).await
+    };
+    match read {
+        Ok(Ok(Some(value))) => Json(kv_value_json(&plugin, &key, &value)).into_response(),
+        Ok(Ok(None)) => error(
+            StatusCode::NOT_FOUND,
+            format!("plugin {plugin:?} keeps nothing under {key:?}"),
+        ),
+        Ok(Err(e)) => error(StatusCode::SERVICE_UNAVAILABLE, e),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    }
+}

@@ -16,6 +16,7 @@
 //! | GET | `/api/dlq/{plugin}?offset=&limit=` | a page of dead letters with their reasons |
 //! | POST | `/api/dlq/{plugin}/redrive?limit=N` | as `/dlq/{plugin}/redrive` |
 //! | POST | `/api/plugins/{name}/reload` | load the plugin's file again |
+//! | GET | `/api/kv/{plugin}/{key}` | one value of a plugin's kv state: `{"plugin", "key", "value"}` (or `"text"`, `"base64"`); `404` when absent |
 //! | GET | `/api/events?exchange=&match=&aggregate=&since=&until=&after=&limit=` | archived events, oldest first (`[archive]`); `next_after` pages on |
 //!
 //! With `[http] token`, ingress and every POST need `Authorization: Bearer
@@ -39,7 +40,7 @@ use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 
-mod api;
+pub(crate) mod api;
 mod auth;
 
 use crate::appliance::{Appliance, IngressError};
@@ -68,6 +69,7 @@ pub fn router(appliance: Appliance) -> Router {
         .route("/api/routes", get(api::routes))
         .route("/api/dlq/{plugin}", get(api::dead_letters))
         .route("/api/events", get(api::events))
+        .route("/api/kv/{plugin}/{key}", get(api::kv_get))
         .route_layer(middleware::from_fn_with_state(
             appliance.clone(),
             auth::require_for_reads,

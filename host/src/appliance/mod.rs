@@ -158,6 +158,12 @@ impl Appliance {
         self.inner.config.load_full()
     }
 
+    /// The value plugin `plugin` keeps under `key` in its kv state, as the
+    /// plugin would read it now.
+    pub fn kv_get(&self, plugin: &str, key: &str) -> Result<Option<Vec<u8>>, crate::kv::KvError> {
+        self.inner.kv.get(plugin, key)
+    }
+
     /// Applies `config` live. The bus topology is applied first; if the bus
     /// refuses it, nothing changes. Plugin load failures do not fail the apply:
     /// they show in the plugin's status.

@@ -4,6 +4,7 @@
 pub mod broker;
 pub mod check;
 pub mod events;
+pub mod kv;
 pub mod new;
 pub mod run;
 pub mod test;
