@@ -194,7 +194,7 @@ type Position = (u64, u64);
 struct Writer {
     file: Arc<File>,
     next: u64,
-    /// Records written since the last retention look.
+    /// When retention last looked at the segments.
     retention_at: Instant,
 }
 
@@ -260,48 +260,66 @@ fn list_segments(dir: &Path) -> std::io::Result<Vec<(u64, PathBuf)>> {
     Ok(found)
 }
 
+/// What the next bytes of a segment hold.
+enum Next {
+    /// A whole, good record of this many bytes (frame included).
+    Record(Box<ArchivedEvent>, u64),
+    /// The end of the segment, at a record boundary.
+    End,
+    /// Bytes that are not a good record: why.
+    Bad(String),
+}
+
+/// Reads the record at the reader's position.
+fn next_record(reader: &mut impl Read) -> std::io::Result<Next> {
+    let mut frame = Vec::with_capacity(FRAME);
+    let got = reader.by_ref().take(FRAME as u64).read_to_end(&mut frame)?;
+    if got == 0 {
+        return Ok(Next::End);
+    }
+    if got < FRAME {
+        return Ok(Next::Bad(format!(
+            "a record header cut short ({got} bytes)"
+        )));
+    }
+    let len = u32::from_le_bytes([frame[0], frame[1], frame[2], frame[3]]) as usize;
+    let crc = u32::from_le_bytes([frame[4], frame[5], frame[6], frame[7]]);
+    if len > MAX_RECORD {
+        return Ok(Next::Bad(format!("a record length of {len} bytes")));
+    }
+    let mut payload = vec![0u8; len];
+    if reader.read_exact(&mut payload).is_err() {
+        return Ok(Next::Bad("a record cut short".into()));
+    }
+    if crc32fast::hash(&payload) != crc {
+        return Ok(Next::Bad("a record failing its checksum".into()));
+    }
+    Ok(match serde_json::from_slice::<ArchivedEvent>(&payload) {
+        Ok(event) => Next::Record(Box::new(event), (FRAME + len) as u64),
+        Err(_) => Next::Bad("a record that is not an archived event".into()),
+    })
+}
+
 /// Reads the records of one segment, in order, until its end or its first bad
-/// record; returns where the good records end.
+/// record (or until `each` says stop); returns where the good records end and
+/// what ended them if it was a bad one.
 fn scan(
     path: &Path,
     mut each: impl FnMut(u64, ArchivedEvent) -> bool,
 ) -> std::io::Result<(u64, Option<String>)> {
     let mut reader = BufReader::new(File::open(path)?);
     let mut offset = 0u64;
-    let mut frame = [0u8; FRAME];
-    let mut payload = Vec::new();
     loop {
-        match reader.read_exact(&mut frame) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                let rest = std::fs::metadata(path)?.len() - offset;
-                let bad = (rest > 0).then(|| format!("a record header cut short ({rest} bytes)"));
-                return Ok((offset, bad));
+        match next_record(&mut reader)? {
+            Next::Record(event, bytes) => {
+                let at = offset;
+                offset += bytes;
+                if !each(at, *event) {
+                    return Ok((offset, None));
+                }
             }
-            Err(e) => return Err(e),
-        }
-        let len = u32::from_le_bytes([frame[0], frame[1], frame[2], frame[3]]) as usize;
-        let crc = u32::from_le_bytes([frame[4], frame[5], frame[6], frame[7]]);
-        if len > MAX_RECORD {
-            return Ok((offset, Some(format!("a record length of {len} bytes"))));
-        }
-        payload.resize(len, 0);
-        if reader.read_exact(&mut payload).is_err() {
-            return Ok((offset, Some("a record cut short".into())));
-        }
-        if crc32fast::hash(&payload) != crc {
-            return Ok((offset, Some("a record failing its checksum".into())));
-        }
-        let Ok(event) = serde_json::from_slice::<ArchivedEvent>(&payload) else {
-            return Ok((
-                offset,
-                Some("a record that is not an archived event".into()),
-            ));
-        };
-        let at = offset;
-        offset += (FRAME + len) as u64;
-        if !each(at, event) {
-            return Ok((offset, None));
+            Next::End => return Ok((offset, None)),
+            Next::Bad(why) => return Ok((offset, Some(why))),
         }
     }
 }
@@ -744,30 +762,15 @@ impl Archive {
         }
         Ok(out)
     }
-
-    /// Positions written so far (the last record's).
-    pub fn last(&self) -> u64 {
-        lock(&self.writer).next - 1
-    }
 }
 
 /// The record at `offset` of `file`, if a whole, good one is there.
 fn read_at(file: &mut File, offset: u64) -> std::io::Result<Option<ArchivedEvent>> {
     file.seek(SeekFrom::Start(offset))?;
-    let mut frame = [0u8; FRAME];
-    if file.read_exact(&mut frame).is_err() {
-        return Ok(None);
-    }
-    let len = u32::from_le_bytes([frame[0], frame[1], frame[2], frame[3]]) as usize;
-    let crc = u32::from_le_bytes([frame[4], frame[5], frame[6], frame[7]]);
-    if len > MAX_RECORD {
-        return Ok(None);
-    }
-    let mut payload = vec![0u8; len];
-    if file.read_exact(&mut payload).is_err() || crc32fast::hash(&payload) != crc {
-        return Ok(None);
-    }
-    Ok(serde_json::from_slice(&payload).ok())
+    Ok(match next_record(file)? {
+        Next::Record(event, _) => Some(*event),
+        Next::End | Next::Bad(_) => None,
+    })
 }
 
 /// Parses `--since` / `--until`: an RFC 3339 time, or a duration back from

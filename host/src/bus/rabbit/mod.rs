@@ -146,6 +146,18 @@ struct Inner {
 }
 
 impl Inner {
+    /// The retry delays of `plugin`: configured, or removed from the
+    /// configuration while its queue is not deleted yet (its tiers stay until
+    /// then).
+    fn retry_delays(&self, plugin: &str) -> Option<Vec<Duration>> {
+        lock(&self.desired)
+            .queues
+            .iter()
+            .find(|q| q.plugin == plugin)
+            .map(|q| q.retry_delays.clone())
+            .or_else(|| lock(&self.retired).get(plugin).cloned())
+    }
+
     /// The most bytes a message's properties and headers may take on the
     /// current connection (see [`amqp::header_limit`]).
     fn header_limit(&self) -> usize {
@@ -272,14 +284,9 @@ impl RabbitBus {
     /// The retry tier queues of `plugin` (configured, or removed and not
     /// deleted yet).
     fn tiers_of(&self, plugin: &str) -> Vec<String> {
-        let delays = lock(&self.inner.desired)
-            .queues
-            .iter()
-            .find(|q| q.plugin == plugin)
-            .map(|q| q.retry_delays.clone())
-            .or_else(|| lock(&self.inner.retired).get(plugin).cloned())
-            .unwrap_or_default();
-        delays
+        self.inner
+            .retry_delays(plugin)
+            .unwrap_or_default()
             .into_iter()
             .map(|d| self.inner.names.retry_queue(plugin, d))
             .collect()

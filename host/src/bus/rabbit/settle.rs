@@ -27,7 +27,7 @@ use lapin::options::{BasicAckOptions, BasicNackOptions};
 use tokio::sync::watch;
 
 use super::publish::{Returns, publish_confirmed, record_published};
-use super::{Inner, Names, amqp, lock, session};
+use super::{Inner, Names, amqp, session};
 use crate::bus::{
     BusError, Delivered, Delivery, FailureInfo, OnSettled, Outgoing, Settle, Settled, Settlement,
 };
@@ -66,12 +66,7 @@ impl RabbitSettle {
     fn tier(&self, delay: Option<Duration>) -> Option<Duration> {
         // A plugin removed from the configuration keeps its tiers (bound)
         // while it drains: its failures still wait there.
-        let delays = lock(&self.inner.desired)
-            .queues
-            .iter()
-            .find(|q| q.plugin == self.plugin)
-            .map(|q| q.retry_delays.clone())
-            .or_else(|| lock(&self.inner.retired).get(&self.plugin).cloned())?;
+        let delays = self.inner.retry_delays(&self.plugin)?;
         match delay {
             Some(delay) => delays
                 .iter()
