@@ -3,7 +3,7 @@
 
 CARGO   ?= cargo
 WASM    := wasm32-wasip2
-PLUGINS := notification billing analytics
+PLUGINS := notification billing analytics orders
 GUESTS  := scripted-guest noop-guest wrong-world-guest contract-0-1-0-guest tally-guest trap-guest
 OUT     := target/$(WASM)/release
 
@@ -57,7 +57,7 @@ lint: wasm-target
 fmt:
 	$(CARGO) fmt --all
 
-## plugins: the three seed plugins, as components, copied into plugins/ (watched)
+## plugins: the four seed plugins, as components, copied into plugins/ (watched)
 plugins: wasm-target
 	$(CARGO) build --release --target $(WASM) $(addprefix -p ,$(PLUGINS))
 	@for p in $(PLUGINS); do cmp -s $(OUT)/$$p.wasm plugins/$$p.wasm || cp $(OUT)/$$p.wasm plugins/$$p.wasm; done
@@ -109,8 +109,9 @@ bench-languages: plugins lang-plugins
 	$(CARGO) run --release -p switchboard-bench -- languages $(ARGS)
 
 ## bench-archive: the event archive: append (with and without waiting for the
-## fsync), read back, and the embedded bus with it off and on
-bench-archive:
+## fsync), read back, replay through the no-op plugin, and the embedded bus with
+## it off and on
+bench-archive: guests
 	$(CARGO) build --release -p switchboard-bench
 	./target/release/switchboard-bench archive $(ARGS)
 

@@ -1,4 +1,4 @@
-//! The three seed plugins, as built components, on events in the services'
+//! The four seed plugins, as built components, on events in the services'
 //! envelope: what they emit, what they keep, and how they fail.
 
 use serde_json::json;
@@ -171,6 +171,135 @@ fn billing_rejects_events_missing_fields() {
         .unwrap_err();
     assert!(
         matches!(failure, Failure::Reject(ref r) if r.contains("bill_id")),
+        "{failure:?}"
+    );
+}
+
+fn orders(h: &Harness) -> Plugin {
+    h.load("orders", "orders", &[], Limits::default())
+}
+
+fn order_created(id: &str, order: &str) -> switchboard::runtime::Event {
+    event(
+        id,
+        "order.created",
+        json!({"order_id": order, "items": [{"sku": "A-1", "qty": 2}],
+               "customer": {"name": "Ann", "email": "ann@example.com"},
+               "currency": "EUR", "total": 42.5}),
+    )
+}
+
+/// The order as stored, as text: the projection's bytes are what a rebuild is
+/// compared with.
+fn stored_order(h: &Harness, order: &str) -> String {
+    let raw =
+        h.kv.get("orders", &format!("order:{order}"))
+            .unwrap()
+            .unwrap();
+    String::from_utf8(raw).unwrap()
+}
+
+#[test]
+fn orders_folds_an_order_through_its_lifecycle() {
+    let h = Harness::new();
+    let plugin = orders(&h);
+    let lifecycle = [
+        order_created("e1", "o1"),
+        event(
+            "e2",
+            "order.paid",
+            json!({"order_id": "o1", "amount": 42.5, "payment_id": "p1"}),
+        ),
+        event(
+            "e3",
+            "order.shipped",
+            json!({"order_id": "o1", "carrier": "DHL", "tracking": "TRK1"}),
+        ),
+        event("e4", "order.delivered", json!({"order_id": "o1"})),
+    ];
+    for input in &lifecycle {
+        assert!(
+            plugin.handle(input).unwrap().is_empty(),
+            "a projection emits nothing"
+        );
+    }
+    let expected = concat!(
+        r#"{"order_id":"o1","status":"DELIVERED","items":[{"qty":2,"sku":"A-1"}],"#,
+        r#""customer":{"email":"ann@example.com","name":"Ann"},"currency":"EUR","total":42.5,"#,
+        r#""amount":42.5,"payment_id":"p1","carrier":"DHL","tracking":"TRK1","history":["#,
+        r#"{"event":"e1","kind":"order.created","status":"CREATED"},"#,
+        r#"{"event":"e2","kind":"order.paid","status":"PAID"},"#,
+        r#"{"event":"e3","kind":"order.shipped","status":"SHIPPED"},"#,
+        r#"{"event":"e4","kind":"order.delivered","status":"DELIVERED"}]}"#,
+    );
+    assert_eq!(stored_order(&h, "o1"), expected);
+
+    // Every event delivered again (at least once): nothing changes.
+    for input in &lifecycle {
+        assert!(plugin.handle(input).unwrap().is_empty());
+    }
+    assert_eq!(stored_order(&h, "o1"), expected);
+}
+
+#[test]
+fn orders_cancels_and_refuses_to_ship_a_cancelled_order() {
+    let h = Harness::new();
+    let plugin = orders(&h);
+    plugin.handle(&order_created("e1", "o1")).unwrap();
+    plugin
+        .handle(&event(
+            "e2",
+            "order.cancelled",
+            json!({"order_id": "o1", "reason": "out of stock"}),
+        ))
+        .unwrap();
+    let cancelled: serde_json::Value = serde_json::from_str(&stored_order(&h, "o1")).unwrap();
+    assert_eq!(cancelled["status"], "CANCELLED");
+    assert_eq!(cancelled["reason"], "out of stock");
+    assert_eq!(
+        cancelled["history"][1],
+        json!({"event": "e2", "kind": "order.cancelled", "status": "CANCELLED"})
+    );
+
+    let failure = plugin
+        .handle(&event("e3", "order.shipped", json!({"order_id": "o1"})))
+        .unwrap_err();
+    assert!(
+        matches!(failure, Failure::Reject(ref r) if r.contains("CANCELLED") && r.contains("SHIPPED")),
+        "{failure:?}"
+    );
+    assert!(!failure.is_retryable());
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&stored_order(&h, "o1")).unwrap(),
+        cancelled,
+        "the order is left as it was"
+    );
+}
+
+#[test]
+fn orders_retries_events_that_overtake_their_order_and_rejects_a_missing_id() {
+    let h = Harness::new();
+    let plugin = orders(&h);
+    let early = event("e2", "order.paid", json!({"order_id": "o9", "amount": 5}));
+    let failure = plugin.handle(&early).unwrap_err();
+    assert!(
+        matches!(failure, Failure::Retry(ref r) if r == "order o9 not created yet"),
+        "{failure:?}"
+    );
+    assert_eq!(h.kv.get("orders", "order:o9").unwrap(), None);
+    plugin.handle(&order_created("e1", "o9")).unwrap();
+    let retried = switchboard::runtime::Event {
+        attempt: 2,
+        ..early
+    };
+    plugin.handle(&retried).unwrap();
+    assert!(stored_order(&h, "o9").contains(r#""status":"PAID""#));
+
+    let failure = plugin
+        .handle(&event("e3", "order.shipped", json!({"carrier": "DHL"})))
+        .unwrap_err();
+    assert!(
+        matches!(failure, Failure::Reject(ref r) if r.contains("order_id")),
         "{failure:?}"
     );
 }

@@ -326,7 +326,7 @@ mod tests {
 
     #[test]
     fn the_seed_plugins_check_clean() {
-        let dir = wasm_dir(&["billing", "notification", "analytics"]);
+        let dir = wasm_dir(&["billing", "notification", "analytics", "orders"]);
         let shipped = include_str!("../../../router.toml").replace(
             "plugins_dir = \"plugins\"",
             &format!("plugins_dir = {}", toml_path(dir)),
@@ -342,13 +342,13 @@ mod tests {
         ] {
             assert!(out.contains(line), "missing {line:?} in\n{out}");
         }
-        for name in ["billing", "notification", "analytics"] {
+        for name in ["billing", "notification", "analytics", "orders"] {
             assert!(out.contains(&format!("  {name}: ok, version ")), "{out}");
             assert!(out.contains(&dir.join(format!("{name}.wasm")).display().to_string()));
         }
         assert!(out.contains("limits    timeout 5s, memory 64MiB, instance_reuse 1000"));
         assert!(out.contains("config    bill.paid.subject"), "{out}");
-        assert!(out.contains("ok: 3 plugins, 3 routes"), "{out}");
+        assert!(out.contains("ok: 4 plugins, 4 routes"), "{out}");
     }
 
     #[test]

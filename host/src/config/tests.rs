@@ -43,7 +43,7 @@ fn the_shipped_router_toml_parses_and_routes_to_its_plugins() {
     );
     assert_eq!(
         config.plugins.keys().collect::<Vec<_>>(),
-        ["analytics", "billing", "notification"]
+        ["analytics", "billing", "notification", "orders"]
     );
     assert_eq!(config.exchanges.len(), 1);
     assert_eq!(config.exchanges[0].kind, ExchangeKind::Topic);
