@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use switchboard::appliance::PluginState;
 use switchboard_tests::running::{Running, start, start_in};
-use switchboard_tests::wasm;
+use switchboard_tests::{cli, wasm};
 
 const SEED: &str = r#"
 plugins_dir = "plugins"
@@ -498,28 +498,6 @@ fn kinds(events: &[Value]) -> Vec<String> {
         .collect()
 }
 
-/// `switchboard events` on `dir`'s router.toml: (exit code, JSON lines, stderr).
-fn events_cli(dir: &std::path::Path, args: &[&str]) -> (i32, Vec<Value>, String) {
-    let output =
-        std::process::Command::new(switchboard_tests::target_dir().join("release/switchboard"))
-            .arg("events")
-            .arg("--config")
-            .arg(dir.join("router.toml"))
-            .args(args)
-            .output()
-            .unwrap();
-    let lines = String::from_utf8(output.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    (
-        output.status.code().unwrap_or(-1),
-        lines,
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
-}
-
 #[test]
 fn the_archive_keeps_each_bills_history_in_order_for_the_api_and_the_cli() {
     let r = start(
@@ -567,21 +545,23 @@ fn the_archive_keeps_each_bills_history_in_order_for_the_api_and_the_cli() {
     assert_eq!(emails["items"].as_array().unwrap().len(), 1);
 
     // The CLI reads the same history from the files, beside the running appliance.
-    let (code, lines, stderr) = events_cli(&r.dir, &["--aggregate", "B-7"]);
+    let (code, lines, stderr) = cli(&r.dir, &["events", "--aggregate", "B-7"]);
     assert_eq!(code, 0, "{stderr}");
     assert_eq!(
         kinds(&lines),
         ["bill.created", "payment.success", "bill.paid"]
     );
-    let (code, lines, stderr) = events_cli(&r.dir, &["--aggregate", "nobody"]);
+    let (code, lines, stderr) = cli(&r.dir, &["events", "--aggregate", "nobody"]);
     assert_eq!((code, lines.len()), (0, 0), "{stderr}");
-    let (code, lines, _) = events_cli(
+    let (code, lines, _) = cli(
         &r.dir,
-        &["--match", "bill.*", "--since", "1h", "--limit", "2"],
+        &[
+            "events", "--match", "bill.*", "--since", "1h", "--limit", "2",
+        ],
     );
     assert_eq!(code, 0);
     assert_eq!(kinds(&lines), ["bill.created", "bill.created"]);
-    let (code, _, stderr) = events_cli(&r.dir, &["--since", "last tuesday"]);
+    let (code, _, stderr) = cli(&r.dir, &["events", "--since", "last tuesday"]);
     assert_eq!(code, 2);
     assert!(
         stderr.contains("neither an RFC 3339 time nor a duration"),
@@ -655,7 +635,7 @@ fn kill_9_while_archiving_loses_no_acknowledged_event() {
     stop.store(true, Ordering::SeqCst);
     poster.join().unwrap();
     let acknowledged = acknowledged.lock().unwrap().clone();
-    let (code, lines, stderr) = events_cli(replica.dir(), &["--match", "bill.created"]);
+    let (code, lines, stderr) = cli(replica.dir(), &["events", "--match", "bill.created"]);
     assert_eq!(code, 0, "{stderr}");
     let archived: std::collections::BTreeSet<&str> =
         lines.iter().map(|e| e["id"].as_str().unwrap()).collect();
@@ -670,7 +650,7 @@ fn kill_9_while_archiving_loses_no_acknowledged_event() {
         acknowledged.len(),
         &missing[..missing.len().min(5)]
     );
-    let (_, all, _) = events_cli(replica.dir(), &[]);
+    let (_, all, _) = cli(replica.dir(), &["events"]);
     let seqs: Vec<u64> = all.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
     assert!(
         seqs.iter().enumerate().all(|(i, s)| *s == i as u64 + 1),
@@ -735,4 +715,362 @@ fn kv_get_cli(dir: &std::path::Path, args: &[&str]) -> std::process::Output {
         .args(args)
         .output()
         .unwrap()
+}
+
+/// Orders (the event-sourcing seed plugin) and notification, with the archive
+/// indexed by order.
+const ORDERS: &str = r#"
+plugins_dir = "plugins"
+state_dir = "state"
+[[exchanges]]
+name = "events"
+[plugins.orders]
+concurrency = 1
+[plugins.notification]
+# A replay is not a duplicate: it gets past the window.
+dedupe = "10m"
+[[routes]]
+exchange = "events"
+patterns = ["order.created", "order.paid", "order.shipped", "order.delivered", "order.cancelled"]
+plugin = "orders"
+[[routes]]
+exchange = "events"
+patterns = ["order.*", "user.created"]
+plugin = "notification"
+[archive]
+enabled = true
+[[archive.aggregates]]
+match = "order.*"
+field = "data.order_id"
+"#;
+
+fn orders() -> Running {
+    start(
+        ORDERS,
+        &[
+            ("orders.wasm", "orders"),
+            ("notification.wasm", "notification"),
+        ],
+    )
+}
+
+/// Posts an order's lifecycle, one event per kind.
+fn post_order(r: &Running, id: &str, kinds: &[&str]) {
+    for kind in kinds {
+        let data = match *kind {
+            "order.created" => json!({"order_id": id, "items": [{"sku": "A-1", "qty": 2}],
+                                      "total": 40, "currency": "EUR",
+                                      "customer": {"email": "ann@example.com"}}),
+            "order.paid" => json!({"order_id": id, "amount": 40, "currency": "EUR"}),
+            "order.shipped" => json!({"order_id": id, "tracking_number": format!("T-{id}"),
+                                      "email": "ann@example.com"}),
+            _ => json!({"order_id": id}),
+        };
+        let (status, reply, _) = r.post("events", kind, &data);
+        assert_eq!(status, 202, "{reply}");
+        // One at a time: the reducer sees the lifecycle in order.
+        r.wait_idle();
+    }
+}
+
+/// The bytes `plugin` keeps under `key`, read from a stopped appliance's store.
+fn stored(dir: &std::path::Path, plugin: &str, key: &str) -> Option<Vec<u8>> {
+    use switchboard::kv::KvStore as _;
+    let store = switchboard::kv::EmbeddedStore::open(&dir.join("state/kv.redb")).unwrap();
+    store.get(plugin, key).unwrap()
+}
+
+#[test]
+fn an_orders_history_rebuilds_its_state_byte_for_byte_with_or_without_the_appliance() {
+    let r = orders();
+    let lifecycle = [
+        "order.created",
+        "order.paid",
+        "order.shipped",
+        "order.delivered",
+    ];
+    post_order(&r, "O-1", &lifecycle);
+    post_order(&r, "O-2", &["order.created", "order.cancelled"]);
+    let state = r.get("/api/kv/orders/order:O-1");
+    assert_eq!(state["value"]["status"], "DELIVERED", "{state}");
+    assert_eq!(
+        r.get("/api/kv/orders/order:O-2")["value"]["status"],
+        "CANCELLED"
+    );
+
+    // The order's history, in order, from the archive.
+    let (code, history, stderr) = cli(&r.dir, &["events", "--aggregate", "O-1"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(kinds(&history), lifecycle, "outputs are not order.* events");
+
+    // Rebuilt through the running appliance (it holds the embedded store).
+    let (status, body) = r.request("DELETE", "/api/kv/orders/order:O-1", None, None);
+    assert_eq!(status, 204, "{body}");
+    let (status, _) = r.request("GET", "/api/kv/orders/order:O-1", None, None);
+    assert_eq!(status, 404);
+    let (code, written, stderr) = cli(
+        &r.dir,
+        &[
+            "replay",
+            "orders",
+            "--aggregate",
+            "O-1",
+            "--rebuild",
+            "--url",
+            &r.url,
+        ],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("from 4 events"), "{stderr}");
+    assert_eq!(written.len(), 1, "one key: {written:?}");
+    assert_eq!(written[0]["key"], "order:O-1");
+    assert_eq!(r.get("/api/kv/orders/order:O-1"), state);
+
+    // A payment archived before its order: production retried it until the
+    // order existed, and so does the rebuild.
+    for (kind, data) in [
+        ("order.paid", json!({"order_id": "O-9", "amount": 5})),
+        ("order.created", json!({"order_id": "O-9", "items": []})),
+    ] {
+        let (status, reply, _) = r.post("events", kind, &data);
+        assert_eq!(status, 202, "{reply}");
+    }
+    r.wait_for("O-9 paid", |r| {
+        r.request("GET", "/api/kv/orders/order:O-9", None, None)
+            .1
+            .contains("PAID")
+    });
+    let paid = r.get("/api/kv/orders/order:O-9");
+    let (status, _) = r.request("DELETE", "/api/kv/orders/order:O-9", None, None);
+    assert_eq!(status, 204);
+    let (code, _, stderr) = cli(
+        &r.dir,
+        &[
+            "replay",
+            "orders",
+            "--aggregate",
+            "O-9",
+            "--rebuild",
+            "--url",
+            &r.url,
+        ],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(r.get("/api/kv/orders/order:O-9"), paid);
+
+    let dir = r.dir.clone();
+    let (_, _temp) = r.stop_and_keep(Duration::from_secs(5));
+    let original = stored(&dir, "orders", "order:O-1").expect("rebuilt");
+    let other = stored(&dir, "orders", "order:O-2").expect("untouched");
+
+    // Rebuilt with no appliance running: straight into the store, byte for byte.
+    {
+        use switchboard::kv::KvStore as _;
+        let store = switchboard::kv::EmbeddedStore::open(&dir.join("state/kv.redb")).unwrap();
+        assert!(store.delete("orders", "order:O-1").unwrap());
+    }
+    let (code, _, stderr) = cli(
+        &dir,
+        &["replay", "orders", "--aggregate", "O-1", "--rebuild"],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(stored(&dir, "orders", "order:O-1"), Some(original.clone()));
+    assert_eq!(stored(&dir, "orders", "order:O-2"), Some(other));
+
+    // A corrupted state is put right the same way.
+    {
+        use switchboard::kv::KvStore as _;
+        let store = switchboard::kv::EmbeddedStore::open(&dir.join("state/kv.redb")).unwrap();
+        store
+            .set("orders", "order:O-1", br#"{"status":"BROKEN"}"#, None)
+            .unwrap();
+    }
+    let (code, _, stderr) = cli(
+        &dir,
+        &["replay", "orders", "--aggregate", "O-1", "--rebuild"],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(stored(&dir, "orders", "order:O-1"), Some(original));
+
+    // An aggregate with no history: nothing to do, nothing written.
+    let (code, written, stderr) = cli(
+        &dir,
+        &["replay", "orders", "--aggregate", "O-404", "--rebuild"],
+    );
+    assert_eq!((code, written.len()), (0, 0), "{stderr}");
+    let (code, lines, _) = cli(&dir, &["events", "--aggregate", "O-404"]);
+    assert_eq!((code, lines.len()), (0, 0));
+}
+
+/// `path`'s bytes with `from` replaced by `to` (same length) once: a plugin
+/// that differs from the original in one template.
+fn patched(path: &std::path::Path, from: &str, to: &str) -> Vec<u8> {
+    assert_eq!(from.len(), to.len());
+    let mut bytes = std::fs::read(path).unwrap();
+    let at = bytes
+        .windows(from.len())
+        .position(|w| w == from.as_bytes())
+        .unwrap_or_else(|| panic!("{from:?} is not in {}", path.display()));
+    bytes[at..at + from.len()].copy_from_slice(to.as_bytes());
+    bytes
+}
+
+#[test]
+fn a_candidate_is_diffed_against_history_and_a_replay_is_redelivered_marked() {
+    let r = orders();
+    post_order(&r, "O-1", &["order.created", "order.paid", "order.shipped"]);
+    post_order(&r, "O-2", &["order.created", "order.shipped"]);
+    post_order(&r, "O-3", &["order.created", "order.cancelled"]);
+    let (status, reply, _) = r.post(
+        "events",
+        "user.created",
+        &json!({"name": "Ann", "email": "ann@example.com"}),
+    );
+    assert_eq!(status, 202, "{reply}");
+    r.wait_idle();
+    let (_, archived, _) = cli(&r.dir, &["events"]);
+    let shipped: Vec<&Value> = archived
+        .iter()
+        .filter(|e| e["routing_key"] == "order.shipped")
+        .collect();
+    assert_eq!(shipped.len(), 2);
+
+    // A copy of notification whose order.shipped subject reads differently.
+    let candidate = r.dir.join("notification-candidate.wasm");
+    std::fs::write(
+        &candidate,
+        patched(&wasm("notification"), "has shipped", "was shipped"),
+    )
+    .unwrap();
+    let candidate = candidate.to_str().unwrap();
+    let (code, lines, stderr) = cli(
+        &r.dir,
+        &["replay", "notification", "--diff", "--file", candidate],
+    );
+    assert_eq!(code, 1, "they differ: {stderr}");
+    let (summary, differ) = lines.split_last().unwrap();
+    let named: Vec<&Value> = differ.iter().map(|l| &l["input"]).collect();
+    let expected: Vec<&Value> = shipped.iter().map(|e| &e["id"]).collect();
+    assert_eq!(
+        named, expected,
+        "exactly the order.shipped events: {differ:?}"
+    );
+    for line in differ {
+        assert_eq!(line["verdict"], "differ");
+        assert!(
+            line["running"]["outputs"][0]["data"]["subject"]
+                .as_str()
+                .unwrap()
+                .ends_with("has shipped")
+        );
+        assert!(
+            line["candidate"]["outputs"][0]["data"]["subject"]
+                .as_str()
+                .unwrap()
+                .ends_with("was shipped")
+        );
+    }
+    // notification sees every order.* event and user.created: 8.
+    let summary = &summary["summary"];
+    assert_eq!(summary["events"], 8, "{summary}");
+    assert_eq!(summary["same"], 6);
+    assert_eq!(summary["differ"], 2);
+    assert_eq!(summary["fails_only_in_candidate"], 0);
+
+    // The same copy against itself: all the same, exit 0.
+    let (code, lines, stderr) = cli(
+        &r.dir,
+        &[
+            "replay",
+            "notification",
+            "--diff",
+            "--file",
+            wasm("notification").to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(lines.len(), 1);
+    assert_eq!(lines[0]["summary"]["same"], 8);
+
+    // A candidate that fails: each failure reported, nothing published.
+    let (code, lines, stderr) = cli(
+        &r.dir,
+        &[
+            "replay",
+            "orders",
+            "--dry-run",
+            "--file",
+            wasm("trap_guest").to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, 1, "{stderr}");
+    assert_eq!(lines.len(), 7, "every order.* event");
+    assert!(
+        lines.iter().all(|l| l["failure"]["kind"].is_string()),
+        "{lines:?}"
+    );
+    // A dry run of the real plugin over a copy of its state: all handled.
+    let (code, lines, stderr) = cli(
+        &r.dir,
+        &["replay", "orders", "--dry-run", "--aggregate", "O-1"],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(lines.len(), 3);
+    // A component that is not a plugin: one sentence.
+    let (code, lines, stderr) = cli(
+        &r.dir,
+        &[
+            "replay",
+            "orders",
+            "--dry-run",
+            "--file",
+            wasm("wrong_world_guest").to_str().unwrap(),
+        ],
+    );
+    assert_eq!((code, lines.len()), (2, 0));
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("is not a Switchboard plugin"), "{stderr}");
+    // Nothing above published anything.
+    let (_, after, _) = cli(&r.dir, &["events"]);
+    assert_eq!(after.len(), archived.len());
+
+    // --publish: the shipped events again, through notification's queue.
+    let (code, lines, stderr) = cli(
+        &r.dir,
+        &[
+            "replay",
+            "notification",
+            "--match",
+            "order.shipped",
+            "--publish",
+            "--url",
+            &r.url,
+        ],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(lines[0]["delivered"], 2, "{lines:?}");
+    let replay = lines[0]["replay"].as_str().unwrap().to_string();
+    r.wait_idle();
+    let (_, after, _) = cli(&r.dir, &["events", "--match", "notification.#"]);
+    let (first, again): (Vec<&Value>, Vec<&Value>) = after.iter().partition(|e| {
+        !e["headers"]
+            .as_array()
+            .is_some_and(|h| h.iter().any(|kv| kv[0] == "switchboard-replay"))
+    });
+    assert_eq!(again.len(), 2, "{after:?}");
+    for output in &again {
+        let mark = output["headers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|kv| kv[0] == "switchboard-replay")
+            .unwrap();
+        assert_eq!(mark[1], replay.as_str());
+        assert!(
+            first.iter().any(|f| f["id"] == output["id"]),
+            "a replayed output has the id it had the first time: {output}"
+        );
+    }
+    // The plugin saw them as first attempts and handled them.
+    assert_eq!(r.status("notification").queue.unwrap().dead_lettered, 0);
 }

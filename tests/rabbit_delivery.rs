@@ -643,3 +643,230 @@ fn a_graceful_stop_leaves_nothing_unacknowledged_and_a_restart_resumes() {
         "the second run handled exactly what was left"
     );
 }
+
+/// The billing and notification seed plugins on `events`, with the archive on
+/// (kept `max_age`), indexed by bill.
+fn archived_bills(url: &str, max_age: &str) -> String {
+    format!(
+        r##"
+plugins_dir = "plugins"
+state_dir = "state"
+[broker]
+url = "{url}"
+timeout = "2s"
+[defaults]
+concurrency = 2
+[defaults.backoff]
+initial = "200ms"
+max = "400ms"
+jitter = 0.0
+[[exchanges]]
+name = "events"
+[plugins.billing]
+[plugins.notification]
+[[routes]]
+exchange = "events"
+patterns = ["bill.created", "payment.*"]
+plugin = "billing"
+[[routes]]
+exchange = "events"
+pattern = "bill.paid"
+plugin = "notification"
+[archive]
+enabled = true
+max_age = "{max_age}"
+[[archive.aggregates]]
+match = "bill.*"
+field = "data.bill_id"
+[[archive.aggregates]]
+match = "payment.*"
+field = "data.bill_id"
+"##
+    )
+}
+
+const BILLING_AND_NOTIFICATION: [(&str, &str); 2] = [
+    ("billing.wasm", "billing"),
+    ("notification.wasm", "notification"),
+];
+
+fn handled_by(r: &Running, plugin: &str) -> u64 {
+    status(r, plugin)
+        .dispatch
+        .map_or(0, |d| d.handled.load(std::sync::atomic::Ordering::SeqCst))
+}
+
+fn routing_keys(events: &[Value]) -> Vec<&str> {
+    events
+        .iter()
+        .map(|e| e["routing_key"].as_str().unwrap())
+        .collect()
+}
+
+/// On RabbitMQ the archive is a stream on the broker: what the router
+/// publishes (ingress, plugin outputs) and what services publish straight to
+/// the broker is kept there, in publishing order, and `switchboard events`,
+/// `GET /api/events` and every replica read the same history. Edited
+/// retention is refused at start with what to do about it.
+#[test]
+fn the_archive_stream_keeps_each_bills_history_for_the_cli_the_api_and_every_replica() {
+    if !require_broker() {
+        return;
+    }
+    let vhost = TestVhost::new("archive");
+    let url = vhost.url();
+    let r = start(&archived_bills(&url, "7d"), &BILLING_AND_NOTIFICATION);
+    assert!(r.appliance.is_ready());
+    let amqp = Amqp::connect(&url).unwrap();
+    assert!(
+        amqp.queue_state("switchboard.archive").is_some(),
+        "the stream is declared at start"
+    );
+    let bill = |id: &str| {
+        json!({"bill_id": id, "amount": 12, "currency": "EUR",
+               "customer": {"name": "Ann", "email": "ann@example.com"}})
+    };
+    for id in ["B-1", "B-2"] {
+        let (code, reply, _) = r.post("events", "bill.created", &bill(id));
+        assert_eq!(code, 202, "{reply}");
+    }
+    // Billing must know the bill before its payment (else it retries).
+    wait_until("both bills recorded", || handled_by(&r, "billing") == 2);
+    let payment = json!({"id": "pay-1", "type": "payment.success",
+                         "data": {"bill_id": "B-1", "payment_id": "P-1"}});
+    let (code, reply, _) = r.post("events", "payment.success", &payment);
+    assert_eq!(code, 202, "{reply}");
+    // bill.paid reaches notification, whose email nobody routes: the stream
+    // alone takes it (and keeps it).
+    wait_until("the bill paid and notified", || {
+        handled_by(&r, "notification") == 1
+    });
+    // A service publishing to the broker itself, with no AMQP timestamp: the
+    // envelope dates it.
+    let from_service = json!({"id": "svc-3", "type": "bill.created", "source": "billing-api",
+                              "timestamp": "2026-11-22T09:00:00Z", "data": bill("B-3")});
+    assert_eq!(
+        amqp.publish(&Publish::json("events", "bill.created", &from_service)),
+        Confirmed::Routed
+    );
+    wait_until("the service's bill recorded", || {
+        handled_by(&r, "billing") == 4
+    });
+
+    // The CLI, on its own connection.
+    let (code, history, stderr) = switchboard_tests::cli(&r.dir, &["events", "--aggregate", "B-1"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(
+        routing_keys(&history),
+        ["bill.created", "payment.success", "bill.paid"],
+        "the bill's history, in publishing order"
+    );
+    assert_eq!(history[1]["id"], "pay-1");
+    assert_eq!(history[1]["body"]["data"]["payment_id"], "P-1");
+    assert_eq!(history[2]["causation_id"], "pay-1", "{}", history[2]);
+    assert_eq!(history[2]["exchange"], "events");
+    let seqs: Vec<u64> = history.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+    let published = |e: &Value| {
+        switchboard::archive::parse_time(e["time"].as_str().unwrap())
+            .unwrap_or_else(|why| panic!("{why}: {e}"))
+            .timestamp()
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    assert!(
+        (now - published(&history[0])).abs() < 60,
+        "the router's own publish is dated by its timestamp: {}",
+        history[0]
+    );
+    let (code, b3, stderr) = switchboard_tests::cli(&r.dir, &["events", "--aggregate", "B-3"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(b3.len(), 1);
+    assert_eq!(published(&b3[0]), 1_795_338_000, "{}", b3[0]);
+
+    // Replay reads the same stream: billing's part of B-1's history, run
+    // offline on a copy of its state, gives the bill.paid production
+    // published, with the same id, and publishes nothing.
+    let (code, replayed, stderr) = switchboard_tests::cli(
+        &r.dir,
+        &["replay", "billing", "--aggregate", "B-1", "--dry-run"],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(
+        replayed.len(),
+        2,
+        "bill.created and payment.success: {replayed:?}"
+    );
+    assert_eq!(replayed[1]["outputs"][0]["type"], "bill.paid");
+    assert_eq!(replayed[1]["outputs"][0]["id"], history[2]["id"]);
+    let (code, diff, stderr) = switchboard_tests::cli(
+        &r.dir,
+        &[
+            "replay",
+            "billing",
+            "--diff",
+            "--file",
+            switchboard_tests::wasm("billing").to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(diff[0]["summary"]["events"], 4, "{diff:?}");
+    assert_eq!(diff[0]["summary"]["same"], 4);
+
+    // The API: the same records.
+    let b1 = r.get("/api/events?aggregate=B-1");
+    assert_eq!(b1["items"].as_array().unwrap(), &history);
+    // Everything, a page at a time: the next page starts at its position.
+    let first = r.get("/api/events?limit=3");
+    let first = first["items"].as_array().unwrap().clone();
+    let after = first.last().unwrap()["seq"].as_u64().unwrap();
+    let rest = r.get(&format!("/api/events?limit=10&after={after}"));
+    assert_eq!(rest["next_after"], Value::Null, "{rest}");
+    let all: Vec<Value> = first
+        .into_iter()
+        .chain(rest["items"].as_array().unwrap().iter().cloned())
+        .collect();
+    assert_eq!(
+        routing_keys(&all),
+        [
+            "bill.created",
+            "bill.created",
+            "payment.success",
+            "bill.paid",
+            "notification.email",
+            "bill.created"
+        ]
+    );
+    let emails = r.get("/api/events?match=notification.%23");
+    assert_eq!(emails["items"].as_array().unwrap().len(), 1);
+    // A page past the end is empty (after the broker timeout).
+    let beyond = r.get("/api/events?after=1000000");
+    assert_eq!(beyond["items"], json!([]), "{beyond}");
+
+    // A replica on the same broker and prefix declares the same stream and
+    // reads the same history.
+    let replica = start(&archived_bills(&url, "7d"), &BILLING_AND_NOTIFICATION);
+    assert!(replica.appliance.is_ready());
+    let seen = replica.get("/api/events?aggregate=B-1");
+    assert_eq!(seen["items"].as_array().unwrap(), &history);
+
+    // Retention edited: the broker keeps the stream's arguments; the
+    // appliance does not start, and says what to do.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("plugins")).unwrap();
+    let edited = RouterConfig::parse(&archived_bills(&url, "1d"), dir.path()).unwrap();
+    let refused = switchboard::appliance::Appliance::start(edited)
+        .map(|_| ())
+        .unwrap_err();
+    let why = format!("{refused:#}");
+    assert!(
+        why.contains("switchboard.archive") && why.contains("x-max-age"),
+        "{why}"
+    );
+    assert!(
+        why.contains("delete the stream") && why.contains("policy"),
+        "{why}"
+    );
+}

@@ -5,6 +5,8 @@
 //!   publishing one event at a time (plugin outputs), which share fsyncs;
 //! - read: events/s read back in order (what a replay or `switchboard events`
 //!   reads), by scan and by aggregate;
+//! - replay: events/s read from the archive and run offline through the
+//!   no-op plugin (`switchboard replay --dry-run`: decode, handle, outcome);
 //! - the embedded bus itself, publishing one event at a time from 8 threads
 //!   into a drained queue, as ingress does (each publish returns once fsynced),
 //!   with the archive off and on, rounds alternating.
@@ -16,8 +18,10 @@ use serde_json::json;
 use switchboard::archive::{Archive, Query};
 use switchboard::bus::embedded::EmbeddedBus;
 use switchboard::bus::{Bus, ExchangeSpec, Message, Outgoing, QueueSpec, Settlement, Topology};
-use switchboard::config::{AggregateRule, ArchiveConfig};
+use switchboard::config::{AggregateRule, ArchiveConfig, RouterConfig};
+use switchboard::replay::{self, Offline};
 use switchboard::route::{Binding, ExchangeKind};
+use switchboard::runtime::Runtime;
 
 use crate::median;
 
@@ -146,6 +150,37 @@ fn publish_rate(bus: &EmbeddedBus, n: usize) -> anyhow::Result<f64> {
     Ok((per_thread * threads) as f64 / start.elapsed().as_secs_f64())
 }
 
+/// Events/s of `switchboard replay --dry-run` over the whole of `archive`
+/// through the no-op plugin, per round: reading the archive, selecting by
+/// route, decoding, running the plugin, rendering each outcome.
+fn replay_rates(archive: &Archive, dir: &std::path::Path) -> anyhow::Result<Vec<f64>> {
+    let noop = crate::wasm("noop_guest")?;
+    let text = format!(
+        "plugins_dir = {:?}\nstate_dir = {:?}\n[runtime]\npooling = false\n\
+         [plugins.noop]\nfile = \"noop_guest.wasm\"\n\
+         [[exchanges]]\nname = \"events\"\n\
+         [[routes]]\nexchange = \"events\"\npattern = \"#\"\nplugin = \"noop\"\n",
+        noop.parent().unwrap_or(dir),
+        dir.join("replay-state"),
+    );
+    let config = RouterConfig::parse(&text, dir)?;
+    let runtime = Runtime::new(config.runtime_config())?;
+    let plugin = Offline::load(&runtime, &config, "noop", None, None)?;
+    let mut rates = Vec::new();
+    for _ in 0..ROUNDS {
+        let start = Instant::now();
+        let events = replay::routed_to(&config, "noop", archive.query(&Query::default())?)?;
+        let mut handled = 0usize;
+        for event in &events {
+            let line = plugin.run(event);
+            handled += usize::from(line.get("outputs").is_some());
+        }
+        anyhow::ensure!(handled == events.len(), "the no-op plugin failed an event");
+        rates.push(events.len() as f64 / start.elapsed().as_secs_f64());
+    }
+    Ok(rates)
+}
+
 pub fn run(args: &ArchiveArgs) -> anyhow::Result<()> {
     let n = args.events;
     let dir = tempfile::tempdir()?;
@@ -201,6 +236,11 @@ pub fn run(args: &ArchiveArgs) -> anyhow::Result<()> {
     println!(
         "| read by aggregate (20 aggregates, 1 in 1000 events each) | {:.0} |",
         median(by_aggregate)
+    );
+    let replays = replay_rates(&full, dir.path())?;
+    println!(
+        "| replay through the no-op plugin, dry run, 1 thread ({n} events) | {:.0} |",
+        median(replays)
     );
     let mut off = Vec::new();
     let mut on = Vec::new();

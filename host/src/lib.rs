@@ -25,6 +25,8 @@
 //! - [`watch`]: hot reload of `router.toml` and the plugins folder.
 //! - [`admin`]: the HTTP interface (ingress, stream, health, status).
 //! - [`kv`]: the stores behind the plugins' key-value capability.
+//! - [`archive`]: the event history kept on disk; [`replay`] runs it again
+//!   through a plugin.
 //! - [`cli`]: the `switchboard` command's subcommands.
 
 pub mod admin;
@@ -37,6 +39,7 @@ pub mod dispatch;
 pub mod envelope;
 pub mod kv;
 pub mod metrics;
+pub mod replay;
 pub mod route;
 pub mod runtime;
 pub mod watch;

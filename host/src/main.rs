@@ -57,6 +57,10 @@ enum Command {
     Tail(cli::broker::TailArgs),
     /// Print archived events (`[archive]`) as JSON lines, oldest first.
     Events(cli::events::EventsArgs),
+    /// Run archived events again through a plugin: offline (--dry-run), against
+    /// a candidate (--diff), to rebuild one aggregate's state (--rebuild), or
+    /// re-delivered to its queue (--publish).
+    Replay(cli::replay::ReplayArgs),
     /// Read a plugin's kv state.
     #[command(subcommand)]
     Kv(cli::kv::KvCommand),
@@ -103,6 +107,9 @@ fn main() -> ExitCode {
         Command::Publish(args) => cli::broker::publish(&args, &mut std::io::stdout().lock()),
         Command::Tail(args) => cli::broker::tail(&args, &mut std::io::stdout().lock()),
         Command::Events(args) => cli::events::run(&args, &mut std::io::stdout().lock()),
+        Command::Replay(args) => {
+            cli::replay::run(&args, &mut std::io::stdout().lock(), &mut std::io::stderr())
+        }
         Command::Kv(command) => cli::kv::run(
             &command,
             &mut std::io::stdout().lock(),

@@ -25,6 +25,29 @@ pub fn target_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"))
 }
 
+/// The release `switchboard` binary run as `switchboard <args…> --config
+/// <dir>/router.toml` (with no `RABBITMQ_URL` from the environment: the
+/// file says which bus): (exit code, stdout as JSON lines, stderr).
+pub fn cli(dir: &std::path::Path, args: &[&str]) -> (i32, Vec<Value>, String) {
+    let output = std::process::Command::new(target_dir().join("release/switchboard"))
+        .args(args)
+        .arg("--config")
+        .arg(dir.join("router.toml"))
+        .env_remove("RABBITMQ_URL")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    let lines = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    (
+        output.status.code().unwrap_or(-1),
+        lines,
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
 /// Path of a built component, e.g. `wasm("billing")` or `wasm("scripted_guest")`.
 pub fn wasm(name: &str) -> PathBuf {
     let path = target_dir()

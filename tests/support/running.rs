@@ -132,6 +132,13 @@ impl Running {
                     .send(body.map(Value::to_string).unwrap_or_default())
                     .unwrap()
             }
+            ("DELETE", _) => {
+                let mut request = self.agent.delete(&url);
+                if let Some(auth) = &auth {
+                    request = request.header("authorization", auth);
+                }
+                request.call().unwrap()
+            }
             (other, _) => panic!("unsupported method {other}"),
         };
         let status = response.status().as_u16();

@@ -186,21 +186,25 @@ pub(super) struct EventsQuery {
     limit: Option<usize>,
 }
 
-/// `GET /api/events`: archived events, oldest first, a page at a time.
+/// `GET /api/events`: archived events, oldest first, a page at a time: from
+/// the embedded bus's archive, or on RabbitMQ from the archive stream (its own
+/// connection, off the async threads).
 pub(super) async fn events(
     State(appliance): State<Appliance>,
     Query(q): Query<EventsQuery>,
 ) -> Response {
-    let Some(archive) = appliance
+    let embedded = appliance
         .transport()
         .embedded()
-        .and_then(|b| b.archive().cloned())
-    else {
+        .and_then(|b| b.archive().cloned());
+    let config = appliance.config();
+    let on_rabbit = appliance.transport().rabbit().is_some() && config.archive.enabled;
+    if embedded.is_none() && !on_rabbit {
         return error(
             StatusCode::NOT_FOUND,
-            "the event archive is not enabled here ([archive] enabled = true, on the embedded bus)",
+            "the event archive is not enabled here ([archive] enabled = true)",
         );
-    };
+    }
     let mut query = match crate::archive::Query::parse(
         q.exchange.as_deref(),
         q.pattern.as_deref(),
@@ -214,7 +218,11 @@ pub(super) async fn events(
     let limit = q.limit.unwrap_or(100).clamp(1, MAX_PAGE);
     query.after = q.after;
     query.limit = Some(limit);
-    match tokio::task::spawn_blocking(move || archive.query(&query)).await {
+    let read = tokio::task::spawn_blocking(move || match embedded {
+        Some(archive) => archive.query(&query).map_err(anyhow::Error::from),
+        None => crate::archive::stream::read(&config, &query),
+    });
+    match read.await {
         Ok(Ok(items)) => {
             let next = (items.len() == limit).then(|| items.last().map(|e| e.seq));
             Json(json!({"items": items, "next_after": next.flatten()})).into_response()
@@ -263,6 +271,138 @@ pub(super) async fn kv_get(
             format!("plugin {plugin:?} keeps nothing under {key:?}"),
         ),
         Ok(Err(e)) => error(StatusCode::SERVICE_UNAVAILABLE, e),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    }
+}
+
+/// `PUT /api/kv/{plugin}/{key}`: sets one value of a plugin's state (the
+/// body), answered once durable. `switchboard replay --rebuild` writes
+/// through it while the appliance holds the store.
+pub(super) async fn kv_put(
+    State(appliance): State<Appliance>,
+    Path((plugin, key)): Path<(String, String)>,
+    body: axum::body::Bytes,
+) -> Response {
+    kv_write(appliance, plugin, key, Some(body)).await
+}
+
+/// `DELETE /api/kv/{plugin}/{key}`: 204 once durable, 404 when absent.
+pub(super) async fn kv_delete(
+    State(appliance): State<Appliance>,
+    Path((plugin, key)): Path<(String, String)>,
+) -> Response {
+    kv_write(appliance, plugin, key, None).await
+}
+
+async fn kv_write(
+    appliance: Appliance,
+    plugin: String,
+    key: String,
+    value: Option<axum::body::Bytes>,
+) -> Response {
+    if !appliance.config().plugins.contains_key(&plugin) {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("no plugin {plugin:?} is configured"),
+        );
+    }
+    // The limits a plugin's own writes have.
+    if key.is_empty() || key.len() > crate::runtime::MAX_KEY {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("a key is 1 to {} bytes", crate::runtime::MAX_KEY),
+        );
+    }
+    if value
+        .as_ref()
+        .is_some_and(|v| v.len() > crate::runtime::MAX_VALUE)
+    {
+        return error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("a value is at most {} bytes", crate::runtime::MAX_VALUE),
+        );
+    }
+    let written = {
+        let (plugin, key) = (plugin.clone(), key.clone());
+        tokio::task::spawn_blocking(move || appliance.kv_put(&plugin, &key, value.as_deref())).await
+    };
+    match written {
+        Ok(Ok(true)) => StatusCode::NO_CONTENT.into_response(),
+        Ok(Ok(false)) => error(
+            StatusCode::NOT_FOUND,
+            format!("plugin {plugin:?} keeps nothing under {key:?}"),
+        ),
+        Ok(Err(e)) => error(StatusCode::SERVICE_UNAVAILABLE, e),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub(super) struct ReplayQuery {
+    /// Names the replay: the `switchboard-replay` header's value.
+    id: String,
+}
+
+#[derive(Debug, Deserialize)]
+pub(super) struct ReplayBody {
+    events: Vec<crate::archive::ArchivedEvent>,
+}
+
+/// `POST /api/plugins/{name}/replay?id=R` with `{"events": [archived…]}`:
+/// puts the events in the plugin's queue again as first attempts, each
+/// marked `switchboard-replay: R`. `{"delivered": n}`; 503 with the count
+/// when the queue filled first (send the rest later).
+pub(super) async fn replay(
+    State(appliance): State<Appliance>,
+    Path(plugin): Path<String>,
+    Query(query): Query<ReplayQuery>,
+    Json(body): Json<ReplayBody>,
+) -> Response {
+    if !appliance.config().plugins.contains_key(&plugin) {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("no plugin {plugin:?} is configured"),
+        );
+    }
+    let id = query.id.trim();
+    if id.is_empty() || id.len() > 128 || id.chars().any(char::is_control) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "the replay id must be 1 to 128 printable characters",
+        );
+    }
+    let wanted = body.events.len();
+    let messages: Vec<crate::bus::Delivered> = body
+        .events
+        .iter()
+        .map(|event| {
+            let mut message = event.message();
+            message
+                .headers
+                .retain(|(k, _)| k != crate::envelope::REPLAY_HEADER);
+            message
+                .headers
+                .push((crate::envelope::REPLAY_HEADER.into(), id.to_string()));
+            crate::bus::Delivered {
+                exchange: event.exchange.clone(),
+                routing_key: event.routing_key.clone(),
+                message,
+                attempt: 1,
+                first_failure: None,
+            }
+        })
+        .collect();
+    let transport = appliance.transport().clone();
+    match tokio::task::spawn_blocking(move || transport.deliver(&plugin, messages)).await {
+        Ok(Ok(n)) if n == wanted => Json(json!({"delivered": n})).into_response(),
+        Ok(Ok(n)) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(axum::http::header::RETRY_AFTER, "1")],
+            Json(json!({"delivered": n, "error": "the plugin's queue is full"})),
+        )
+            .into_response(),
+        Ok(Err(e @ crate::bus::BusError::NoSuchQueue(_))) => error(StatusCode::NOT_FOUND, e),
+        Ok(Err(e)) => error(StatusCode::BAD_GATEWAY, e),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
     }
 }

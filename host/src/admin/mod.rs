@@ -17,6 +17,8 @@
 //! | POST | `/api/dlq/{plugin}/redrive?limit=N` | as `/dlq/{plugin}/redrive` |
 //! | POST | `/api/plugins/{name}/reload` | load the plugin's file again |
 //! | GET | `/api/kv/{plugin}/{key}` | one value of a plugin's kv state: `{"plugin", "key", "value"}` (or `"text"`, `"base64"`); `404` when absent |
+//! | PUT, DELETE | `/api/kv/{plugin}/{key}` | set (the body is the value) or delete it; `204` once durable |
+//! | POST | `/api/plugins/{name}/replay?id=R` | `{"events": [archived…]}` into the plugin's queue again, marked `switchboard-replay: R` (`switchboard replay --publish`) |
 //! | GET | `/api/events?exchange=&match=&aggregate=&since=&until=&after=&limit=` | archived events, oldest first (`[archive]`); `next_after` pages on |
 //!
 //! With `[http] token`, ingress and every POST need `Authorization: Bearer
@@ -25,12 +27,12 @@
 use std::convert::Infallible;
 
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use base64::Engine as _;
 use futures::Stream;
@@ -47,6 +49,9 @@ use crate::appliance::{Appliance, IngressError};
 use crate::bus::DeadLetter;
 use crate::route::TopicPattern;
 
+/// Largest batch `POST /api/plugins/{name}/replay` takes.
+const MAX_REPLAY_BODY: usize = 64 << 20;
+
 /// The router serving every endpoint.
 pub fn router(appliance: Appliance) -> Router {
     // Changing something: the token, whenever one is configured.
@@ -55,6 +60,14 @@ pub fn router(appliance: Appliance) -> Router {
         .route("/dlq/{plugin}/redrive", post(redrive))
         .route("/api/dlq/{plugin}/redrive", post(redrive))
         .route("/api/plugins/{name}/reload", post(api::reload))
+        .route(
+            "/api/plugins/{name}/replay",
+            post(api::replay).layer(DefaultBodyLimit::max(MAX_REPLAY_BODY)),
+        )
+        .route(
+            "/api/kv/{plugin}/{key}",
+            put(api::kv_put).delete(api::kv_delete),
+        )
         .route_layer(middleware::from_fn_with_state(
             appliance.clone(),
             auth::require_for_writes,

@@ -93,12 +93,6 @@ impl Appliance {
         let metrics = Arc::new(Metrics::new());
         let bus = match RabbitSettings::from_config(&config) {
             Some(mut settings) => {
-                if config.archive.enabled {
-                    tracing::warn!(
-                        "[archive] is enabled but the archive is kept only on the embedded bus \
-                         in this version: on RabbitMQ nothing is archived"
-                    );
-                }
                 settings.confirm_seconds = Some(metrics.confirm_seconds.clone());
                 Transport::Rabbit(RabbitBus::start(settings, topology(&config))?)
             }
@@ -162,6 +156,35 @@ impl Appliance {
     /// plugin would read it now.
     pub fn kv_get(&self, plugin: &str, key: &str) -> Result<Option<Vec<u8>>, crate::kv::KvError> {
         self.inner.kv.get(plugin, key)
+    }
+
+    /// Sets (`Some`) or deletes (`None`) the value plugin `plugin` keeps under
+    /// `key`, returning once the write is durable; for a delete, whether a
+    /// value was there.
+    pub fn kv_put(
+        &self,
+        plugin: &str,
+        key: &str,
+        value: Option<&[u8]>,
+    ) -> Result<bool, crate::kv::KvError> {
+        let kv = &self.inner.kv;
+        let existed = match value {
+            Some(value) => {
+                kv.set(plugin, key, value, None)?;
+                true
+            }
+            None => kv.delete(plugin, key)?,
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        kv.when_durable(
+            kv.written(),
+            Box::new(move |result| {
+                let _ = tx.send(result);
+            }),
+        );
+        rx.recv()
+            .map_err(|_| crate::kv::KvError::Unavailable("the store stopped".into()))??;
+        Ok(existed)
     }
 
     /// Applies `config` live. The bus topology is applied first; if the bus

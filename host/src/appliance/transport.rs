@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use crate::bus::embedded::EmbeddedBus;
 use crate::bus::rabbit::RabbitBus;
-use crate::bus::{Bus, BusError, DeadLetter, Published};
+use crate::bus::{Bus, BusError, DeadLetter, Delivered, Published};
 
 /// Where events travel: the in-process bus, or RabbitMQ when `[broker] url`
 /// (or `RABBITMQ_URL`) names one.
@@ -68,6 +68,15 @@ impl Transport {
         match self {
             Self::Embedded(b) => Ok(b.dead_letters(plugin).into_iter().take(limit).collect()),
             Self::Rabbit(b) => b.dead_letters(plugin, limit),
+        }
+    }
+
+    /// Puts `messages` in `plugin`'s queue again as first attempts (a
+    /// replay); how many it took (the embedded bus stops at a full queue).
+    pub fn deliver(&self, plugin: &str, messages: Vec<Delivered>) -> Result<usize, BusError> {
+        match self {
+            Self::Embedded(b) => b.deliver(plugin, messages),
+            Self::Rabbit(b) => b.deliver(plugin, messages),
         }
     }
 

@@ -29,6 +29,10 @@
 //! - **Aggregates.** Each record may carry an aggregate id, taken from a
 //!   configured field for the routing keys matching a pattern; an in-memory
 //!   index (rebuilt on open) finds an aggregate's records without a scan.
+//!
+//! On RabbitMQ the archive is a stream queue on the broker instead, read by
+//! [`stream::read`]; both make their records with the same [`record`] and
+//! select them with the same [`Query`].
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -46,6 +50,7 @@ use crate::bus::{Message, Outgoing};
 use crate::config::ArchiveConfig;
 use crate::route::TopicPattern;
 
+pub mod stream;
 #[cfg(test)]
 mod tests;
 
@@ -178,6 +183,99 @@ pub struct ArchiveError(String);
 struct Rule {
     pattern: TopicPattern,
     field: Vec<String>,
+}
+
+/// The `[[archive.aggregates]]` rules of `config`, in order (the first that
+/// matches wins).
+fn rules(config: &ArchiveConfig) -> anyhow::Result<Vec<Rule>> {
+    config
+        .aggregates
+        .iter()
+        .map(|r| {
+            Ok(Rule {
+                pattern: TopicPattern::parse(&r.pattern)?,
+                field: r.field.split('.').map(str::to_string).collect(),
+            })
+        })
+        .collect()
+}
+
+/// The aggregate a message published with `routing_key`, seen as `event`, is
+/// indexed under: the first rule matching the key names the field.
+fn aggregate(rules: &[Rule], routing_key: &str, event: &serde_json::Value) -> Option<String> {
+    let rule = rules.iter().find(|r| r.pattern.matches(routing_key))?;
+    let mut at = event;
+    for part in &rule.field {
+        at = at.get(part)?;
+    }
+    match at {
+        serde_json::Value::String(s) if !s.is_empty() => Some(s.clone()),
+        serde_json::Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+/// The record of one published message, at position `seq`, archived at
+/// `time`: its id, kind, causation and correlation as the envelope says (the
+/// message id or the derived id when it is not a decodable event), its
+/// aggregate by `rules`, and its body byte for byte.
+fn record(rules: &[Rule], seq: u64, time: DateTime<Utc>, out: &Outgoing) -> ArchivedEvent {
+    let message = &out.message;
+    let decoded = crate::envelope::decode(&out.exchange, &out.routing_key, message, 1);
+    let (id, kind, causation_id, correlation_id, aggregate) = match &decoded {
+        Ok(event) => {
+            let data = serde_json::from_slice::<serde_json::Value>(&event.data)
+                .unwrap_or(serde_json::Value::Null);
+            let view = serde_json::json!({
+                "id": event.id,
+                "type": event.kind,
+                "source": event.source,
+                "correlation_id": event.correlation_id,
+                "causation_id": event.causation_id,
+                "tenant_id": event.tenant_id,
+                "data": data,
+            });
+            (
+                event.id.clone(),
+                event.kind.clone(),
+                event.causation_id.clone(),
+                event.correlation_id.clone(),
+                aggregate(rules, &out.routing_key, &view),
+            )
+        }
+        Err(_) => (
+            message.message_id.clone().unwrap_or_else(|| {
+                crate::envelope::derived_id(&out.exchange, &out.routing_key, message)
+            }),
+            String::new(),
+            None,
+            None,
+            None,
+        ),
+    };
+    let (body, body_base64) = match serde_json::from_slice::<Box<RawValue>>(&message.body) {
+        Ok(raw) if raw.get().len() == message.body.len() => (Some(raw), None),
+        _ => (
+            None,
+            Some(base64::engine::general_purpose::STANDARD.encode(&message.body)),
+        ),
+    };
+    ArchivedEvent {
+        seq,
+        time,
+        exchange: out.exchange.clone(),
+        routing_key: out.routing_key.clone(),
+        id,
+        kind,
+        causation_id,
+        correlation_id,
+        aggregate,
+        content_type: message.content_type.clone(),
+        message_id: message.message_id.clone(),
+        headers: message.headers.clone(),
+        body,
+        body_base64,
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -352,16 +450,7 @@ impl Archive {
     pub fn open(state_dir: &Path, config: &ArchiveConfig) -> anyhow::Result<Self> {
         let dir = state_dir.join("archive");
         std::fs::create_dir_all(&dir)?;
-        let rules = config
-            .aggregates
-            .iter()
-            .map(|r| {
-                Ok(Rule {
-                    pattern: TopicPattern::parse(&r.pattern)?,
-                    field: r.field.split('.').map(str::to_string).collect(),
-                })
-            })
-            .collect::<anyhow::Result<Vec<_>>>()?;
+        let rules = rules(config)?;
         let mut index = Index {
             segments: Vec::new(),
             aggregates: HashMap::new(),
@@ -450,80 +539,6 @@ impl Archive {
         self.exchanges.is_empty() || self.exchanges.iter().any(|e| e == exchange)
     }
 
-    /// The aggregate `exchange`/`routing_key`/`event` is indexed under.
-    fn aggregate(&self, routing_key: &str, event: &serde_json::Value) -> Option<String> {
-        let rule = self.rules.iter().find(|r| r.pattern.matches(routing_key))?;
-        let mut at = event;
-        for part in &rule.field {
-            at = at.get(part)?;
-        }
-        match at {
-            serde_json::Value::String(s) if !s.is_empty() => Some(s.clone()),
-            serde_json::Value::Number(n) => Some(n.to_string()),
-            _ => None,
-        }
-    }
-
-    /// The record for one published message.
-    fn record(&self, seq: u64, time: DateTime<Utc>, out: &Outgoing) -> ArchivedEvent {
-        let message = &out.message;
-        let decoded = crate::envelope::decode(&out.exchange, &out.routing_key, message, 1);
-        let (id, kind, causation_id, correlation_id, aggregate) = match &decoded {
-            Ok(event) => {
-                let data = serde_json::from_slice::<serde_json::Value>(&event.data)
-                    .unwrap_or(serde_json::Value::Null);
-                let view = serde_json::json!({
-                    "id": event.id,
-                    "type": event.kind,
-                    "source": event.source,
-                    "correlation_id": event.correlation_id,
-                    "causation_id": event.causation_id,
-                    "tenant_id": event.tenant_id,
-                    "data": data,
-                });
-                (
-                    event.id.clone(),
-                    event.kind.clone(),
-                    event.causation_id.clone(),
-                    event.correlation_id.clone(),
-                    self.aggregate(&out.routing_key, &view),
-                )
-            }
-            Err(_) => (
-                message.message_id.clone().unwrap_or_else(|| {
-                    crate::envelope::derived_id(&out.exchange, &out.routing_key, message)
-                }),
-                String::new(),
-                None,
-                None,
-                None,
-            ),
-        };
-        let (body, body_base64) = match serde_json::from_slice::<Box<RawValue>>(&message.body) {
-            Ok(raw) if raw.get().len() == message.body.len() => (Some(raw), None),
-            _ => (
-                None,
-                Some(base64::engine::general_purpose::STANDARD.encode(&message.body)),
-            ),
-        };
-        ArchivedEvent {
-            seq,
-            time,
-            exchange: out.exchange.clone(),
-            routing_key: out.routing_key.clone(),
-            id,
-            kind,
-            causation_id,
-            correlation_id,
-            aggregate,
-            content_type: message.content_type.clone(),
-            message_id: message.message_id.clone(),
-            headers: message.headers.clone(),
-            body,
-            body_base64,
-        }
-    }
-
     /// Archives the messages of `batch` published to archived exchanges;
     /// returns once they are on disk (fsynced).
     pub fn append(&self, batch: &[Outgoing]) -> Result<(), ArchiveError> {
@@ -551,14 +566,14 @@ impl Archive {
             let mut records = Vec::with_capacity(wanted.len());
             for (i, out) in wanted.iter().enumerate() {
                 let seq = writer.next + i as u64;
-                let record = self.record(seq, time, out);
-                let payload = serde_json::to_vec(&record)
+                let archived = record(&self.rules, seq, time, out);
+                let payload = serde_json::to_vec(&archived)
                     .map_err(|e| ArchiveError(format!("cannot encode a record: {e}")))?;
                 let offset = bytes.len() as u64;
                 bytes.extend_from_slice(&(payload.len() as u32).to_le_bytes());
                 bytes.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
                 bytes.extend_from_slice(&payload);
-                records.push((seq, offset, record.aggregate));
+                records.push((seq, offset, archived.aggregate));
             }
             let (first, start) = {
                 let index = self.index.read().unwrap_or_else(PoisonError::into_inner);

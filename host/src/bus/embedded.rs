@@ -269,6 +269,25 @@ impl EmbeddedBus {
         Ok(moved)
     }
 
+    /// Puts `messages` in `plugin`'s queue as first attempts (a replay), in
+    /// order, until the queue is full; returns how many it took.
+    pub fn deliver(&self, plugin: &str, messages: Vec<Delivered>) -> Result<usize, BusError> {
+        let topo = lock(&self.inner.topo);
+        let queue = topo
+            .queues
+            .get(plugin)
+            .ok_or_else(|| BusError::NoSuchQueue(plugin.into()))?;
+        let mut taken = 0;
+        for delivered in messages {
+            match self.enqueue(queue, plugin, delivered) {
+                Ok(()) => taken += 1,
+                Err(BusError::Full { .. }) => break,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(taken)
+    }
+
     /// Whether every queue is empty, nothing is in flight and no retry waits.
     pub fn is_idle(&self) -> bool {
         let queues_idle = lock(&self.inner.topo).queues.values().all(|q| {

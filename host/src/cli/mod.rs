@@ -6,6 +6,7 @@ pub mod check;
 pub mod events;
 pub mod kv;
 pub mod new;
+pub mod replay;
 pub mod run;
 pub mod test;
 

@@ -16,10 +16,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use serde_json::{Value, json};
+use serde_json::Value;
 
-use crate::envelope::{self, output_envelope};
+use crate::envelope;
 use crate::kv::EmbeddedStore;
+use crate::replay::{self, strip_volatile};
 use crate::runtime::{Event, Limits, PluginSpec, Runtime, RuntimeConfig};
 
 /// What to run (the `switchboard test` arguments).
@@ -103,32 +104,7 @@ pub fn run(args: &TestArgs, out: &mut dyn Write, err: &mut dyn Write) -> anyhow:
 
     let mut actual = Vec::with_capacity(events.len());
     for event in &events {
-        let line = match plugin.handle(event) {
-            Ok(outputs) => {
-                let envelopes: Result<Vec<Value>, _> = outputs
-                    .iter()
-                    .enumerate()
-                    .map(|(i, output)| {
-                        let env = output_envelope(&name, event, i, output)?;
-                        let mut value = serde_json::to_value(env).unwrap_or(Value::Null);
-                        if let (Some(obj), Some(exchange)) =
-                            (value.as_object_mut(), &output.exchange)
-                        {
-                            obj.insert("exchange".into(), json!(exchange));
-                        }
-                        Ok::<_, crate::envelope::EnvelopeError>(value)
-                    })
-                    .collect();
-                match envelopes {
-                    Ok(outputs) => {
-                        json!({"input": event.id, "kind": event.kind, "outputs": outputs})
-                    }
-                    Err(e) => json!({"input": event.id, "kind": event.kind,
-                        "failure": {"kind": "invalid_output", "reason": e.to_string()}}),
-                }
-            }
-            Err(failure) => json!({"input": event.id, "kind": event.kind, "failure": failure}),
-        };
+        let line = replay::outcome(&name, event, plugin.handle(event));
         writeln!(out, "{line}")?;
         actual.push(line);
     }
@@ -221,17 +197,6 @@ fn write_golden(path: &Path, lines: &[Value]) -> anyhow::Result<()> {
     std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
 }
 
-/// Removes what differs between runs: output timestamps.
-fn strip_volatile(line: &mut Value) {
-    if let Some(outputs) = line.get_mut("outputs").and_then(Value::as_array_mut) {
-        for output in outputs {
-            if let Some(obj) = output.as_object_mut() {
-                obj.remove("timestamp");
-            }
-        }
-    }
-}
-
 /// Every difference between the golden lines and the actual ones, as sentences.
 fn compare(expected: &[Value], actual: &[Value]) -> Vec<String> {
     let mut mismatches = Vec::new();
@@ -294,6 +259,7 @@ fn subset(want: &Value, got: &Value, path: String) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn golden_lines_may_name_only_what_matters() {

@@ -590,7 +590,13 @@ impl Shared {
             );
             return Outcome::Neutral;
         }
-        if let Some(window) = &self.dedupe {
+        // A replay re-delivers handled events on purpose: the window would
+        // drop every one of them.
+        let replayed = event
+            .headers
+            .iter()
+            .any(|(k, _)| k == crate::envelope::REPLAY_HEADER);
+        if let Some(window) = self.dedupe.as_ref().filter(|_| !replayed) {
             match window.claim(&event.id) {
                 Claim::Fresh => concerning.claimed = true,
                 Claim::Duplicate => {

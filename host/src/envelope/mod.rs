@@ -104,6 +104,11 @@ pub const HOPS_HEADER: &str = "switchboard-hops";
 /// Header naming the plugin that produced a published output.
 pub const SOURCE_HEADER: &str = "switchboard-source";
 
+/// Header marking a re-delivery by `switchboard replay --publish` (its value
+/// names the replay): carried from the input to every output it causes, so
+/// consumers can tell a replay from new traffic (the output ids repeat).
+pub const REPLAY_HEADER: &str = "switchboard-replay";
+
 /// Whether the host owns header `name`: every `switchboard-*` header.
 pub fn is_host_header(name: &str) -> bool {
     name.get(..12)
@@ -420,7 +425,8 @@ pub const TRACE_HEADERS: [&str; 2] = ["traceparent", "tracestate"];
 /// [`output_envelope`]), whatever format the input came in, with content type
 /// `application/json` and the output's deterministic id ([`output_id`]) as
 /// `message_id`. Headers: `switchboard-hops` (the input's hops + 1),
-/// `switchboard-source` (the plugin), then the output's own headers, less any that
+/// `switchboard-source` (the plugin), `switchboard-replay` when the input has it,
+/// then the output's own headers, less any that
 /// the host owns (every `switchboard-*` header: hop count, source, and the attempt,
 /// origin and failure headers of moved messages, which a plugin copying its
 /// input's headers would otherwise pass on) or that would make the message look
@@ -447,6 +453,9 @@ pub fn encode_output(
             .filter(|(k, _)| !is_host_header(k) && cloudevents::attribute_name(k).is_none())
             .cloned(),
     );
+    if let Some((_, replay)) = input.headers.iter().find(|(k, _)| k == REPLAY_HEADER) {
+        headers.push((REPLAY_HEADER.to_owned(), replay.clone()));
+    }
     for name in TRACE_HEADERS {
         if headers.iter().any(|(k, _)| k == name) {
             continue;

@@ -651,6 +651,44 @@ fn encoded_output_decodes_back_with_host_fields() {
 }
 
 #[test]
+fn a_replay_mark_follows_the_input_and_cannot_be_forged_by_a_plugin() {
+    let replayed = decode(
+        "payments",
+        "payment.success",
+        &with_headers(message(seed_body(), None), &[(REPLAY_HEADER, "r-1")]),
+        1,
+    )
+    .unwrap();
+    let out = output(
+        "bill.paid",
+        br#"{"bill_id":"b1"}"#,
+        &[(REPLAY_HEADER, "forged")],
+    );
+    let msg = encode_output("billing", &replayed, 0, &out).unwrap();
+    let marks: Vec<_> = msg
+        .headers
+        .iter()
+        .filter(|(k, _)| k == REPLAY_HEADER)
+        .collect();
+    assert_eq!(marks, [&(REPLAY_HEADER.to_string(), "r-1".to_string())]);
+    // The same id as the first time: consumers dedupe, or tell by the mark.
+    let fresh = decode(
+        "payments",
+        "payment.success",
+        &message(seed_body(), None),
+        1,
+    )
+    .unwrap();
+    let first = encode_output("billing", &fresh, 0, &out).unwrap();
+    assert_eq!(first.message_id, msg.message_id);
+    assert_eq!(
+        first.header(REPLAY_HEADER),
+        None,
+        "a plugin cannot mark a replay"
+    );
+}
+
+#[test]
 fn trace_context_flows_from_input_to_outputs() {
     let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
     let input = decode(

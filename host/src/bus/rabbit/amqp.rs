@@ -77,8 +77,9 @@ pub fn header_limit(frame_max: u32) -> usize {
 /// Bytes of the content header (class, body size, property flags, properties)
 /// that [`properties`] makes for `message`: every header a long string.
 pub fn header_len(message: &Message) -> usize {
-    // class, weight, body size, property flags, delivery mode, table length
-    const FIXED: usize = 2 + 2 + 8 + 2 + 1 + 4;
+    // class, weight, body size, property flags, delivery mode, timestamp,
+    // table length
+    const FIXED: usize = 2 + 2 + 8 + 2 + 1 + 8 + 4;
     let short = |s: &Option<String>| s.as_ref().map_or(0, |s| 1 + s.len());
     FIXED
         + short(&message.content_type)
@@ -202,7 +203,9 @@ pub fn delivered(
 }
 
 /// Persistent AMQP properties for `message`, with `extra` headers replacing
-/// any of the same name.
+/// any of the same name, stamped with the time of publishing (the AMQP
+/// `timestamp`, seconds since the epoch: what the archive stream's reader
+/// dates an event by).
 pub fn properties(message: &Message, extra: &[(&str, String)]) -> BasicProperties {
     let mut table = FieldTable::default();
     for (k, v) in &message.headers {
@@ -220,8 +223,12 @@ pub fn properties(message: &Message, extra: &[(&str, String)]) -> BasicPropertie
             AMQPValue::LongString(LongString::from(v.as_str())),
         );
     }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
     let mut props = BasicProperties::default()
         .with_delivery_mode(2)
+        .with_timestamp(now)
         .with_headers(table);
     if let Some(ct) = &message.content_type {
         props = props.with_content_type(ShortString::from(ct.as_str()));
@@ -471,8 +478,8 @@ mod tests {
             message_id: Some("id".into()),
             headers: vec![("ab".into(), "cde".into())],
         };
-        // 19 fixed + (1 + 10) + (1 + 2) + (1 + 2 + 1 + 4 + 3)
-        assert_eq!(header_len(&message), 19 + 11 + 3 + 11);
+        // 27 fixed + (1 + 10) + (1 + 2) + (1 + 2 + 1 + 4 + 3)
+        assert_eq!(header_len(&message), 27 + 11 + 3 + 11);
         assert_eq!(header_limit(4096), 4088);
     }
 

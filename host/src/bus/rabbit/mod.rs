@@ -14,12 +14,17 @@
 //! - `publish`: persistent, mandatory, confirmed publishing; where a return
 //!   decides something, one batch per channel at a time so that it is credited
 //!   to the right message.
-//! - `amqp`: messages and headers between AMQP and the bus.
+//! - `amqp`: messages and headers between AMQP and the bus (also how the
+//!   archive reader turns the archive stream's deliveries into messages).
+//!
+//! With `[archive]`, `topology` also declares the archive stream
+//! (`<prefix>.archive`) and binds it to the archived exchanges; the
+//! archive's reader is `crate::archive::stream`.
 //!
 //! **Replicas** are competing consumers on the same queues; an `ordered`
 //! plugin's queue has a single active consumer across all of them.
 
-mod amqp;
+pub(crate) mod amqp;
 mod consume;
 mod names;
 mod publish;
@@ -46,8 +51,8 @@ pub use session::connect;
 use session::{Session, wait_session};
 use topology::Declared;
 
-use super::{Bus, BusError, DeadLetter, Delivery, Outgoing, Published, Topology};
-use crate::config::{QueueType, RouterConfig, Secret, Unroutable};
+use super::{Bus, BusError, DeadLetter, Delivered, Delivery, Outgoing, Published, Topology};
+use crate::config::{ArchiveConfig, QueueType, RouterConfig, Secret, Unroutable};
 
 /// How to reach the broker and what to declare there.
 #[derive(Debug, Clone)]
@@ -63,6 +68,9 @@ pub struct RabbitSettings {
     pub state_file: Option<PathBuf>,
     /// Observes each batch's publish-to-confirm time, when metrics are kept.
     pub confirm_seconds: Option<prometheus_client::metrics::histogram::Histogram>,
+    /// `[archive]`, when enabled: the archive stream is declared and bound to
+    /// the archived exchanges. Read at start, as on the embedded bus.
+    pub archive: Option<ArchiveConfig>,
 }
 
 impl RabbitSettings {
@@ -78,6 +86,7 @@ impl RabbitSettings {
             timeout: config.broker.timeout,
             state_file: Some(config.state_dir.join("broker-topology.json")),
             confirm_seconds: None,
+            archive: config.archive.enabled.then(|| config.archive.clone()),
         })
     }
 }
@@ -212,7 +221,7 @@ impl RabbitBus {
             .unwrap_or_default();
         let (stream, _) = broadcast::channel(4096);
         let inner = Arc::new(Inner {
-            names: Names::new(&settings.prefix),
+            names: Names::new(&settings.prefix).with_archive(settings.archive.clone()),
             settings,
             runtime: Mutex::new(Some(runtime)),
             handle,
@@ -369,6 +378,26 @@ impl RabbitBus {
                 &inner.names,
                 &plugin,
                 limit,
+                inner.settings.timeout,
+            )
+            .await
+            .map_err(BusError::Unavailable)
+        })
+    }
+
+    /// Puts `messages` in `plugin`'s queue as first attempts (a replay);
+    /// returns how many, all confirmed.
+    pub fn deliver(&self, plugin: &str, messages: Vec<Delivered>) -> Result<usize, BusError> {
+        let inner = self.inner.clone();
+        let plugin = plugin.to_string();
+        self.block(async move {
+            let deadline = Instant::now() + inner.settings.timeout;
+            let session = wait_session(&inner, deadline).await?;
+            tools::deliver(
+                &session.connection,
+                &inner.names,
+                &plugin,
+                messages,
                 inner.settings.timeout,
             )
             .await
@@ -648,5 +677,9 @@ mod tests {
         let s = RabbitSettings::from_config(&config).unwrap();
         assert_eq!(s.prefix, "switchboard");
         assert_eq!(s.queue_type, QueueType::Quorum);
+        assert!(s.archive.is_none(), "no archive unless enabled");
+        config.archive.enabled = true;
+        let s = RabbitSettings::from_config(&config).unwrap();
+        assert_eq!(s.archive, Some(config.archive.clone()));
     }
 }

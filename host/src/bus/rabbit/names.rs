@@ -6,6 +6,7 @@
 //! switchboard.retry (direct) --"billing.5s"--> switchboard.billing.retry.5s
 //!     x-message-ttl = 5000, dead-letters via the default exchange back to switchboard.billing
 //! switchboard.dlx (direct) --"billing"--> switchboard.billing.dlq
+//! archived exchange --"#" | "" | each routed key--> switchboard.archive   (a stream, with [archive])
 //! ```
 //!
 //! Queue arguments are part of a queue's identity in RabbitMQ: declaring an
@@ -19,7 +20,7 @@ use std::time::Duration;
 
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 
-use crate::config::QueueType;
+use crate::config::{ArchiveConfig, QueueType};
 
 /// Deliveries of one message (redeliveries after a lost connection or a
 /// crash included) after which a quorum queue dead-letters it by itself
@@ -28,17 +29,42 @@ use crate::config::QueueType;
 /// new messages).
 pub const DELIVERY_LIMIT: i64 = 20;
 
+/// The largest `x-stream-max-segment-size-bytes` RabbitMQ accepts (3 GB); a
+/// larger `[archive] segment_size` is declared as this.
+pub const MAX_STREAM_SEGMENT: u64 = 3_000_000_000;
+
 /// Names of everything declared for one prefix.
 #[derive(Debug, Clone)]
 pub struct Names {
     prefix: String,
+    /// `[archive]`, when enabled: the archive stream is declared and bound.
+    archive: Option<ArchiveConfig>,
 }
 
 impl Names {
     pub fn new(prefix: &str) -> Self {
         Self {
             prefix: prefix.to_string(),
+            archive: None,
         }
+    }
+
+    /// The same names, with the archive stream declared as `archive` says
+    /// (`None`: no archive).
+    pub fn with_archive(mut self, archive: Option<ArchiveConfig>) -> Self {
+        self.archive = archive;
+        self
+    }
+
+    /// `[archive]`, if the archive stream is declared.
+    pub fn archive(&self) -> Option<&ArchiveConfig> {
+        self.archive.as_ref()
+    }
+
+    /// The archive stream: `<prefix>.archive`. A plugin named `archive` would
+    /// have the same queue name: the declaration refuses that pair.
+    pub fn archive_stream(&self) -> String {
+        format!("{}.archive", self.prefix)
     }
 
     /// The plugin's queue: `<prefix>.<plugin>`.
@@ -149,6 +175,30 @@ impl Names {
     pub fn dlq_args(queue_type: QueueType) -> FieldTable {
         base(queue_type)
     }
+
+    /// The archive stream's arguments, from `[archive]` alone, so that every
+    /// replica and every restart declares the same ones: retention by age
+    /// (`x-max-age`, in whole seconds, as RabbitMQ writes it: `604800s`) and by
+    /// size (`x-max-length-bytes`), and the segment size (retention deletes
+    /// whole segments), capped at [`MAX_STREAM_SEGMENT`].
+    pub fn archive_args(archive: &ArchiveConfig) -> FieldTable {
+        let mut args = FieldTable::default();
+        put(&mut args, "x-queue-type", text("stream"));
+        let age = archive.max_age.as_secs().max(1);
+        put(&mut args, "x-max-age", text(&format!("{age}s")));
+        let bytes = |n: u64| AMQPValue::LongLongInt(i64::try_from(n).unwrap_or(i64::MAX));
+        put(
+            &mut args,
+            "x-max-length-bytes",
+            bytes(archive.max_size.as_u64()),
+        );
+        put(
+            &mut args,
+            "x-stream-max-segment-size-bytes",
+            bytes(archive.segment_size.as_u64().min(MAX_STREAM_SEGMENT)),
+        );
+        args
+    }
 }
 
 #[cfg(test)]
@@ -170,6 +220,40 @@ mod tests {
         );
         assert_eq!(n.retry_exchange(), "switchboard.retry");
         assert_eq!(n.dlx(), "switchboard.dlx");
+        assert_eq!(n.archive_stream(), "switchboard.archive");
+    }
+
+    #[test]
+    fn the_archive_stream_keeps_what_archive_says_within_rabbitmqs_limits() {
+        let mut archive = ArchiveConfig {
+            max_age: Duration::from_secs(7 * 24 * 3600),
+            max_size: bytesize::ByteSize::gib(2),
+            segment_size: bytesize::ByteSize::mib(64),
+            ..ArchiveConfig::default()
+        };
+        let args = Names::archive_args(&archive);
+        let get = |args: &FieldTable, k: &str| args.inner().get(k).cloned();
+        assert_eq!(get(&args, "x-queue-type"), Some(text("stream")));
+        assert_eq!(get(&args, "x-max-age"), Some(text("604800s")));
+        assert_eq!(
+            get(&args, "x-max-length-bytes"),
+            Some(AMQPValue::LongLongInt(2 << 30))
+        );
+        assert_eq!(
+            get(&args, "x-stream-max-segment-size-bytes"),
+            Some(AMQPValue::LongLongInt(64 << 20))
+        );
+        // The same configuration, the same arguments: a replica's or a
+        // restart's declaration is accepted.
+        assert_eq!(Names::archive_args(&archive), args);
+        archive.segment_size = bytesize::ByteSize::gib(8);
+        archive.max_age = Duration::from_millis(300);
+        let capped = Names::archive_args(&archive);
+        assert_eq!(
+            get(&capped, "x-stream-max-segment-size-bytes"),
+            Some(AMQPValue::LongLongInt(3_000_000_000))
+        );
+        assert_eq!(get(&capped, "x-max-age"), Some(text("1s")));
     }
 
     #[test]

@@ -14,7 +14,7 @@ use lapin::types::FieldTable;
 use lapin::{Confirmation, Connection};
 
 use super::{Names, amqp};
-use crate::bus::{DeadLetter, FailureInfo, Published};
+use crate::bus::{DeadLetter, Delivered, FailureInfo, Published};
 
 /// Ready messages and consumers of `queue`, or `None` if it does not exist.
 pub async fn depth(connection: &Connection, queue: &str) -> Result<Option<(u32, u32)>, String> {
@@ -97,6 +97,70 @@ pub async fn redrive(
     .await
 }
 
+/// A channel of its own in confirm mode, for publishes this module makes.
+async fn confirming_channel(connection: &Connection) -> Result<lapin::Channel, String> {
+    let channel = connection
+        .create_channel()
+        .await
+        .map_err(|e| e.to_string())?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(channel)
+}
+
+/// Puts `messages` (each with the exchange and routing key it was first
+/// published with) in `plugin`'s queue, as first attempts from there: each
+/// is published to the queue itself, all confirmed before this returns.
+pub async fn deliver(
+    connection: &Connection,
+    names: &Names,
+    plugin: &str,
+    messages: Vec<Delivered>,
+    timeout: Duration,
+) -> Result<usize, String> {
+    let queue = names.queue(plugin);
+    if depth(connection, &queue).await?.is_none() {
+        return Err(format!("queue {queue:?} does not exist"));
+    }
+    let channel = confirming_channel(connection).await?;
+    let options = BasicPublishOptions {
+        mandatory: true,
+        ..BasicPublishOptions::default()
+    };
+    let mut confirms = Vec::with_capacity(messages.len());
+    for delivered in &messages {
+        let message = amqp::redriven(&delivered.message);
+        let origin = [
+            (amqp::EXCHANGE, delivered.exchange.clone()),
+            (amqp::ROUTING_KEY, delivered.routing_key.clone()),
+        ];
+        let confirm = channel
+            .basic_publish(
+                "".into(),
+                queue.as_str().into(),
+                options,
+                &message.body,
+                amqp::properties(&message, &origin),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        confirms.push(confirm);
+    }
+    let count = confirms.len();
+    for confirm in confirms {
+        match tokio::time::timeout(timeout, confirm).await {
+            Ok(Ok(Confirmation::Ack(None))) => {}
+            Ok(Ok(other)) => return Err(format!("{queue:?} did not take a message: {other:?}")),
+            Ok(Err(e)) => return Err(e.to_string()),
+            Err(_) => return Err(format!("no confirm from {queue:?} within {timeout:?}")),
+        }
+    }
+    let _ = channel.close(200, "delivered".into()).await;
+    Ok(count)
+}
+
 /// Moves up to `limit` messages out of `from`, one at a time: each is read,
 /// published (mandatory, confirmed) where `to` says — exchange, routing key,
 /// message — and only then removed from `from`. Returns how many moved.
@@ -107,14 +171,7 @@ async fn move_messages(
     timeout: Duration,
     to: impl Fn(lapin::message::Delivery) -> (String, String, crate::bus::Message),
 ) -> Result<usize, String> {
-    let channel = connection
-        .create_channel()
-        .await
-        .map_err(|e| e.to_string())?;
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .map_err(|e| e.to_string())?;
+    let channel = confirming_channel(connection).await?;
     let options = BasicPublishOptions {
         mandatory: true,
         ..BasicPublishOptions::default()

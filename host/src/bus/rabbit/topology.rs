@@ -10,17 +10,24 @@
 //! bound: its retries must still reach them until the plugin is retired
 //! (`Bus::delete_queue` moves what waits there to its dead-letter queue).
 //! Queues holding messages are never deleted here.
+//!
+//! With `[archive]`, the archive stream is declared too and bound to every
+//! archived exchange ([`archive_bindings`]). Its bindings are recorded and
+//! diffed like the routes' (an exchange that stops being archived is
+//! unbound), but the stream itself is never deleted here: it is the history.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 use std::time::Duration;
 
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::protocol::AMQPSoftError;
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
 use serde::{Deserialize, Serialize};
 
 use super::names::Names;
+use super::publish::soft_error;
 use crate::bus::Topology;
 use crate::config::QueueType;
 use crate::route::ExchangeKind;
@@ -65,6 +72,12 @@ pub fn wanted(names: &Names, topology: &Topology) -> Declared {
         d.bindings
             .insert((names.queue(&b.plugin), b.exchange.clone(), key));
     }
+    if let Some(archive) = names.archive() {
+        let stream = names.archive_stream();
+        for (exchange, key) in archive_bindings(&archive.exchanges, topology) {
+            d.bindings.insert((stream.clone(), exchange, key));
+        }
+    }
     for q in &topology.queues {
         for delay in &q.retry_delays {
             d.tiers.insert((
@@ -74,6 +87,42 @@ pub fn wanted(names: &Names, topology: &Topology) -> Declared {
         }
     }
     d
+}
+
+/// The bindings (exchange, key) that bring every message published to an
+/// archived exchange into the archive stream: `archived` names them, or is
+/// empty for every exchange of `topology`; names it lists that the topology
+/// does not declare are left out (their kind is unknown).
+///
+/// - topic: one binding, `#` (every routing key, the empty one included);
+/// - fanout: one binding, `""` (the key is ignored);
+/// - direct: one binding per distinct key that the topology's routes bind on
+///   that exchange. A direct exchange matches keys exactly and has no
+///   "everything" binding, so **an event published to a direct exchange with a
+///   key that no route binds is not archived** (it reaches no queue at all).
+///   Keys bound only by a disabled plugin's routes are not in the topology
+///   either, and are not archived while it stays disabled.
+pub fn archive_bindings(archived: &[String], topology: &Topology) -> BTreeSet<(String, String)> {
+    let mut bindings = BTreeSet::new();
+    for e in &topology.exchanges {
+        if !archived.is_empty() && !archived.contains(&e.name) {
+            continue;
+        }
+        match e.kind {
+            ExchangeKind::Topic => {
+                bindings.insert((e.name.clone(), "#".to_string()));
+            }
+            ExchangeKind::Fanout => {
+                bindings.insert((e.name.clone(), String::new()));
+            }
+            ExchangeKind::Direct => {
+                for b in topology.bindings.iter().filter(|b| b.exchange == e.name) {
+                    bindings.insert((e.name.clone(), b.pattern.clone()));
+                }
+            }
+        }
+    }
+    bindings
 }
 
 fn lapin_kind(kind: ExchangeKind) -> lapin::ExchangeKind {
@@ -97,6 +146,25 @@ fn refused(what: &str, e: &lapin::Error) -> String {
         )
     } else {
         format!("cannot declare {what}: {text}")
+    }
+}
+
+/// Says what a refused declaration of the archive stream means: its retention
+/// arguments are part of its identity, so an edited `[archive]` (`max_age`,
+/// `max_size`, `segment_size`) cannot be applied by declaring it again.
+fn refused_archive(stream: &str, e: &lapin::Error) -> String {
+    let text = e.to_string();
+    if soft_error(e) == Some(AMQPSoftError::PRECONDITIONFAILED) {
+        format!(
+            "the archive stream {stream:?} already exists on the broker with other arguments \
+             ([archive] max_age, max_size or segment_size changed?): RabbitMQ keeps the \
+             arguments a stream was created with. To apply the new retention, either delete \
+             the stream (its history goes with it) or put back the old values and change the \
+             retention with a policy (`rabbitmqctl set_policy` with max-age / \
+             max-length-bytes applied to {stream:?}). The broker said: {text}"
+        )
+    } else {
+        format!("cannot declare the archive stream {stream:?}: {text}")
     }
 }
 
@@ -219,6 +287,30 @@ async fn declare_on(
                 .map_err(|e| refused(&format!("the binding of {tier:?}"), &e))?;
         }
     }
+    if let Some(archive) = names.archive() {
+        let stream = names.archive_stream();
+        if topology
+            .queues
+            .iter()
+            .any(|q| names.queue(&q.plugin) == stream)
+        {
+            return Err(format!(
+                "plugin \"archive\" and the [archive] stream would share the queue {stream:?}: \
+                 rename the plugin, or use another [broker] prefix"
+            ));
+        }
+        // Durable, never exclusive or auto-deleted: what RabbitMQ requires of
+        // a stream. Arguments from the configuration alone, so that replicas
+        // and restarts declare the same ones.
+        channel
+            .queue_declare(
+                stream.as_str().into(),
+                queue_options,
+                Names::archive_args(archive),
+            )
+            .await
+            .map_err(|e| refused_archive(&stream, &e))?;
+    }
     let mut wanted = wanted(names, topology);
     for (plugin, delays) in draining {
         for delay in delays {
@@ -282,4 +374,103 @@ async fn declare_on(
         }
     }
     Ok(recorded)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bus::ExchangeSpec;
+    use crate::config::ArchiveConfig;
+    use crate::route::Binding;
+
+    fn exchange(name: &str, kind: ExchangeKind) -> ExchangeSpec {
+        ExchangeSpec {
+            name: name.into(),
+            kind,
+            durable: true,
+        }
+    }
+
+    fn route(exchange: &str, kind: ExchangeKind, pattern: &str, plugin: &str) -> Binding {
+        Binding {
+            exchange: exchange.into(),
+            kind,
+            pattern: pattern.into(),
+            plugin: plugin.into(),
+        }
+    }
+
+    /// The commerce bus's shape: a topic, a fanout and two direct exchanges,
+    /// one of them with no route.
+    fn commerce() -> Topology {
+        use ExchangeKind::{Direct, Fanout, Topic};
+        Topology {
+            exchanges: vec![
+                exchange("payments", Topic),
+                exchange("analytics", Fanout),
+                exchange("deadletter", Direct),
+                exchange("audit", Direct),
+            ],
+            queues: Vec::new(),
+            bindings: vec![
+                route("payments", Topic, "bill.*", "billing"),
+                route("analytics", Fanout, "#", "analytics"),
+                route("deadletter", Direct, "dead", "analytics"),
+                route("deadletter", Direct, "dead", "billing"),
+                route("deadletter", Direct, "lost.#", "billing"),
+            ],
+        }
+    }
+
+    fn pairs(list: &[(&str, &str)]) -> BTreeSet<(String, String)> {
+        list.iter()
+            .map(|(e, k)| (e.to_string(), k.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn a_direct_exchange_is_archived_under_each_key_its_routes_bind_and_no_other() {
+        let all = archive_bindings(&[], &commerce());
+        assert_eq!(
+            all,
+            pairs(&[
+                ("payments", "#"),
+                ("analytics", ""),
+                // Once per key, whichever routes share it; `#` is an ordinary
+                // character on a direct exchange.
+                ("deadletter", "dead"),
+                ("deadletter", "lost.#"),
+            ]),
+            "`audit` has no route, so no key to bind: nothing published there is archived"
+        );
+        // Only the exchanges `[archive] exchanges` names; one the topology
+        // does not declare is left out.
+        let some = archive_bindings(&["deadletter".into(), "nowhere".into()], &commerce());
+        assert_eq!(
+            some,
+            pairs(&[("deadletter", "dead"), ("deadletter", "lost.#")])
+        );
+    }
+
+    #[test]
+    fn the_archive_streams_bindings_are_wanted_only_with_the_archive() {
+        let plain = Names::new("sb");
+        assert!(
+            wanted(&plain, &commerce())
+                .bindings
+                .iter()
+                .all(|(queue, _, _)| queue != "sb.archive")
+        );
+        let names = Names::new("sb").with_archive(Some(ArchiveConfig {
+            enabled: true,
+            ..ArchiveConfig::default()
+        }));
+        let archived: BTreeSet<(String, String)> = wanted(&names, &commerce())
+            .bindings
+            .into_iter()
+            .filter(|(queue, _, _)| queue == "sb.archive")
+            .map(|(_, exchange, key)| (exchange, key))
+            .collect();
+        assert_eq!(archived, archive_bindings(&[], &commerce()));
+    }
 }
