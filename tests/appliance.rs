@@ -1074,3 +1074,95 @@ fn a_candidate_is_diffed_against_history_and_a_replay_is_redelivered_marked() {
     // The plugin saw them as first attempts and handled them.
     assert_eq!(r.status("notification").queue.unwrap().dead_lettered, 0);
 }
+
+/// Unmounts a test's tmpfs when the test ends, whatever happened.
+struct Mounted(std::path::PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// A disk that fills up: `state_dir` on a 4 MiB tmpfs. Ingress answers 503
+/// with the reason once the archive cannot store an event, and every event
+/// answered 202 is in the archive.
+#[test]
+fn a_full_disk_refuses_ingress_with_503_and_acknowledges_only_what_is_stored() {
+    let disk = tempfile::tempdir().unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
+        .arg(disk.path())
+        .status();
+    if !mounted.is_ok_and(|s| s.success()) {
+        assert_ne!(
+            std::env::var("CI").as_deref(),
+            Ok("true"),
+            "CI runs as root: a tmpfs must mount"
+        );
+        eprintln!("skipped: filling a disk needs a tmpfs mount (root)");
+        return;
+    }
+    let _unmount = Mounted(disk.path().to_path_buf());
+    let config = format!(
+        r#"
+plugins_dir = "plugins"
+state_dir = "{}"
+[runtime]
+cache = false
+[[exchanges]]
+name = "events"
+[plugins.notification]
+[[routes]]
+exchange = "events"
+pattern = "nothing.routes.here"
+plugin = "notification"
+[archive]
+enabled = true
+segment_size = "256KiB"
+"#,
+        disk.path().join("state").display()
+    );
+    let r = start(&config, &[("notification.wasm", "notification")]);
+    let padding = "x".repeat(16 * 1024);
+    let mut accepted = Vec::new();
+    let mut refused = None;
+    for i in 0..1000 {
+        let (status, reply, _) = r.post(
+            "events",
+            "audit.recorded",
+            &json!({"n": i, "padding": padding}),
+        );
+        match status {
+            202 => accepted.push(reply["id"].as_str().unwrap().to_string()),
+            503 => {
+                refused = Some(reply);
+                break;
+            }
+            other => panic!("{other}: {reply}"),
+        }
+    }
+    let refused = refused.expect("a 4 MiB disk fills up");
+    let why = refused["error"].as_str().unwrap();
+    assert!(
+        why.contains("archive") && why.contains("No space left on device"),
+        "{why}"
+    );
+    assert!(accepted.len() > 100, "{} accepted", accepted.len());
+    // The disk stays full: still refused, still said.
+    let (status, reply, _) = r.post("events", "audit.recorded", &json!({"padding": padding}));
+    assert_eq!(status, 503, "{reply}");
+
+    let (code, archived, stderr) = cli(&r.dir, &["events"]);
+    assert_eq!(code, 0, "{stderr}");
+    let stored: std::collections::HashSet<&str> =
+        archived.iter().map(|e| e["id"].as_str().unwrap()).collect();
+    let missing: Vec<&String> = accepted
+        .iter()
+        .filter(|id| !stored.contains(id.as_str()))
+        .collect();
+    assert!(missing.is_empty(), "answered 202, not stored: {missing:?}");
+}

@@ -870,3 +870,82 @@ fn the_archive_stream_keeps_each_bills_history_for_the_cli_the_api_and_every_rep
         "{why}"
     );
 }
+
+/// The event-sourcing example on RabbitMQ: an order's lifecycle through the
+/// `orders` plugin, its history read from the archive stream, and its state
+/// deleted then rebuilt from that history, byte for byte.
+#[test]
+fn an_orders_state_is_rebuilt_from_the_archive_stream() {
+    if !require_broker() {
+        return;
+    }
+    let vhost = TestVhost::new("orders");
+    let config = format!(
+        r#"
+plugins_dir = "plugins"
+state_dir = "state"
+[broker]
+url = "{}"
+timeout = "2s"
+[[exchanges]]
+name = "events"
+[plugins.orders]
+ordered = true
+[[routes]]
+exchange = "events"
+patterns = ["order.created", "order.paid", "order.shipped", "order.delivered", "order.cancelled"]
+plugin = "orders"
+[archive]
+enabled = true
+[[archive.aggregates]]
+match = "order.*"
+field = "data.order_id"
+"#,
+        vhost.url()
+    );
+    let r = start(&config, &[("orders.wasm", "orders")]);
+    let lifecycle = [
+        (
+            "order.created",
+            json!({"order_id": "O-7", "items": [{"sku": "B-2", "qty": 1}]}),
+        ),
+        ("order.paid", json!({"order_id": "O-7", "amount": 19})),
+        (
+            "order.shipped",
+            json!({"order_id": "O-7", "carrier": "DHL"}),
+        ),
+        ("order.delivered", json!({"order_id": "O-7"})),
+    ];
+    for (n, (kind, data)) in lifecycle.iter().enumerate() {
+        let (code, reply, _) = r.post("events", kind, data);
+        assert_eq!(code, 202, "{reply}");
+        wait_until(kind, || handled_by(&r, "orders") == n as u64 + 1);
+    }
+    let state = r.get("/api/kv/orders/order:O-7");
+    assert_eq!(state["value"]["status"], "DELIVERED", "{state}");
+
+    let (code, history, stderr) = switchboard_tests::cli(&r.dir, &["events", "--aggregate", "O-7"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(
+        routing_keys(&history),
+        lifecycle.iter().map(|(k, _)| *k).collect::<Vec<_>>()
+    );
+
+    let (status, body) = r.request("DELETE", "/api/kv/orders/order:O-7", None, None);
+    assert_eq!(status, 204, "{body}");
+    let (code, written, stderr) = switchboard_tests::cli(
+        &r.dir,
+        &[
+            "replay",
+            "orders",
+            "--aggregate",
+            "O-7",
+            "--rebuild",
+            "--url",
+            &r.url,
+        ],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(written.len(), 1, "{written:?}");
+    assert_eq!(r.get("/api/kv/orders/order:O-7"), state);
+}

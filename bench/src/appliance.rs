@@ -73,6 +73,8 @@ enum BusKind {
     /// The embedded bus with the shipped `[archive]` turned off.
     EmbeddedNoArchive,
     Rabbitmq,
+    /// RabbitMQ with the shipped `[archive]` turned off (no archive stream).
+    RabbitmqNoArchive,
 }
 
 impl BusKind {
@@ -81,7 +83,16 @@ impl BusKind {
             Self::Embedded => "embedded",
             Self::EmbeddedNoArchive => "embedded, archive off",
             Self::Rabbitmq => "RabbitMQ (quorum queues)",
+            Self::RabbitmqNoArchive => "RabbitMQ (quorum queues), archive off",
         }
+    }
+
+    fn archived(self) -> bool {
+        matches!(self, Self::Embedded | Self::Rabbitmq)
+    }
+
+    fn rabbitmq(self) -> bool {
+        matches!(self, Self::Rabbitmq | Self::RabbitmqNoArchive)
     }
 }
 
@@ -104,10 +115,11 @@ pub(crate) fn run(args: &ApplianceArgs) -> anyhow::Result<()> {
     let binary = process::binary(args.switchboard.as_deref())?;
     let mut rows = Vec::new();
     for &bus in &args.bus {
-        let dir = shipped_folder(bus != BusKind::EmbeddedNoArchive)?;
-        let vhost = match bus {
-            BusKind::Rabbitmq => Some(Vhost::create("sbb-appliance")?),
-            BusKind::Embedded | BusKind::EmbeddedNoArchive => None,
+        let dir = shipped_folder(bus.archived())?;
+        let vhost = if bus.rabbitmq() {
+            Some(Vhost::create("sbb-appliance")?)
+        } else {
+            None
         };
         let amqp = vhost
             .as_ref()
