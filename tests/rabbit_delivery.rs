@@ -948,4 +948,25 @@ field = "data.order_id"
     assert_eq!(code, 0, "{stderr}");
     assert_eq!(written.len(), 1, "{written:?}");
     assert_eq!(r.get("/api/kv/orders/order:O-7"), state);
+
+    // Re-delivered through the plugin's queue on the broker: the reducer sees
+    // events it has applied (their ids are in the history) and changes nothing.
+    let (code, lines, stderr) = switchboard_tests::cli(
+        &r.dir,
+        &[
+            "replay",
+            "orders",
+            "--aggregate",
+            "O-7",
+            "--publish",
+            "--url",
+            &r.url,
+        ],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(lines[0]["delivered"], 4, "{lines:?}");
+    wait_until("the replay handled", || handled_by(&r, "orders") == 8);
+    assert_eq!(r.get("/api/kv/orders/order:O-7"), state);
+    let letters = r.appliance.transport().dead_letters("orders", 10).unwrap();
+    assert!(letters.is_empty(), "{letters:?}");
 }

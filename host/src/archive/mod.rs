@@ -200,19 +200,85 @@ fn rules(config: &ArchiveConfig) -> anyhow::Result<Vec<Rule>> {
         .collect()
 }
 
-/// The aggregate a message published with `routing_key`, seen as `event`, is
-/// indexed under: the first rule matching the key names the field.
-fn aggregate(rules: &[Rule], routing_key: &str, event: &serde_json::Value) -> Option<String> {
+/// The aggregate an event published with `routing_key` is indexed under: the
+/// first rule matching the key names the field, a path into the event's
+/// envelope (`id`, `type`, `source`, `correlation_id`, `causation_id`,
+/// `tenant_id`) or into its `data` (`data.order_id`). A non-empty string or a
+/// number is an aggregate id. `data` is read only as far as the path goes.
+fn aggregate(rules: &[Rule], routing_key: &str, event: &crate::runtime::Event) -> Option<String> {
     let rule = rules.iter().find(|r| r.pattern.matches(routing_key))?;
-    let mut at = event;
-    for part in &rule.field {
-        at = at.get(part)?;
+    let (first, rest) = rule.field.split_first()?;
+    let top = match first.as_str() {
+        "data" => return field_at(&event.data, rest),
+        "id" => Some(event.id.as_str()),
+        "type" => Some(event.kind.as_str()),
+        "source" => Some(event.source.as_str()),
+        "correlation_id" => event.correlation_id.as_deref(),
+        "causation_id" => event.causation_id.as_deref(),
+        "tenant_id" => event.tenant_id.as_deref(),
+        _ => None,
+    };
+    // The envelope's fields are strings: nothing is below them.
+    top.filter(|s| rest.is_empty() && !s.is_empty())
+        .map(str::to_string)
+}
+
+/// The aggregate id at `path` in the JSON text `json`.
+fn field_at(json: &[u8], path: &[String]) -> Option<String> {
+    let mut at: &RawValue = serde_json::from_slice(json).ok()?;
+    for part in path {
+        at = member(at, part)?;
     }
-    match at {
-        serde_json::Value::String(s) if !s.is_empty() => Some(s.clone()),
+    match serde_json::from_str::<serde_json::Value>(at.get()).ok()? {
+        serde_json::Value::String(s) if !s.is_empty() => Some(s),
         serde_json::Value::Number(n) => Some(n.to_string()),
         _ => None,
     }
+}
+
+/// Member `name` of the JSON object `object`, unparsed (the last one, if the
+/// name repeats, as a parsed object would keep); `None` when it is not an
+/// object or has no such member. The other members are skipped, not built.
+fn member<'a>(object: &'a RawValue, name: &str) -> Option<&'a RawValue> {
+    use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
+
+    /// Whether a key is `name`, without keeping it.
+    struct KeyIs<'n>(&'n str);
+    impl<'de> DeserializeSeed<'de> for KeyIs<'_> {
+        type Value = bool;
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
+            d.deserialize_str(self)
+        }
+    }
+    impl Visitor<'_> for KeyIs<'_> {
+        type Value = bool;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a key")
+        }
+        fn visit_str<E: serde::de::Error>(self, key: &str) -> Result<bool, E> {
+            Ok(key == self.0)
+        }
+    }
+    struct Member<'n>(&'n str);
+    impl<'de> Visitor<'de> for Member<'_> {
+        type Value = Option<&'de RawValue>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("an object")
+        }
+        fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Self::Value, M::Error> {
+            let mut found = None;
+            while let Some(hit) = map.next_key_seed(KeyIs(self.0))? {
+                if hit {
+                    found = Some(map.next_value::<&'de RawValue>()?);
+                } else {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+            Ok(found)
+        }
+    }
+    let mut de = serde_json::Deserializer::from_str(object.get());
+    de.deserialize_map(Member(name)).ok().flatten()
 }
 
 /// The record of one published message, at position `seq`, archived at
@@ -223,26 +289,13 @@ fn record(rules: &[Rule], seq: u64, time: DateTime<Utc>, out: &Outgoing) -> Arch
     let message = &out.message;
     let decoded = crate::envelope::decode(&out.exchange, &out.routing_key, message, 1);
     let (id, kind, causation_id, correlation_id, aggregate) = match &decoded {
-        Ok(event) => {
-            let data = serde_json::from_slice::<serde_json::Value>(&event.data)
-                .unwrap_or(serde_json::Value::Null);
-            let view = serde_json::json!({
-                "id": event.id,
-                "type": event.kind,
-                "source": event.source,
-                "correlation_id": event.correlation_id,
-                "causation_id": event.causation_id,
-                "tenant_id": event.tenant_id,
-                "data": data,
-            });
-            (
-                event.id.clone(),
-                event.kind.clone(),
-                event.causation_id.clone(),
-                event.correlation_id.clone(),
-                aggregate(rules, &out.routing_key, &view),
-            )
-        }
+        Ok(event) => (
+            event.id.clone(),
+            event.kind.clone(),
+            event.causation_id.clone(),
+            event.correlation_id.clone(),
+            aggregate(rules, &out.routing_key, event),
+        ),
         Err(_) => (
             message.message_id.clone().unwrap_or_else(|| {
                 crate::envelope::derived_id(&out.exchange, &out.routing_key, message)
@@ -422,6 +475,44 @@ fn scan(
     }
 }
 
+/// A record encoded before its position and time are known (outside the
+/// writer's lock): its JSON from the field after `time` on.
+struct Encoded {
+    /// `,"exchange":…}`: what follows `"seq"` and `"time"`, the record's first
+    /// two fields.
+    tail: Vec<u8>,
+    aggregate: Option<String>,
+}
+
+impl Encoded {
+    const AFTER_TIME: &'static [u8] = b",\"exchange\":";
+
+    fn of(rules: &[Rule], out: &Outgoing) -> Result<Self, ArchiveError> {
+        let archived = record(rules, 0, DateTime::UNIX_EPOCH, out);
+        let json = serde_json::to_vec(&archived)
+            .map_err(|e| ArchiveError(format!("cannot encode a record: {e}")))?;
+        // The first match is the field's: a number and a timestamp come before.
+        let cut = json
+            .windows(Self::AFTER_TIME.len())
+            .position(|w| w == Self::AFTER_TIME)
+            .ok_or_else(|| ArchiveError("a record without an exchange".into()))?;
+        Ok(Self {
+            tail: json[cut..].to_vec(),
+            aggregate: archived.aggregate,
+        })
+    }
+
+    /// The record's JSON at position `seq`, archived at `time_json` (a JSON
+    /// string): what encoding the whole record would give.
+    fn payload(&self, seq: u64, time_json: &str) -> Vec<u8> {
+        let head = format!("{{\"seq\":{seq},\"time\":{time_json}");
+        let mut payload = Vec::with_capacity(head.len() + self.tail.len());
+        payload.extend_from_slice(head.as_bytes());
+        payload.extend_from_slice(&self.tail);
+        payload
+    }
+}
+
 /// Reads the archive in `dir` without opening it for writing (another process
 /// may be appending): the records `query` selects, oldest first.
 pub fn read(dir: &Path, query: &Query) -> std::io::Result<Vec<ArchivedEvent>> {
@@ -559,21 +650,27 @@ impl Archive {
         if wanted.is_empty() {
             return Ok(None);
         }
+        // The costly part (decoding each message, encoding its record) runs
+        // before the lock, so that appenders on other threads do it at once.
+        let encoded = wanted
+            .iter()
+            .map(|out| Encoded::of(&self.rules, out))
+            .collect::<Result<Vec<_>, _>>()?;
         let last = {
             let mut writer = lock(&self.writer);
             let time = Utc::now();
+            let time_json = serde_json::to_string(&time)
+                .map_err(|e| ArchiveError(format!("cannot encode a time: {e}")))?;
             let mut bytes = Vec::new();
-            let mut records = Vec::with_capacity(wanted.len());
-            for (i, out) in wanted.iter().enumerate() {
+            let mut records = Vec::with_capacity(encoded.len());
+            for (i, encoded) in encoded.into_iter().enumerate() {
                 let seq = writer.next + i as u64;
-                let archived = record(&self.rules, seq, time, out);
-                let payload = serde_json::to_vec(&archived)
-                    .map_err(|e| ArchiveError(format!("cannot encode a record: {e}")))?;
+                let payload = encoded.payload(seq, &time_json);
                 let offset = bytes.len() as u64;
                 bytes.extend_from_slice(&(payload.len() as u32).to_le_bytes());
                 bytes.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
                 bytes.extend_from_slice(&payload);
-                records.push((seq, offset, archived.aggregate));
+                records.push((seq, offset, encoded.aggregate));
             }
             let (first, start) = {
                 let index = self.index.read().unwrap_or_else(PoisonError::into_inner);

@@ -1,7 +1,7 @@
 use std::io::Write as _;
 
 use bytesize::ByteSize;
-use serde_json::json;
+use serde_json::{Value, json};
 
 use super::*;
 use crate::config::AggregateRule;
@@ -315,4 +315,107 @@ fn times_parse_as_rfc3339_or_as_a_duration_back() {
     let diff = Utc::now() - hour_ago;
     assert!((diff.num_seconds() - 3600).abs() < 5);
     assert!(parse_time("yesterday-ish").is_err());
+}
+
+#[test]
+fn a_record_encoded_before_its_position_is_the_record_at_that_position() {
+    let rules = rules(&config()).unwrap();
+    let time: DateTime<Utc> = "2026-12-04T10:11:12.123456Z".parse().unwrap();
+    let time_json = serde_json::to_string(&time).unwrap();
+    let raw = Outgoing {
+        message: Message {
+            content_type: Some("text/plain".into()),
+            message_id: Some("m-1".into()),
+            ..out("audit", "note.added", b"not json").message
+        },
+        ..out("audit", "note.added", b"")
+    };
+    for message in [
+        order("e-1", "order.created", "o-1"),
+        out("events", "bill.created", br#"{"bill_id": 7}"#),
+        raw,
+        out(
+            "ev\"ents",
+            "x",
+            br#"{"id":"q","type":"t","data":{"exchange":1}}"#,
+        ),
+    ] {
+        let whole = serde_json::to_vec(&record(&rules, 42, time, &message)).unwrap();
+        let encoded = Encoded::of(&rules, &message).unwrap();
+        assert_eq!(
+            String::from_utf8(encoded.payload(42, &time_json)).unwrap(),
+            String::from_utf8(whole).unwrap()
+        );
+    }
+}
+
+#[test]
+fn aggregates_are_found_along_the_path_and_nowhere_else() {
+    let rules = rules(&ArchiveConfig {
+        aggregates: vec![
+            AggregateRule {
+                pattern: "order.*".into(),
+                field: "data.order.id".into(),
+            },
+            AggregateRule {
+                pattern: "flow.*".into(),
+                field: "correlation_id".into(),
+            },
+        ],
+        ..config()
+    })
+    .unwrap();
+    let of = |key: &str, body: Value| {
+        let message = out("events", key, body.to_string().as_bytes());
+        record(&rules, 1, Utc::now(), &message).aggregate
+    };
+    let order = |data: Value| {
+        of(
+            "order.created",
+            json!({"id": "e", "type": "order.created", "data": data}),
+        )
+    };
+    assert_eq!(
+        order(json!({"order": {"id": "o-1"}})).as_deref(),
+        Some("o-1")
+    );
+    assert_eq!(order(json!({"order": {"id": 12}})).as_deref(), Some("12"));
+    assert_eq!(
+        order(json!({"x": [1, {"id": 2}], "order": {"n": {}, "id": "late"}})).as_deref(),
+        Some("late")
+    );
+    let escaped = br#"{"id":"e","type":"order.created","data":{"o\u0072der":{"id":"escaped"}}}"#;
+    let message = out("events", "order.created", escaped);
+    assert_eq!(
+        record(&rules, 1, Utc::now(), &message).aggregate.as_deref(),
+        Some("escaped")
+    );
+    for nothing in [
+        json!({"order": {"id": ""}}),
+        json!({"order": {"id": null}}),
+        json!({"order": {"id": {"deeper": 1}}}),
+        json!({"order": ["id"]}),
+        json!({"order": "id"}),
+        json!({}),
+        json!("text"),
+    ] {
+        assert_eq!(order(nothing.clone()), None, "{nothing}");
+    }
+    // A repeated name: the last one, as a parsed object keeps.
+    let repeated = br#"{"id":"e","type":"order.created","data":{"order":{"id":"a","id":"b"}}}"#;
+    let message = out("events", "order.created", repeated);
+    assert_eq!(
+        record(&rules, 1, Utc::now(), &message).aggregate.as_deref(),
+        Some("b")
+    );
+    // A top-level field, and nothing below it.
+    let flow = json!({"id": "e", "type": "flow.step", "correlation_id": "c-9", "data": {}});
+    assert_eq!(of("flow.step", flow).as_deref(), Some("c-9"));
+    assert_eq!(
+        of(
+            "other",
+            json!({"id": "e", "type": "other", "data": {"order": {"id": "x"}}})
+        ),
+        None
+    );
 }

@@ -201,10 +201,11 @@ pub enum Unroutable {
     DeadLetter,
 }
 
-/// `[archive]`: the event history. On the embedded bus, every message
-/// published to an archived exchange is kept in `state_dir/archive/` (an
-/// append-only, segmented log) and can be listed with `switchboard events` or
-/// `GET /api/events`.
+/// `[archive]`: the event history. Every message published to an archived
+/// exchange is kept: on the embedded bus in `state_dir/archive/` (an
+/// append-only, segmented log), on RabbitMQ in the stream `<prefix>.archive`
+/// bound to those exchanges. `switchboard events`, `GET /api/events` and
+/// `switchboard replay` read it. Read at start only.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ArchiveConfig {
@@ -543,6 +544,9 @@ impl RouterConfig {
         }
         if self.runtime != next.runtime {
             changed.push("[runtime]");
+        }
+        if self.archive != next.archive {
+            changed.push("[archive]");
         }
         changed
     }

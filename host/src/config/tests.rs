@@ -545,6 +545,10 @@ fn a_reload_names_the_settings_that_need_a_restart() {
         parse("[kv]\nbackend = \"redis\"\nurl = \"redis://b:6379\"\n[broker]\nprefix = \"x\"\n")
             .unwrap();
     assert_eq!(running.restart_only_changes(&moved), ["[broker]", "[kv]"]);
+    let archived =
+        parse("[kv]\nbackend = \"redis\"\nurl = \"redis://a:6379\"\n[archive]\nenabled = true\n")
+            .unwrap();
+    assert_eq!(running.restart_only_changes(&archived), ["[archive]"]);
 }
 
 #[test]
