@@ -78,29 +78,56 @@ pub fn run(args: &ReplayArgs, out: &mut impl Write, err: &mut impl Write) -> any
             err,
         );
     }
-    let runtime = Runtime::new(RuntimeConfig {
-        pooling: false,
-        ..config.runtime_config()
-    })?;
+    let offline = Replay {
+        runtime: Runtime::new(RuntimeConfig {
+            pooling: false,
+            ..config.runtime_config()
+        })?,
+        config: &config,
+        args,
+        events: &events,
+    };
     if args.rebuild {
-        return rebuild(&config, &runtime, args, &events, out, err);
+        return offline.rebuild(out, err);
     }
     let state = LiveState::open(&config, err)?;
-    let first = Offline::load(
-        &runtime,
-        &config,
-        &args.plugin,
-        if args.diff {
-            None
-        } else {
-            args.file.as_deref()
-        },
-        state.base(),
-    )?;
-    if !args.diff {
+    match &args.file {
+        Some(candidate) if args.diff => offline.diff(candidate, &state, out, err),
+        file => offline.dry_run(file.as_deref(), &state, out, err),
+    }
+}
+
+/// What the offline modes work with.
+struct Replay<'a> {
+    runtime: Runtime,
+    config: &'a RouterConfig,
+    args: &'a ReplayArgs,
+    events: &'a [ArchivedEvent],
+}
+
+impl Replay<'_> {
+    /// The plugin (or `file`), on a scratch copy of `base`.
+    fn load(
+        &self,
+        file: Option<&std::path::Path>,
+        base: Option<Arc<dyn KvStore>>,
+    ) -> anyhow::Result<Offline> {
+        Offline::load(&self.runtime, self.config, &self.args.plugin, file, base)
+    }
+
+    /// `--dry-run`: each event through the plugin (or `file`), offline.
+    fn dry_run(
+        &self,
+        file: Option<&std::path::Path>,
+        state: &LiveState,
+        out: &mut impl Write,
+        err: &mut impl Write,
+    ) -> anyhow::Result<i32> {
+        let (args, events) = (self.args, self.events);
+        let plugin = self.load(file, state.base())?;
         let mut failed = 0;
-        for event in &events {
-            let line = first.run(event);
+        for event in events {
+            let line = plugin.run(event);
             failed += usize::from(line.get("failure").is_some());
             writeln!(out, "{line}")?;
         }
@@ -109,54 +136,97 @@ pub fn run(args: &ReplayArgs, out: &mut impl Write, err: &mut impl Write) -> any
             "{} events replayed through {} ({}): {} handled, {failed} failed; nothing published",
             events.len(),
             args.plugin,
-            first.version(),
+            plugin.version(),
             events.len() - failed
         )?;
-        return Ok(i32::from(failed > 0));
+        Ok(i32::from(failed > 0))
     }
-    let candidate = Offline::load(
-        &runtime,
-        &config,
-        &args.plugin,
-        args.file.as_deref(),
-        state.base(),
-    )?;
-    let mut counts = [0usize; 4];
-    for event in &events {
-        let running = first.run(event);
-        let other = candidate.run(event);
-        let verdict = replay::compare(&running, &other);
-        counts[verdict as usize] += 1;
-        if verdict != Verdict::Same {
-            let line = json!({
-                "input": event.id,
-                "kind": event.kind,
-                "routing_key": event.routing_key,
-                "verdict": verdict.as_str(),
-                "running": without_input(running),
-                "candidate": without_input(other),
-            });
+
+    /// `--diff`: each event through the configured version and `candidate`.
+    fn diff(
+        &self,
+        candidate: &std::path::Path,
+        state: &LiveState,
+        out: &mut impl Write,
+        err: &mut impl Write,
+    ) -> anyhow::Result<i32> {
+        let events = self.events;
+        let running = self.load(None, state.base())?;
+        let candidate = self.load(Some(candidate), state.base())?;
+        let mut counts = [0usize; 4];
+        for event in events {
+            let before = running.run(event);
+            let after = candidate.run(event);
+            let verdict = replay::compare(&before, &after);
+            counts[verdict as usize] += 1;
+            if verdict != Verdict::Same {
+                let line = json!({
+                    "input": event.id,
+                    "kind": event.kind,
+                    "routing_key": event.routing_key,
+                    "verdict": verdict.as_str(),
+                    "running": without_input(before),
+                    "candidate": without_input(after),
+                });
+                writeln!(out, "{line}")?;
+            }
+        }
+        let [same, differ, only_running, only_candidate] = counts;
+        let summary = json!({"summary": {
+            "events": events.len(),
+            "same": same,
+            "differ": differ,
+            "fails_only_in_running": only_running,
+            "fails_only_in_candidate": only_candidate,
+            "running": running.version(),
+            "candidate": candidate.version(),
+        }});
+        writeln!(out, "{summary}")?;
+        writeln!(
+            err,
+            "{} events: {same} same, {differ} differ, {only_running} fail only in the running \
+         version, {only_candidate} only in the candidate; nothing published",
+            events.len()
+        )?;
+        Ok(i32::from(same != events.len()))
+    }
+
+    /// `--rebuild`: the aggregate's events from empty state, retries included
+    /// ([`replay::run_history`]); the keys the plugin wrote (or deleted) replace
+    /// those in the live state.
+    fn rebuild(&self, out: &mut impl Write, err: &mut impl Write) -> anyhow::Result<i32> {
+        let (config, args, events) = (self.config, self.args, self.events);
+        let aggregate = args.select.aggregate.as_deref().unwrap_or_default();
+        let offline = self.load(args.file.as_deref(), None)?;
+        let max_attempts = config
+            .plugin_settings(&args.plugin)
+            .map_or(1, |s| s.max_attempts);
+        let failed = replay::run_history(&offline, events, max_attempts)
+            .map_err(|why| anyhow::anyhow!("{why}: nothing written"))?;
+        for line in &failed {
+            writeln!(err, "{}: {}", line["input"], line["failure"])?;
+        }
+        let failed = failed.len();
+        let changes = offline.changes();
+        apply(config, args.url.as_deref(), &args.plugin, &changes)?;
+        for (key, value) in &changes {
+            let line = match value {
+                Some(value) => crate::admin::api::kv_value_json(&args.plugin, key, value),
+                None => json!({"plugin": args.plugin, "key": key, "deleted": true}),
+            };
             writeln!(out, "{line}")?;
         }
+        writeln!(
+            err,
+            "rebuilt aggregate {aggregate:?} of {} from {} events ({failed} settled as failures): \
+             keys written: {}, deleted: {}",
+            args.plugin,
+            events.len(),
+            changes.values().filter(|v| v.is_some()).count(),
+            changes.values().filter(|v| v.is_none()).count(),
+        )?;
+        Ok(0)
     }
-    let [same, differ, only_running, only_candidate] = counts;
-    let summary = json!({"summary": {
-        "events": events.len(),
-        "same": same,
-        "differ": differ,
-        "fails_only_in_running": only_running,
-        "fails_only_in_candidate": only_candidate,
-        "running": first.version(),
-        "candidate": candidate.version(),
-    }});
-    writeln!(out, "{summary}")?;
-    writeln!(
-        err,
-        "{} events: {same} same, {differ} differ, {only_running} fail only in the running \
-         version, {only_candidate} only in the candidate; nothing published",
-        events.len()
-    )?;
-    Ok(i32::from(same != events.len()))
 }
 
 /// The archived events the arguments and the plugin's routes select.
@@ -236,49 +306,6 @@ impl LiveState {
     fn base(&self) -> Option<Arc<dyn KvStore>> {
         self.base.clone()
     }
-}
-
-/// `--rebuild`: the aggregate's events from empty state, retries included
-/// ([`replay::run_history`]); the keys the plugin wrote (or deleted) replace
-/// those in the live state.
-fn rebuild(
-    config: &RouterConfig,
-    runtime: &Runtime,
-    args: &ReplayArgs,
-    events: &[ArchivedEvent],
-    out: &mut impl Write,
-    err: &mut impl Write,
-) -> anyhow::Result<i32> {
-    let aggregate = args.select.aggregate.as_deref().unwrap_or_default();
-    let offline = Offline::load(runtime, config, &args.plugin, args.file.as_deref(), None)?;
-    let max_attempts = config
-        .plugin_settings(&args.plugin)
-        .map_or(1, |s| s.max_attempts);
-    let failed = replay::run_history(&offline, events, max_attempts)
-        .map_err(|why| anyhow::anyhow!("{why}: nothing written"))?;
-    for line in &failed {
-        writeln!(err, "{}: {}", line["input"], line["failure"])?;
-    }
-    let failed = failed.len();
-    let changes = offline.changes();
-    apply(config, args.url.as_deref(), &args.plugin, &changes)?;
-    for (key, value) in &changes {
-        let line = match value {
-            Some(value) => crate::admin::api::kv_value_json(&args.plugin, key, value),
-            None => json!({"plugin": args.plugin, "key": key, "deleted": true}),
-        };
-        writeln!(out, "{line}")?;
-    }
-    writeln!(
-        err,
-        "rebuilt aggregate {aggregate:?} of {} from {} events ({failed} settled as failures): \
-         {} keys written, {} deleted",
-        args.plugin,
-        events.len(),
-        changes.values().filter(|v| v.is_some()).count(),
-        changes.values().filter(|v| v.is_none()).count(),
-    )?;
-    Ok(0)
 }
 
 /// Puts a rebuild's changes into the live store: directly when this process
