@@ -1165,4 +1165,9 @@ segment_size = "256KiB"
         .filter(|id| !stored.contains(id.as_str()))
         .collect();
     assert!(missing.is_empty(), "answered 202, not stored: {missing:?}");
+    eprintln!(
+        "full disk: {} answered 202, all {} in the archive; then 503: {why}",
+        accepted.len(),
+        accepted.len() - missing.len()
+    );
 }

@@ -78,6 +78,9 @@ impl std::fmt::Debug for Appliance {
     }
 }
 
+/// Longest wait for the kv store to commit an admin write.
+const KV_COMMIT_WAIT: Duration = Duration::from_secs(30);
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -175,15 +178,7 @@ impl Appliance {
             }
             None => kv.delete(plugin, key)?,
         };
-        let (tx, rx) = std::sync::mpsc::channel();
-        kv.when_durable(
-            kv.written(),
-            Box::new(move |result| {
-                let _ = tx.send(result);
-            }),
-        );
-        rx.recv()
-            .map_err(|_| crate::kv::KvError::Unavailable("the store stopped".into()))??;
+        crate::kv::wait_durable(&**kv, KV_COMMIT_WAIT)?;
         Ok(existed)
     }
 

@@ -340,20 +340,7 @@ fn apply(
             }
         }
     }
-    flush(&*store)
-}
-
-/// Waits until what this process wrote is durable.
-fn flush(store: &dyn KvStore) -> anyhow::Result<()> {
-    let (tx, rx) = std::sync::mpsc::channel();
-    store.when_durable(
-        store.written(),
-        Box::new(move |result| {
-            let _ = tx.send(result);
-        }),
-    );
-    rx.recv_timeout(Duration::from_secs(30))
-        .context("the kv store did not commit within 30 s")??;
+    crate::kv::wait_durable(&*store, Duration::from_secs(30))?;
     Ok(())
 }
 
@@ -496,17 +483,16 @@ fn expect_ok(
     bail!("the appliance answered {status}: {why}")
 }
 
+/// What a path segment keeps as is: RFC 3986's unreserved characters.
+const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
 /// Percent-encodes a path segment.
 fn encode(segment: &str) -> String {
-    let mut out = String::with_capacity(segment.len());
-    for byte in segment.bytes() {
-        if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {
-            out.push(char::from(byte));
-        } else {
-            out.push_str(&format!("%{byte:02X}"));
-        }
-    }
-    out
+    percent_encoding::utf8_percent_encode(segment, SEGMENT).to_string()
 }
 
 #[cfg(test)]

@@ -591,12 +591,14 @@ impl Shared {
             return Outcome::Neutral;
         }
         // A replay re-delivers handled events on purpose: the window would
-        // drop every one of them.
-        let replayed = event
-            .headers
-            .iter()
-            .any(|(k, _)| k == crate::envelope::REPLAY_HEADER);
-        if let Some(window) = self.dedupe.as_ref().filter(|_| !replayed) {
+        // drop every one of them. (Looked for only when there is a window.)
+        let replayed = |event: &crate::runtime::Event| {
+            event
+                .headers
+                .iter()
+                .any(|(k, _)| k == crate::envelope::REPLAY_HEADER)
+        };
+        if let Some(window) = self.dedupe.as_ref().filter(|_| !replayed(&event)) {
             match window.claim(&event.id) {
                 Claim::Fresh => concerning.claimed = true,
                 Claim::Duplicate => {

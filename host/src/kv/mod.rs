@@ -92,6 +92,20 @@ pub trait KvStore: Send + Sync + 'static {
     ) -> Result<bool, KvError>;
 }
 
+/// Blocks until every write `store` has taken so far is durable, waiting at
+/// most `timeout`.
+pub fn wait_durable(store: &dyn KvStore, timeout: Duration) -> Result<(), KvError> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    store.when_durable(
+        store.written(),
+        Box::new(move |result| {
+            let _ = tx.send(result);
+        }),
+    );
+    rx.recv_timeout(timeout)
+        .map_err(|_| KvError::Unavailable(format!("the store did not commit within {timeout:?}")))?
+}
+
 /// Parses a stored counter; what `incr` accepts as a number.
 pub(crate) fn parse_counter(key: &str, raw: &[u8]) -> Result<i64, KvError> {
     std::str::from_utf8(raw)
