@@ -1171,3 +1171,151 @@ segment_size = "256KiB"
         accepted.len() - missing.len()
     );
 }
+
+/// Milliseconds since the Unix epoch, now.
+fn epoch_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+/// The archived `emitted.*` outputs tagged `tag`: (i, archived at, ms since the epoch).
+fn archived_emits(dir: &std::path::Path, tag: &str) -> Vec<(u64, i64)> {
+    let (code, lines, stderr) = cli(dir, &["events", "--match", "emitted.#"]);
+    assert_eq!(code, 0, "{stderr}");
+    let mut found: Vec<(u64, i64)> = lines
+        .iter()
+        .filter(|e| e["body"]["data"]["tag"] == tag)
+        .map(|e| {
+            let time = e["time"].as_str().unwrap();
+            let at = chrono_ms(time);
+            (e["body"]["data"]["i"].as_u64().unwrap(), at)
+        })
+        .collect();
+    found.sort_unstable();
+    found
+}
+
+/// An RFC 3339 time with milliseconds (`2026-12-04T19:01:02.345Z`) as ms since the epoch.
+fn chrono_ms(time: &str) -> i64 {
+    humantime::parse_rfc3339(time)
+        .unwrap()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+/// Delayed outputs on the embedded bus wait in `state_dir/timers.redb`: they
+/// are visible while they wait, survive a `kill -9` of the router, and are
+/// published no earlier than asked and at most a second late.
+#[test]
+fn delayed_outputs_survive_kill_9_and_arrive_on_time() {
+    use switchboard_tests::process::Replica;
+
+    let toml = worker_config("", &["emit"])
+        + "[archive]\nenabled = true\n[[routes]]\nexchange = \"events\"\npattern = \"never\"\nplugin = \"worker\"\n";
+    let mut replica = Replica::start(&toml, &[("worker.wasm", "scripted_guest")]);
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    const N: u64 = 8;
+    let (first, step) = (5_000, 250);
+    let before = epoch_ms();
+    let response = agent
+        .post(&format!("{}/events/events/emit", replica.url))
+        .header("content-type", "application/json")
+        .send(json!({"count": N, "delay_ms": first, "step_ms": step, "tag": "k9"}).to_string())
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 202);
+    // Handled (and so scheduled) once they are counted as waiting.
+    switchboard_tests::wait_until(
+        "the delayed outputs waiting",
+        Duration::from_secs(10),
+        || replica.plugin("worker")["queue"]["waiting_delayed"] == N,
+    );
+    let handled_by = epoch_ms();
+    let metrics = agent
+        .get(&format!("{}/metrics", replica.url))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    assert!(
+        metrics.contains(&format!("switchboard_delayed_outputs_waiting {N}")),
+        "{metrics}"
+    );
+    assert!(
+        archived_emits(replica.dir(), "k9").is_empty(),
+        "published before their time"
+    );
+    replica.kill();
+    replica.restart();
+    replica.wait_alive(Duration::from_secs(60));
+    assert!(
+        epoch_ms() < before + first,
+        "the restart took longer than the first delay: the test shows nothing"
+    );
+    switchboard_tests::wait_until("every delayed output", Duration::from_secs(30), || {
+        archived_emits(replica.dir(), "k9").len() as u64 >= N
+    });
+    let arrived = archived_emits(replica.dir(), "k9");
+    assert_eq!(
+        arrived.iter().map(|(i, _)| *i).collect::<Vec<_>>(),
+        (0..N).collect::<Vec<_>>(),
+        "each delayed output published once"
+    );
+    for (i, at) in &arrived {
+        let asked = first + step * *i as i64;
+        assert!(
+            at - before >= asked,
+            "output {i} came {} ms early",
+            asked - (at - before)
+        );
+        let late = at - (handled_by + asked);
+        assert!(late <= 1_000, "output {i} came {late} ms late");
+    }
+    assert_eq!(replica.plugin("worker")["queue"]["waiting_delayed"], 0);
+}
+
+/// A delay that is negative, not a number of milliseconds or beyond the
+/// plugin's `max_delay` fails the event as `invalid_output`, with the reason,
+/// and publishes none of its outputs.
+#[test]
+fn bad_delays_are_invalid_outputs() {
+    let r = start(
+        &worker_config("max_delay = \"1m\"", &["emit"]),
+        &[("worker.wasm", "scripted_guest")],
+    );
+    let cases = [
+        (json!("-5"), "negative"),
+        (json!("soon"), "not a whole number of milliseconds"),
+        (json!("1.5"), "not a whole number of milliseconds"),
+        (json!(60_001), "longer than max_delay"),
+    ];
+    for (delay, _) in &cases {
+        let (status, _, _) = r.post("events", "emit", &json!({"delay_ms": delay, "tag": "bad"}));
+        assert_eq!(status, 202);
+    }
+    r.wait_for("the dead letters", |r| {
+        r.get("/api/dlq/worker")["items"]
+            .as_array()
+            .is_some_and(|d| d.len() == cases.len())
+    });
+    let letters = r.get("/api/dlq/worker")["items"].clone();
+    for (delay, why) in &cases {
+        let letter = letters
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["message"]["data"]["delay_ms"] == *delay)
+            .unwrap_or_else(|| panic!("no dead letter for {delay}: {letters}"));
+        assert_eq!(letter["kind"], "invalid_output", "{letter}");
+        let reason = letter["reason"].as_str().unwrap();
+        assert!(reason.contains(why), "{delay}: {reason}");
+    }
+    let q = r.status("worker").queue.unwrap();
+    assert_eq!(q.waiting_delayed, 0, "nothing was scheduled");
+}

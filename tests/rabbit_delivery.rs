@@ -970,3 +970,123 @@ field = "data.order_id"
     let letters = r.appliance.transport().dead_letters("orders", 10).unwrap();
     assert!(letters.is_empty(), "{letters:?}");
 }
+
+/// Takes `count` messages from `queue` as they arrive: (message, when it
+/// arrived, ms since the epoch), polling every few ms.
+fn arrivals(amqp: &Amqp, queue: &str, count: usize, timeout: Duration) -> Vec<(Received, i64)> {
+    let until = Instant::now() + timeout;
+    let mut got = Vec::new();
+    while got.len() < count && Instant::now() < until {
+        for m in amqp.get(queue, 1, Duration::from_millis(5)) {
+            got.push((m, epoch_ms()));
+        }
+    }
+    got
+}
+
+fn epoch_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+/// Delayed outputs on RabbitMQ wait in the broker's delay ladder: visible
+/// while they wait, published no earlier than asked and at most a second
+/// late across a restart of the router, and still there after a restart of
+/// the broker.
+#[test]
+fn delayed_outputs_wait_on_the_broker_through_router_and_broker_restarts() {
+    if !require_broker() {
+        return;
+    }
+    let node = ThrowawayNode::start();
+    let url = node.url();
+    let r = start(&config(&url, "", ""), &[("worker.wasm", "scripted_guest")]);
+    let amqp = Amqp::connect(&url).unwrap();
+    let sink = amqp.declare_sink(Some("delayed-sink"), SinkLife::Durable, "out", "#");
+
+    // A restart of the router while they wait.
+    let (first, step) = (4_000i64, 300i64);
+    let before = epoch_ms();
+    send(
+        &amqp,
+        "d-1",
+        "emit",
+        json!({"count": 5, "delay_ms": first, "step_ms": step, "tag": "router"}),
+    );
+    wait_until("the event handled", || handled(&r) == 1);
+    let handled_at = epoch_ms();
+    let metrics = r.appliance.metrics_text();
+    assert!(
+        metrics.contains("switchboard_delayed_outputs_waiting 5"),
+        "{metrics}"
+    );
+    assert_eq!(
+        status(&r, "worker")
+            .dispatch
+            .unwrap()
+            .delayed
+            .load(std::sync::atomic::Ordering::SeqCst),
+        5
+    );
+    let (_, dir) = r.stop_and_keep(Duration::from_secs(10));
+    let r = start_in(dir.path());
+    assert!(
+        epoch_ms() < before + first,
+        "the restart took longer than the first delay"
+    );
+    let got = arrivals(&amqp, &sink, 5, Duration::from_secs(20));
+    assert_eq!(got.len(), 5, "every delayed output arrives");
+    for (m, at) in &got {
+        let body = m.json();
+        assert_eq!(body["data"]["tag"], "router");
+        let i = body["data"]["i"].as_i64().unwrap();
+        let asked = first + step * i;
+        assert!(
+            at - before >= asked,
+            "output {i} came {} ms early",
+            asked - (at - before)
+        );
+        let late = at - (handled_at + asked);
+        assert!(late <= 1_000, "output {i} came {late} ms late");
+        assert!(
+            !m.headers.keys().any(|k| k.starts_with("switchboard-delay")),
+            "the router's delay headers are not published: {:?}",
+            m.headers
+        );
+        assert_eq!(body["source"], "worker");
+    }
+
+    // A restart of the broker while they wait.
+    let before = epoch_ms();
+    send(
+        &amqp,
+        "d-2",
+        "emit",
+        json!({"count": 3, "delay_ms": 9_000, "step_ms": 500, "tag": "broker"}),
+    );
+    // (A new process: its counters start again.)
+    wait_until("the event handled", || handled(&r) == 1);
+    drop(amqp);
+    node.restart();
+    wait_until("the router back on the broker", || r.appliance.is_ready());
+    let amqp = Amqp::connect(&url).unwrap();
+    let got = arrivals(&amqp, &sink, 3, Duration::from_secs(40));
+    assert_eq!(
+        got.len(),
+        3,
+        "every delayed output survives the broker restart"
+    );
+    for (m, at) in &got {
+        let body = m.json();
+        assert_eq!(body["data"]["tag"], "broker");
+        let asked = 9_000 + 500 * body["data"]["i"].as_i64().unwrap();
+        assert!(
+            at - before >= asked,
+            "came {} ms early",
+            asked - (at - before)
+        );
+    }
+    assert!(dead_letters(&r).is_empty());
+}

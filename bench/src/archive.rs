@@ -131,6 +131,7 @@ fn publish_rate(bus: &EmbeddedBus, n: usize) -> anyhow::Result<f64> {
                 let Ok(delivery) = rx.recv() else { return };
                 let handled = Settlement::Handled {
                     outputs: Vec::new(),
+                    delayed: Vec::new(),
                     timeout: Duration::from_secs(1),
                 };
                 delivery

@@ -80,6 +80,8 @@ pub struct PluginMetrics {
     pub retried: Counter,
     pub deduplicated: Counter,
     pub outputs: Counter,
+    /// Delayed outputs kept for later.
+    pub delayed: Counter,
     pub handler_seconds: Histogram,
     /// Cool-down pauses begun.
     pub pauses: Counter,
@@ -118,6 +120,8 @@ pub struct QueueFigures {
     pub consumers: u64,
     pub waiting_retries: u64,
     pub dead_letters: u64,
+    /// Delayed outputs of the plugin waiting for their time (embedded bus).
+    pub waiting_delayed: Option<u64>,
 }
 
 /// Every metric of one appliance.
@@ -131,6 +135,7 @@ pub struct Metrics {
     dead_lettered: Family<ReasonLabels, Counter>,
     deduplicated: Family<PluginLabel, Counter>,
     outputs: Family<PluginLabel, Counter>,
+    delayed: Family<PluginLabel, Counter>,
     handler_seconds: Histograms,
     pauses: Family<PluginLabel, Counter>,
     paused: Family<PluginLabel, Gauge>,
@@ -142,6 +147,8 @@ pub struct Metrics {
     queue_consumers: Family<PluginLabel, Gauge>,
     queue_waiting_retries: Family<PluginLabel, Gauge>,
     queue_dead_letters: Family<PluginLabel, Gauge>,
+    queue_waiting_delayed: Family<PluginLabel, Gauge>,
+    delayed_waiting: Gauge,
     plugin_loads: Family<LoadLabels, Counter>,
     config_reloads: Family<ResultLabel, Counter>,
     last_reload: Gauge<f64, AtomicU64>,
@@ -163,6 +170,7 @@ impl Metrics {
         let dead_lettered = Family::default();
         let deduplicated = Family::default();
         let outputs = Family::default();
+        let delayed = Family::default();
         let handler_seconds: Histograms = Family::new_with_constructor(handler_histogram);
         let pauses = Family::default();
         let paused = Family::default();
@@ -173,6 +181,8 @@ impl Metrics {
         let queue_consumers = Family::default();
         let queue_waiting_retries = Family::default();
         let queue_dead_letters = Family::default();
+        let queue_waiting_delayed = Family::default();
+        let delayed_waiting = Gauge::default();
         let plugin_loads = Family::default();
         let config_reloads = Family::default();
         let last_reload = Gauge::<f64, AtomicU64>::default();
@@ -212,6 +222,11 @@ impl Metrics {
             "outputs_published",
             "Plugin outputs published",
             outputs.clone(),
+        );
+        r.register(
+            "outputs_delayed",
+            "Delayed outputs kept for later publishing (Output::after)",
+            delayed.clone(),
         );
         r.register_with_unit(
             "handler_duration",
@@ -266,6 +281,16 @@ impl Metrics {
             queue_dead_letters.clone(),
         );
         r.register(
+            "queue_waiting_delayed",
+            "Delayed outputs the plugin produced, waiting for their time (embedded bus)",
+            queue_waiting_delayed.clone(),
+        );
+        r.register(
+            "delayed_outputs_waiting",
+            "Delayed outputs waiting for their time, all plugins (on RabbitMQ: in the delay queues)",
+            delayed_waiting.clone(),
+        );
+        r.register(
             "plugin_loads",
             "Plugin loads and hot reloads, by result",
             plugin_loads.clone(),
@@ -289,6 +314,7 @@ impl Metrics {
             dead_lettered,
             deduplicated,
             outputs,
+            delayed,
             handler_seconds,
             pauses,
             paused,
@@ -299,6 +325,8 @@ impl Metrics {
             queue_consumers,
             queue_waiting_retries,
             queue_dead_letters,
+            queue_waiting_delayed,
+            delayed_waiting,
             plugin_loads,
             config_reloads,
             last_reload,
@@ -317,6 +345,7 @@ impl Metrics {
             retried: self.retried.get_or_create(&label).clone(),
             deduplicated: self.deduplicated.get_or_create(&label).clone(),
             outputs: self.outputs.get_or_create(&label).clone(),
+            delayed: self.delayed.get_or_create(&label).clone(),
             handler_seconds: self.handler_seconds.get_or_create(&label).clone(),
             pauses: self.pauses.get_or_create(&label).clone(),
             paused: self.paused.get_or_create(&label).clone(),
@@ -378,6 +407,17 @@ impl Metrics {
         self.queue_dead_letters
             .get_or_create(&label)
             .set(gauge(q.dead_letters));
+        if let Some(waiting) = q.waiting_delayed {
+            self.queue_waiting_delayed
+                .get_or_create(&label)
+                .set(gauge(waiting));
+        }
+    }
+
+    /// Delayed outputs waiting on the bus, all plugins together.
+    pub fn set_delayed_waiting(&self, waiting: u64) {
+        self.delayed_waiting
+            .set(i64::try_from(waiting).unwrap_or(i64::MAX));
     }
 
     /// Forgets a removed plugin's queue gauges (its counters stay).

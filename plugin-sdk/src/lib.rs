@@ -157,7 +157,7 @@ pub mod bindings;
 pub use event::Event;
 pub use failure::Failure;
 pub use kv::KvError;
-pub use output::Output;
+pub use output::{DELAY_HEADER, Output};
 
 /// What a plugin is: a type whose [`handle`](Plugin::handle) turns one event into
 /// the events it produces.

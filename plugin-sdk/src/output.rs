@@ -9,6 +9,12 @@ use crate::Failure;
 /// output has none.
 pub const JSON: &str = "application/json";
 
+/// The output header that asks the host to publish the output later: a decimal
+/// number of milliseconds ([`Output::after`] sets it). The host reads it and
+/// does not publish it; a value that is not a whole number of milliseconds up
+/// to the host's `max_delay` fails the event as `invalid_output`.
+pub const DELAY_HEADER: &str = "switchboard-delay-ms";
+
 /// One event a handler produces; return them all from
 /// [`Plugin::handle`](crate::Plugin::handle).
 ///
@@ -86,6 +92,44 @@ impl Output {
     pub fn with_header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
         self.headers.push((name.into(), value.into()));
         self
+    }
+
+    /// Publish this output `delay` from now instead of at once: a reminder, or
+    /// the timeout of a step that may never answer. The host keeps it durably
+    /// (it survives a restart of the router) and publishes it no earlier than
+    /// asked. Like every output it is kept all-or-nothing with the others
+    /// before the input is acknowledged, and it keeps its deterministic id.
+    ///
+    /// A delay longer than the host's `max_delay` (7 days unless configured)
+    /// fails the event as `invalid_output`. A later call replaces an earlier one.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use switchboard_plugin::{Failure, Output};
+    /// # fn main() -> Result<(), Failure> {
+    /// let timeout = Output::json("saga.timeout", &serde_json::json!({ "order_id": "o-1" }))?
+    ///     .after(Duration::from_secs(30));
+    /// assert_eq!(timeout.delay(), Some(Duration::from_secs(30)));
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[must_use]
+    pub fn after(mut self, delay: std::time::Duration) -> Self {
+        self.headers
+            .retain(|(k, _)| !k.eq_ignore_ascii_case(DELAY_HEADER));
+        let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+        self.headers.push((DELAY_HEADER.to_owned(), ms.to_string()));
+        self
+    }
+
+    /// The delay [`Output::after`] set, if any (`None` too when the header does
+    /// not hold a number of milliseconds).
+    pub fn delay(&self) -> Option<std::time::Duration> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(DELAY_HEADER))
+            .and_then(|(_, v)| v.parse::<u64>().ok())
+            .map(std::time::Duration::from_millis)
     }
 
     /// Parses the output's data as JSON; for tests and for plugins that inspect

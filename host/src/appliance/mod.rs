@@ -109,7 +109,13 @@ impl Appliance {
                 } else {
                     None
                 };
-                Transport::Embedded(EmbeddedBus::with_archive(archive))
+                std::fs::create_dir_all(&config.state_dir).with_context(|| {
+                    format!("cannot create state_dir {}", config.state_dir.display())
+                })?;
+                let timers =
+                    crate::bus::timers::TimerStore::open(&config.state_dir.join("timers.redb"))
+                        .map_err(anyhow::Error::msg)?;
+                Transport::Embedded(EmbeddedBus::with_state(archive, Arc::new(timers)))
             }
         };
         let appliance = Self {

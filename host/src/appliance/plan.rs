@@ -74,6 +74,7 @@ pub(super) fn limits(s: &PluginSettings) -> Limits {
         timeout: s.timeout,
         memory: s.memory.as_u64(),
         instance_reuse: s.instance_reuse,
+        max_delay: s.max_delay,
         ..Limits::default()
     }
 }

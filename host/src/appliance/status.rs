@@ -65,8 +65,14 @@ impl Appliance {
             Transport::Rabbit(rabbit) => {
                 let link = rabbit.status();
                 metrics.set_bus(link.connected && link.declared, link.reconnects);
+                if let Ok(waiting) = rabbit.delayed_waiting() {
+                    metrics.set_delayed_waiting(waiting);
+                }
             }
-            Transport::Embedded(_) => metrics.set_bus(true, 0),
+            Transport::Embedded(bus) => {
+                metrics.set_bus(true, 0);
+                metrics.set_delayed_waiting(bus.delayed_waiting() as u64);
+            }
         }
         for status in self.statuses() {
             let figures = if let Some(b) = &status.broker {
@@ -75,6 +81,7 @@ impl Appliance {
                     consumers: u64::from(b.consumers),
                     waiting_retries: u64::from(b.waiting_retries),
                     dead_letters: u64::from(b.dead_letters),
+                    waiting_delayed: None,
                 }
             } else if let Some(q) = &status.queue {
                 QueueFigures {
@@ -82,6 +89,7 @@ impl Appliance {
                     consumers: status.workers as u64,
                     waiting_retries: q.waiting_retries as u64,
                     dead_letters: q.dead_letters as u64,
+                    waiting_delayed: Some(q.waiting_delayed as u64),
                 }
             } else {
                 continue;

@@ -6,6 +6,8 @@
 //!   batch ([`BusError::Full`]); the HTTP ingress turns that into 503, plugin
 //!   workers wait and try again. Nothing is ever dropped for lack of room.
 //! - Retries wait in a timer heap and go back to the one plugin's queue when due.
+//! - Delayed outputs wait in the [`TimerStore`] (on disk, in `state_dir`, for
+//!   the appliance) and are published when due, by their own thread.
 //! - Dead letters are kept per plugin, with the reason, for inspection and
 //!   re-drive.
 //! - Every published message is also offered to stream watchers (SSE), who may
@@ -24,6 +26,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use serde::Serialize;
 
+use super::timers::{Timer, TimerStore};
 use super::{
     Bus, BusError, Delivered, Delivery, FailureInfo, OnSettled, Outgoing, Settle, Settled,
     Settlement, Topology,
@@ -50,6 +53,8 @@ pub struct QueueStats {
     pub in_flight: u64,
     /// Waiting for their retry delay.
     pub waiting_retries: usize,
+    /// Delayed outputs this plugin produced, waiting for their time.
+    pub waiting_delayed: usize,
     /// Dead letters kept now.
     pub dead_letters: usize,
 }
@@ -117,6 +122,10 @@ struct Inner {
     settled: Condvar,
     /// The event archive, when `[archive]` is enabled.
     archive: Option<Arc<crate::archive::Archive>>,
+    /// Delayed outputs, and what wakes their thread.
+    timers: Arc<TimerStore>,
+    delay_lock: Mutex<()>,
+    delay_wake: Condvar,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -151,6 +160,23 @@ impl EmbeddedBus {
     /// An empty bus that archives what is published to it: [`Bus::publish`]
     /// returns once the archive holds the batch on disk.
     pub fn with_archive(archive: Option<Arc<crate::archive::Archive>>) -> Self {
+        let timers = match TimerStore::in_memory() {
+            Ok(store) => Arc::new(store),
+            Err(e) => {
+                // An in-memory database only fails to open when out of memory.
+                tracing::error!(error = %e, "cannot create the in-memory timer store");
+                std::process::abort()
+            }
+        };
+        Self::with_state(archive, timers)
+    }
+
+    /// An empty bus with its archive and the timer store delayed outputs wait
+    /// in (the appliance's is on disk).
+    pub fn with_state(
+        archive: Option<Arc<crate::archive::Archive>>,
+        timers: Arc<TimerStore>,
+    ) -> Self {
         let (stream, _) = tokio::sync::broadcast::channel(4096);
         let inner = Arc::new(Inner {
             topo: Mutex::new(Topo {
@@ -166,6 +192,9 @@ impl EmbeddedBus {
             quiet: Mutex::new(()),
             settled: Condvar::new(),
             archive,
+            timers,
+            delay_lock: Mutex::new(()),
+            delay_wake: Condvar::new(),
         });
         let weak = Arc::downgrade(&inner);
         let spawned = std::thread::Builder::new()
@@ -174,7 +203,19 @@ impl EmbeddedBus {
         if let Err(e) = spawned {
             tracing::error!(error = %e, "cannot start the retry timer; retries will wait for shutdown");
         }
+        let weak = Arc::downgrade(&inner);
+        let spawned = std::thread::Builder::new()
+            .name("switchboard-delays".into())
+            .spawn(move || delay_timer(&weak));
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start the delay timer; delayed outputs wait for a restart");
+        }
         Self { inner }
+    }
+
+    /// Delayed outputs waiting for their time, in all.
+    pub fn delayed_waiting(&self) -> usize {
+        self.inner.timers.len()
     }
 
     /// The event archive, when enabled.
@@ -194,6 +235,7 @@ impl EmbeddedBus {
         for retry in lock(&self.inner.retries).iter() {
             *waiting.entry(retry.0.plugin.clone()).or_default() += 1;
         }
+        let delayed = self.inner.timers.waiting();
         let topo = lock(&self.inner.topo);
         let dead = lock(&self.inner.dead);
         topo.queues
@@ -213,6 +255,7 @@ impl EmbeddedBus {
                     depth: q.rx.len(),
                     in_flight: outstanding.saturating_sub(q.rx.len() as u64),
                     waiting_retries: waiting.get(plugin).copied().unwrap_or(0),
+                    waiting_delayed: delayed.get(plugin).copied().unwrap_or(0),
                     dead_letters: dead.get(plugin).map_or(0, VecDeque::len),
                 };
                 (plugin.clone(), stats)
@@ -587,7 +630,33 @@ impl Settle for EmbeddedSettle {
             return;
         };
         match settlement {
-            Settlement::Handled { outputs, timeout } => {
+            Settlement::Handled {
+                outputs,
+                delayed,
+                timeout,
+            } => {
+                if !delayed.is_empty() {
+                    // Stored (fsynced) before the input is acked, like any output.
+                    let timers = delayed
+                        .into_iter()
+                        .map(|d| Timer {
+                            due_ms: super::timers::due_after(d.after),
+                            plugin: self.plugin.clone(),
+                            output: d.output,
+                        })
+                        .collect();
+                    if let Err(why) = inner.timers.schedule(timers) {
+                        let delivery = Box::new(Delivery {
+                            delivered,
+                            settle: self,
+                        });
+                        let error = BusError::Unavailable(why);
+                        then(Settled::Refused { delivery, error });
+                        return;
+                    }
+                    let _wake = lock(&inner.delay_lock);
+                    inner.delay_wake.notify_one();
+                }
                 if !outputs.is_empty() {
                     let bus = EmbeddedBus {
                         inner: inner.clone(),
@@ -707,5 +776,102 @@ fn retry_timer(bus: &std::sync::Weak<Inner>) {
             .retry_wake
             .wait_timeout(retries, wait)
             .unwrap_or_else(PoisonError::into_inner);
+    }
+}
+
+/// Timers fired per round; the rest wait for the next one, so firing a large
+/// backlog is done in slices.
+const FIRE_BATCH: usize = 256;
+
+/// Publishes delayed outputs when due, until the bus is dropped. A delayed
+/// output whose plugin queue is full waits a little and is tried again; one
+/// whose exchange is gone is dead-lettered in the producing plugin's
+/// dead-letter queue, so that nothing is lost unseen.
+fn delay_timer(bus: &std::sync::Weak<Inner>) {
+    loop {
+        let Some(inner) = bus.upgrade() else { return };
+        let now = super::timers::now_ms();
+        let wait = match inner.timers.next_due() {
+            Some(due) if due <= now => fire_due(&inner, now),
+            Some(due) => Duration::from_millis((due - now).min(1000)),
+            None => Duration::from_secs(1),
+        };
+        if wait.is_zero() {
+            continue;
+        }
+        let guard = lock(&inner.delay_lock);
+        let _unused = inner
+            .delay_wake
+            .wait_timeout(guard, wait)
+            .unwrap_or_else(PoisonError::into_inner);
+    }
+}
+
+/// Fires up to [`FIRE_BATCH`] due timers; how long to wait before the next round.
+fn fire_due(inner: &Arc<Inner>, now: u64) -> Duration {
+    let due = match inner.timers.due(now, FIRE_BATCH) {
+        Ok(due) => due,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot read the due delayed outputs; trying again");
+            return Duration::from_millis(500);
+        }
+    };
+    let bus = EmbeddedBus {
+        inner: inner.clone(),
+    };
+    let mut fired = Vec::with_capacity(due.len());
+    let mut blocked = false;
+    for timer in due {
+        let timer = match timer {
+            Ok(timer) => timer,
+            Err((due_ms, id, why)) => {
+                tracing::error!(id, reason = %why, "a delayed output cannot be read and is dropped");
+                fired.push((due_ms, id, String::new()));
+                continue;
+            }
+        };
+        let key = (timer.due_ms, timer.id.clone(), timer.plugin.clone());
+        match bus.publish_archived(vec![timer.output.clone()], Duration::ZERO, false) {
+            Ok(()) => fired.push(key),
+            Err(BusError::Full { .. }) => {
+                // Its plugin's queue is full: it waits; the others fire.
+                blocked = true;
+            }
+            Err(BusError::Unavailable(why)) => {
+                // The archive could not write it: queued all the same, so the
+                // timer is done (firing it again would only repeat it).
+                tracing::warn!(reason = %why, "a fired delayed output could not be archived");
+                fired.push(key);
+            }
+            Err(e) => {
+                let failure = FailureInfo {
+                    kind: "invalid_output".into(),
+                    reason: format!("a delayed output could not be published when due: {e}"),
+                    attempts: 1,
+                    plugin_version: String::new(),
+                    first_failure: crate::envelope::now_rfc3339(),
+                };
+                tracing::warn!(plugin = %timer.plugin, reason = %failure.reason, "delayed output dead-lettered");
+                let delivered = Delivered {
+                    exchange: timer.output.exchange,
+                    routing_key: timer.output.routing_key,
+                    message: timer.output.message,
+                    attempt: 1,
+                    first_failure: None,
+                };
+                dead_letter(inner, &timer.plugin, delivered, failure);
+                fired.push(key);
+            }
+        }
+    }
+    if let Err(e) = inner.timers.remove(&fired) {
+        // They fire again (at least once, same ids) after the store recovers.
+        tracing::error!(error = %e, "cannot remove fired delayed outputs");
+        return Duration::from_millis(500);
+    }
+    if blocked {
+        Duration::from_millis(20)
+    } else {
+        Duration::ZERO
     }
 }

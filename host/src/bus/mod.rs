@@ -21,6 +21,7 @@
 pub mod embedded;
 mod message;
 pub mod rabbit;
+pub mod timers;
 
 use std::time::Duration;
 
@@ -108,6 +109,15 @@ pub struct Outgoing {
     pub message: Message,
 }
 
+/// An output to publish `after` a delay (`Output::after`): kept by the bus (the
+/// embedded bus's timer store, RabbitMQ's delay queues) before the input is
+/// acked, like any output, and published when due.
+#[derive(Debug, Clone)]
+pub struct Delayed {
+    pub after: Duration,
+    pub output: Outgoing,
+}
+
 /// Why a message went to a dead-letter queue; also what the retry path carries.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FailureInfo {
@@ -129,10 +139,12 @@ pub struct FailureInfo {
 /// settlement is confirmed.
 #[derive(Debug, Clone)]
 pub enum Settlement {
-    /// Handled: publish `outputs` (all or nothing, confirmed, waiting at most
-    /// `timeout` for room or confirms), then ack.
+    /// Handled: keep the `delayed` outputs for later, publish `outputs` (all
+    /// or nothing, confirmed, waiting at most `timeout` for room or confirms),
+    /// then ack.
     Handled {
         outputs: Vec<Outgoing>,
+        delayed: Vec<Delayed>,
         timeout: Duration,
     },
     /// Deliver it again to the same plugin after `delay`, as attempt

@@ -35,7 +35,9 @@ use crate::runtime::RuntimeConfig;
 pub use plugin::{Backoff, Cooldown, PluginConfig, PluginDefaults, PluginSettings};
 pub use secret::{Secret, Token};
 pub use units::{duration_text, size_text};
-pub use validate::{MAX_EXCHANGE_NAME, MAX_PLUGIN_NAME, check_exchange_name, check_plugin_name};
+pub use validate::{
+    MAX_EXCHANGE_NAME, MAX_MAX_DELAY, MAX_PLUGIN_NAME, check_exchange_name, check_plugin_name,
+};
 
 /// The whole `router.toml`. Every key is optional; an empty file is a valid
 /// configuration (embedded bus, no plugins).

@@ -39,6 +39,10 @@ pub struct PluginDefaults {
     pub max_hops: u32,
     /// Most events waiting in one plugin's queue on the embedded bus. At least 1.
     pub queue_capacity: usize,
+    /// Longest delay an output may ask for (`Output::after`); a longer one
+    /// fails the event as `invalid_output`. 1ms to 90d.
+    #[serde(deserialize_with = "units::duration")]
+    pub max_delay: Duration,
     /// Delays between attempts.
     pub backoff: Backoff,
     /// Pausing a plugin whose events keep breaking its sandbox.
@@ -56,6 +60,7 @@ impl Default for PluginDefaults {
             max_attempts: 5,
             max_hops: 10,
             queue_capacity: 10_000,
+            max_delay: crate::runtime::DEFAULT_MAX_DELAY,
             backoff: Backoff::default(),
             cooldown: Cooldown::default(),
         }
@@ -164,6 +169,9 @@ pub struct PluginConfig {
     pub max_hops: Option<u32>,
     /// Overrides `defaults.queue_capacity`.
     pub queue_capacity: Option<usize>,
+    /// Overrides `defaults.max_delay`.
+    #[serde(deserialize_with = "units::opt_duration")]
+    pub max_delay: Option<Duration>,
     /// Replaces `[defaults.backoff]` as a whole: fields this table leaves out take
     /// the built-in defaults, not those of `[defaults.backoff]`.
     pub backoff: Option<Backoff>,
@@ -188,6 +196,7 @@ impl Default for PluginConfig {
             max_attempts: None,
             max_hops: None,
             queue_capacity: None,
+            max_delay: None,
             backoff: None,
             cooldown: None,
         }
@@ -228,6 +237,8 @@ pub struct PluginSettings {
     pub max_hops: u32,
     /// Embedded-bus queue bound.
     pub queue_capacity: usize,
+    /// Longest delay of an output.
+    pub max_delay: Duration,
     /// Delays between attempts.
     pub backoff: Backoff,
     /// Pausing the plugin when its events keep breaking its sandbox.
@@ -266,6 +277,7 @@ impl PluginSettings {
             max_attempts: plugin.max_attempts.unwrap_or(defaults.max_attempts),
             max_hops: plugin.max_hops.unwrap_or(defaults.max_hops),
             queue_capacity: plugin.queue_capacity.unwrap_or(defaults.queue_capacity),
+            max_delay: plugin.max_delay.unwrap_or(defaults.max_delay),
             backoff: plugin
                 .backoff
                 .clone()
@@ -283,6 +295,7 @@ impl PluginSettings {
             timeout: self.timeout,
             memory: self.memory.as_u64(),
             instance_reuse: self.instance_reuse,
+            max_delay: self.max_delay,
             ..Limits::default()
         }
     }

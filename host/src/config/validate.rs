@@ -19,6 +19,10 @@ pub const MAX_EXCHANGE_NAME: usize = 255;
 
 const MIN_TIMEOUT: Duration = Duration::from_millis(1);
 const MAX_TIMEOUT: Duration = Duration::from_secs(600);
+/// Bounds of `max_delay`: what a delayed output may ask for (RabbitMQ's delay
+/// ladder declares a queue for each power of two up to the largest).
+const MIN_MAX_DELAY: Duration = Duration::from_millis(1);
+pub const MAX_MAX_DELAY: Duration = Duration::from_secs(90 * 24 * 3600);
 const MIN_MEMORY: ByteSize = ByteSize::mib(1);
 const MAX_MEMORY: ByteSize = ByteSize::gib(4);
 const MIN_STACK: ByteSize = ByteSize::kib(64);
@@ -329,6 +333,13 @@ fn check_defaults(e: &mut Vec<String>, d: &PluginDefaults) {
         "defaults.queue_capacity",
         u64::try_from(d.queue_capacity).unwrap_or(u64::MAX),
     );
+    duration_range(
+        e,
+        "defaults.max_delay",
+        d.max_delay,
+        MIN_MAX_DELAY,
+        MAX_MAX_DELAY,
+    );
     check_backoff(e, "defaults.backoff", &d.backoff);
     check_cooldown(e, "defaults.cooldown", &d.cooldown);
 }
@@ -363,6 +374,9 @@ fn check_plugin(e: &mut Vec<String>, key: &str, p: &PluginConfig) {
             &k("queue_capacity"),
             u64::try_from(v).unwrap_or(u64::MAX),
         );
+    }
+    if let Some(v) = p.max_delay {
+        duration_range(e, &k("max_delay"), v, MIN_MAX_DELAY, MAX_MAX_DELAY);
     }
     if let Some(b) = &p.backoff {
         check_backoff(e, &k("backoff"), b);

@@ -51,7 +51,7 @@ use dedupe::{Claim, DedupeWindow};
 
 use crate::metrics::PluginMetrics;
 
-use crate::bus::{Bus, BusError, Delivery, FailureInfo, Outgoing, Settled, Settlement};
+use crate::bus::{Bus, BusError, Delayed, Delivery, FailureInfo, Outgoing, Settled, Settlement};
 use crate::envelope;
 use crate::runtime::{Failure, Plugin};
 
@@ -99,6 +99,8 @@ pub struct DispatchStats {
     pub handled: AtomicU64,
     /// Outputs published.
     pub outputs: AtomicU64,
+    /// Delayed outputs kept for later (`Output::after`).
+    pub delayed: AtomicU64,
     /// Deliveries scheduled for a retry.
     pub retried: AtomicU64,
     /// Deliveries dead-lettered.
@@ -391,15 +393,17 @@ impl Shared {
     fn handled(
         self: &Arc<Self>,
         delivery: Delivery,
-        outputs: Vec<Outgoing>,
+        (outputs, delayed): (Vec<Outgoing>, Vec<Delayed>),
         plugin: Arc<Plugin>,
         settings: Arc<DispatchSettings>,
         event: Concerning,
     ) {
         let published = outputs.len() as u64;
+        let scheduled = delayed.len() as u64;
         let shared = self.clone();
         let settlement = Settlement::Handled {
             outputs,
+            delayed,
             timeout: settings.publish_timeout,
         };
         delivery.finish(
@@ -414,6 +418,10 @@ impl Shared {
                     shared.stats.handled.fetch_add(1, Ordering::Relaxed);
                     shared.stats.outputs.fetch_add(published, Ordering::Relaxed);
                     shared.metrics.outputs.inc_by(published);
+                    if scheduled > 0 {
+                        shared.stats.delayed.fetch_add(scheduled, Ordering::Relaxed);
+                        shared.metrics.delayed.inc_by(scheduled);
+                    }
                     shared.metrics.succeeded.inc();
                 }
                 Settled::Refused { delivery, error } => {
@@ -607,6 +615,7 @@ impl Shared {
                     let shared = self.clone();
                     let settlement = Settlement::Handled {
                         outputs: Vec::new(),
+                        delayed: Vec::new(),
                         timeout: settings.publish_timeout,
                     };
                     delivery.finish(
@@ -662,16 +671,25 @@ impl Shared {
             .as_deref()
             .unwrap_or(&event.exchange);
         let mut batch = Vec::with_capacity(outputs.len());
+        let mut delayed = Vec::new();
         for (i, output) in outputs.iter().enumerate() {
+            // Checked when the plugin returned (`invalid_output` past max_delay).
+            let after = envelope::output_delay(output, Duration::MAX).ok().flatten();
             match envelope::encode_output(&self.name, &event, i, output) {
-                Ok(message) => batch.push(Outgoing {
-                    exchange: output
-                        .exchange
-                        .clone()
-                        .unwrap_or_else(|| default_exchange.to_string()),
-                    routing_key: output.kind.clone(),
-                    message,
-                }),
+                Ok(message) => {
+                    let out = Outgoing {
+                        exchange: output
+                            .exchange
+                            .clone()
+                            .unwrap_or_else(|| default_exchange.to_string()),
+                        routing_key: output.kind.clone(),
+                        message,
+                    };
+                    match after {
+                        Some(after) => delayed.push(Delayed { after, output: out }),
+                        None => batch.push(out),
+                    }
+                }
                 Err(e) => {
                     let failed = Failed::permanent(
                         Failure::InvalidOutput(String::new()).kind(),
@@ -698,7 +716,7 @@ impl Shared {
             settings,
             concerning,
             |shared, d, p, s, c| {
-                shared.handled(d, batch, p, s, c);
+                shared.handled(d, (batch, delayed), p, s, c);
             },
         );
         Outcome::Fine

@@ -109,6 +109,44 @@ pub const SOURCE_HEADER: &str = "switchboard-source";
 /// consumers can tell a replay from new traffic (the output ids repeat).
 pub const REPLAY_HEADER: &str = "switchboard-replay";
 
+/// Output header asking for the output to be published later: a decimal number
+/// of milliseconds (the SDK's `Output::after`). The host reads it, checks it
+/// against the plugin's `max_delay`, and does not publish it.
+pub const DELAY_HEADER: &str = "switchboard-delay-ms";
+
+/// The delay an output asks for with [`DELAY_HEADER`]: `Ok(None)` when it asks
+/// for none, `Err` with one sentence when the value is not a whole number of
+/// milliseconds up to `max` (a negative delay, a fraction, a word, too long).
+/// The last such header counts, as a later `Output::after` replaces an earlier.
+pub fn output_delay(
+    output: &Output,
+    max: std::time::Duration,
+) -> Result<Option<std::time::Duration>, String> {
+    let Some((_, value)) = output
+        .headers
+        .iter()
+        .rev()
+        .find(|(k, _)| k.eq_ignore_ascii_case(DELAY_HEADER))
+    else {
+        return Ok(None);
+    };
+    let text = value.trim();
+    if text.starts_with('-') {
+        return Err(format!("a negative delay ({DELAY_HEADER}: {text:?})"));
+    }
+    let ms = text
+        .parse::<u64>()
+        .map_err(|_| format!("{DELAY_HEADER} {text:?} is not a whole number of milliseconds"))?;
+    let delay = std::time::Duration::from_millis(ms);
+    if delay > max {
+        return Err(format!(
+            "a delay of {ms} ms is longer than max_delay ({} ms)",
+            max.as_millis()
+        ));
+    }
+    Ok((ms > 0).then_some(delay))
+}
+
 /// Whether the host owns header `name`: every `switchboard-*` header.
 pub fn is_host_header(name: &str) -> bool {
     name.get(..12)

@@ -21,7 +21,12 @@ pub struct Limits {
     pub max_outputs: usize,
     /// Largest total size of one event's outputs, in bytes.
     pub max_output_bytes: usize,
+    /// Longest delay an output may ask for (`Output::after`).
+    pub max_delay: Duration,
 }
+
+/// The default longest delay of an output: 7 days.
+pub const DEFAULT_MAX_DELAY: Duration = Duration::from_secs(7 * 24 * 3600);
 
 impl Default for Limits {
     fn default() -> Self {
@@ -31,6 +36,7 @@ impl Default for Limits {
             instance_reuse: 1000,
             max_outputs: 1000,
             max_output_bytes: 16 << 20,
+            max_delay: DEFAULT_MAX_DELAY,
         }
     }
 }

@@ -29,7 +29,7 @@ pub use bindings::{Event, Output};
 pub use cache::CacheOutcome;
 pub use capability::kv::{MAX_KEY, MAX_VALUE};
 pub use failure::{Failure, MAX_REASON, excerpt};
-pub use limits::Limits;
+pub use limits::{DEFAULT_MAX_DELAY, Limits};
 pub use plugin::Plugin;
 
 use crate::kv::KvStore;

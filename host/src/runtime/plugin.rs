@@ -268,6 +268,9 @@ impl Plugin {
                     "output {i}: header name {name:?} is empty or too long"
                 ));
             }
+            if let Err(why) = crate::envelope::output_delay(output, self.limits.max_delay) {
+                return invalid(format!("output {i}: {why}"));
+            }
             total = total.saturating_add(output.data.len());
         }
         if total > self.limits.max_output_bytes {

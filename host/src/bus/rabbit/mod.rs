@@ -26,6 +26,7 @@
 
 pub(crate) mod amqp;
 mod consume;
+pub mod delays;
 mod names;
 mod publish;
 mod session;
@@ -240,6 +241,7 @@ impl RabbitBus {
             blocked: watch::Sender::new(None),
         });
         inner.handle.spawn(session::supervise(inner.clone()));
+        inner.handle.spawn(delays::serve(inner.clone()));
         let bus = Self { inner };
         let deadline = Instant::now() + bus.inner.settings.timeout;
         while bus.inner.session.load().is_none() && Instant::now() < deadline {
@@ -341,6 +343,40 @@ impl RabbitBus {
                 })
             };
             // A status page must answer even when the broker does not.
+            tokio::time::timeout_at(deadline.into(), asked)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(BusError::Unavailable(format!(
+                        "the broker did not answer within {timeout:?}"
+                    )))
+                })
+        })
+    }
+
+    /// Delayed outputs waiting on the broker: the messages in the delay
+    /// ladder's queues and in `<prefix>.delay.due` (all replicas').
+    pub fn delayed_waiting(&self) -> Result<u64, BusError> {
+        let inner = self.inner.clone();
+        let timeout = self.inner.settings.timeout;
+        self.block(async move {
+            let deadline = Instant::now() + inner.settings.timeout;
+            let session = wait_session(&inner, deadline).await?;
+            let asked = async {
+                let mut queues: Vec<String> = (0..names::DELAY_STEPS)
+                    .map(|k| inner.names.delay_queue(k))
+                    .collect();
+                queues.push(inner.names.delay_due());
+                let mut waiting = 0u64;
+                for queue in queues {
+                    if let Some((m, _)) = tools::depth(&session.connection, &queue)
+                        .await
+                        .map_err(BusError::Unavailable)?
+                    {
+                        waiting += u64::from(m);
+                    }
+                }
+                Ok(waiting)
+            };
             tokio::time::timeout_at(deadline.into(), asked)
                 .await
                 .unwrap_or_else(|_| {

@@ -7,6 +7,9 @@
 //!     x-message-ttl = 5000, dead-letters via the default exchange back to switchboard.billing
 //! switchboard.dlx (direct) --"billing"--> switchboard.billing.dlq
 //! archived exchange --"#" | "" | each routed key--> switchboard.archive   (a stream, with [archive])
+//! (default exchange) --> switchboard.delay.<2^k>ms, k = 0..=33      (delayed outputs)
+//!     x-message-ttl = 2^k ms, dead-letters via the default exchange to switchboard.delay.due,
+//!     which the router consumes: published to their exchange when due, else on down the ladder
 //! ```
 //!
 //! Queue arguments are part of a queue's identity in RabbitMQ: declaring an
@@ -32,6 +35,10 @@ pub const DELIVERY_LIMIT: i64 = 20;
 /// The largest `x-stream-max-segment-size-bytes` RabbitMQ accepts (3 GB); a
 /// larger `[archive] segment_size` is declared as this.
 pub const MAX_STREAM_SEGMENT: u64 = 3_000_000_000;
+
+/// The delay ladder's highest step: 2^33 ms (99 days), above the longest
+/// `max_delay` allowed (90 days).
+pub const DELAY_STEPS: u32 = 34;
 
 /// Names of everything declared for one prefix.
 #[derive(Debug, Clone)]
@@ -85,6 +92,18 @@ impl Names {
     /// The exchange dead-letter queues are bound to: `<prefix>.dlx` (direct).
     pub fn dlx(&self) -> String {
         format!("{}.dlx", self.prefix)
+    }
+
+    /// Step `k` of the delay ladder: `<prefix>.delay.<2^k>ms`, where delayed
+    /// outputs wait 2^k ms.
+    pub fn delay_queue(&self, k: u32) -> String {
+        format!("{}.delay.{}ms", self.prefix, 1u64 << k.min(DELAY_STEPS - 1))
+    }
+
+    /// Where the ladder's steps dead-letter to, for the router to publish
+    /// what is due or send it on down the ladder: `<prefix>.delay.due`.
+    pub fn delay_due(&self) -> String {
+        format!("{}.delay.due", self.prefix)
     }
 
     /// The retry tier of `plugin` for `delay`: `<prefix>.<plugin>.retry.<delay>`.
@@ -171,6 +190,16 @@ impl Names {
         args
     }
 
+    /// A step of the delay ladder: messages wait 2^k ms (a per-queue TTL, so
+    /// they expire in order), then dead-letter to [`Names::delay_due`].
+    pub fn delay_args(&self, queue_type: QueueType, k: u32) -> FieldTable {
+        let mut args = base(queue_type);
+        let ttl = i64::try_from(1u64 << k.min(DELAY_STEPS - 1)).unwrap_or(i64::MAX);
+        put(&mut args, "x-message-ttl", AMQPValue::LongLongInt(ttl));
+        dead_letter_to(&mut args, queue_type, "", &self.delay_due());
+        args
+    }
+
     /// The dead-letter queue: plain.
     pub fn dlq_args(queue_type: QueueType) -> FieldTable {
         base(queue_type)
@@ -221,6 +250,22 @@ mod tests {
         assert_eq!(n.retry_exchange(), "switchboard.retry");
         assert_eq!(n.dlx(), "switchboard.dlx");
         assert_eq!(n.archive_stream(), "switchboard.archive");
+        assert_eq!(n.delay_queue(0), "switchboard.delay.1ms");
+        assert_eq!(n.delay_queue(10), "switchboard.delay.1024ms");
+        assert_eq!(n.delay_due(), "switchboard.delay.due");
+    }
+
+    #[test]
+    fn delay_steps_wait_their_power_of_two_and_come_back_to_the_router() {
+        let n = Names::new("sb");
+        let args = n.delay_args(QueueType::Classic, 12);
+        let get = |k: &str| args.inner().get(k).cloned();
+        assert_eq!(get("x-message-ttl"), Some(AMQPValue::LongLongInt(4096)));
+        assert_eq!(get("x-dead-letter-exchange"), Some(text("")));
+        assert_eq!(get("x-dead-letter-routing-key"), Some(text("sb.delay.due")));
+        // The top step covers the longest max_delay.
+        let top = 1u64 << (DELAY_STEPS - 1);
+        assert!(u128::from(top) > crate::config::MAX_MAX_DELAY.as_millis());
     }
 
     #[test]

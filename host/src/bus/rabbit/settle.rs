@@ -27,9 +27,10 @@ use lapin::options::{BasicAckOptions, BasicNackOptions};
 use tokio::sync::watch;
 
 use super::publish::{Returns, publish_confirmed, record_published};
-use super::{Inner, Names, amqp, session};
+use super::{Inner, Names, amqp, delays, session};
 use crate::bus::{
-    BusError, Delivered, Delivery, FailureInfo, OnSettled, Outgoing, Settle, Settled, Settlement,
+    BusError, Delayed, Delivered, Delivery, FailureInfo, OnSettled, Outgoing, Settle, Settled,
+    Settlement,
 };
 use crate::config::Unroutable;
 
@@ -136,8 +137,12 @@ impl RabbitSettle {
         let names = &self.inner.names;
         let limit = self.inner.header_limit();
         match settlement {
-            Settlement::Handled { outputs, timeout } => {
-                let published = self.publish_outputs(outputs, timeout).await;
+            Settlement::Handled {
+                outputs,
+                delayed,
+                timeout,
+            } => {
+                let published = self.publish_outputs(outputs, delayed, timeout).await;
                 if let Err(BusError::Unavailable(why)) = published {
                     // Not confirmed in time (an alarm, a lost connection): the
                     // broker is the trouble, not the event. A retry copy would
@@ -235,9 +240,10 @@ impl RabbitSettle {
     async fn publish_outputs(
         &self,
         outputs: Vec<Outgoing>,
+        delayed: Vec<Delayed>,
         timeout: Duration,
     ) -> Result<(), BusError> {
-        if outputs.is_empty() {
+        if outputs.is_empty() && delayed.is_empty() {
             return Ok(());
         }
         let inner = &self.inner;
@@ -246,11 +252,19 @@ impl RabbitSettle {
                 .exchanges
                 .read()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if let Some(out) = outputs.iter().find(|o| !exchanges.contains(&o.exchange)) {
+            let all = outputs.iter().chain(delayed.iter().map(|d| &d.output));
+            if let Some(out) = all.into_iter().find(|o| !exchanges.contains(&o.exchange)) {
                 return Err(BusError::NoSuchExchange(out.exchange.clone()));
             }
         }
         let deadline = Instant::now() + timeout.min(inner.settings.timeout);
+        if !delayed.is_empty() {
+            // On the delay ladder, confirmed, before the input is acked.
+            delays::schedule(inner, delayed, deadline).await?;
+        }
+        if outputs.is_empty() {
+            return Ok(());
+        }
         let returns = match inner.settings.unroutable {
             Unroutable::DeadLetter => Returns::Decide,
             Unroutable::Drop => Returns::Count,

@@ -149,6 +149,33 @@ fn refused(what: &str, e: &lapin::Error) -> String {
     }
 }
 
+/// The delay ladder ([`Names::delay_queue`]) and the queue its steps
+/// dead-letter to, where the router picks up what is due.
+async fn declare_delays(
+    channel: &Channel,
+    names: &Names,
+    queue_type: QueueType,
+    options: QueueDeclareOptions,
+) -> Result<(), String> {
+    let due = names.delay_due();
+    channel
+        .queue_declare(due.as_str().into(), options, Names::dlq_args(queue_type))
+        .await
+        .map_err(|e| refused(&format!("queue {due:?}"), &e))?;
+    for k in 0..super::names::DELAY_STEPS {
+        let step = names.delay_queue(k);
+        channel
+            .queue_declare(
+                step.as_str().into(),
+                options,
+                names.delay_args(queue_type, k),
+            )
+            .await
+            .map_err(|e| refused(&format!("queue {step:?}"), &e))?;
+    }
+    Ok(())
+}
+
 /// Says what a refused declaration of the archive stream means: its retention
 /// arguments are part of its identity, so an edited `[archive]` (`max_age`,
 /// `max_size`, `segment_size`) cannot be applied by declaring it again.
@@ -287,6 +314,7 @@ async fn declare_on(
                 .map_err(|e| refused(&format!("the binding of {tier:?}"), &e))?;
         }
     }
+    declare_delays(channel, names, queue_type, queue_options).await?;
     if let Some(archive) = names.archive() {
         let stream = names.archive_stream();
         if topology

@@ -167,13 +167,28 @@ fn json_output(kind: &str, data: &Value) -> Output {
 }
 
 /// `count` outputs (default 1) of kind `emitted.<i>`, to `exchange` when given.
+/// `count` outputs `emitted.<i>` with data `{"i": i, "tag": tag}`. With
+/// `delay_ms` (a number, or any string, passed on as is), each carries the
+/// host's delay header: output i asks for `delay_ms + i * step_ms`.
 fn emit(params: &Value) -> Vec<Output> {
     let count = usize_field(params, "count").unwrap_or(1);
     let exchange = str_field(params, "exchange").map(str::to_owned);
+    let tag = params.get("tag").cloned().unwrap_or(Value::Null);
+    let step = u64_field(params, "step_ms").unwrap_or(0);
     (0..count)
-        .map(|i| Output {
-            exchange: exchange.clone(),
-            ..json_output(&format!("emitted.{i}"), &json!({ "i": i }))
+        .map(|i| {
+            let delay = match params.get("delay_ms") {
+                Some(Value::Number(n)) => n.as_u64().map(|ms| (ms + step * i as u64).to_string()),
+                Some(Value::String(s)) => Some(s.clone()),
+                _ => None,
+            };
+            Output {
+                exchange: exchange.clone(),
+                headers: delay
+                    .map(|ms| vec![("switchboard-delay-ms".to_owned(), ms)])
+                    .unwrap_or_default(),
+                ..json_output(&format!("emitted.{i}"), &json!({ "i": i, "tag": tag }))
+            }
         })
         .collect()
 }
