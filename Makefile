@@ -5,9 +5,10 @@ CARGO   ?= cargo
 WASM    := wasm32-wasip2
 PLUGINS := notification billing analytics orders
 GUESTS  := scripted-guest noop-guest wrong-world-guest contract-0-1-0-guest tally-guest trap-guest
+SAGA    := inventory payment order-saga
 OUT     := target/$(WASM)/release
 
-.PHONY: run test c-example reliability soak lint fmt plugins guests lang-plugins toolchains wasm-target bench bench-broker bench-kv bench-hostile bench-languages bench-appliance bench-growth bench-archive fuzz clean
+.PHONY: run test c-example reliability soak lint fmt plugins examples guests lang-plugins toolchains wasm-target bench bench-broker bench-kv bench-hostile bench-languages bench-appliance bench-growth bench-archive bench-delays fuzz clean
 
 ## run: build the plugins and the appliance, then run it with router.toml
 run: plugins
@@ -16,7 +17,7 @@ run: plugins
 
 ## test: the whole suite (unit, plugin, sandbox and end-to-end tests), then the
 ## C guide's example
-test: plugins guests lang-plugins
+test: plugins guests lang-plugins examples
 	$(CARGO) test --release --workspace
 	$(MAKE) c-example
 
@@ -52,7 +53,7 @@ soak: plugins guests
 lint: wasm-target
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --release --workspace --all-targets -- -D warnings
-	$(CARGO) clippy --release --target $(WASM) $(addprefix -p ,$(PLUGINS) $(GUESTS)) -p switchboard-plugin -- -D warnings
+	$(CARGO) clippy --release --target $(WASM) $(addprefix -p ,$(PLUGINS) $(GUESTS) $(SAGA)) -p switchboard-plugin -- -D warnings
 
 fmt:
 	$(CARGO) fmt --all
@@ -61,6 +62,16 @@ fmt:
 plugins: wasm-target
 	$(CARGO) build --release --target $(WASM) $(addprefix -p ,$(PLUGINS))
 	@for p in $(PLUGINS); do cmp -s $(OUT)/$$p.wasm plugins/$$p.wasm || cp $(OUT)/$$p.wasm plugins/$$p.wasm; done
+
+## examples: the saga example's three plugins (examples/saga), as components,
+## copied into examples/saga/plugins/ (the folder its two configurations watch)
+SAGA_OUT := examples/saga/plugins
+examples: wasm-target
+	$(CARGO) build --release --target $(WASM) $(addprefix -p ,$(SAGA))
+	@mkdir -p $(SAGA_OUT)
+	@cmp -s $(OUT)/inventory.wasm $(SAGA_OUT)/inventory.wasm || cp $(OUT)/inventory.wasm $(SAGA_OUT)/inventory.wasm
+	@cmp -s $(OUT)/payment.wasm $(SAGA_OUT)/payment.wasm || cp $(OUT)/payment.wasm $(SAGA_OUT)/payment.wasm
+	@cmp -s $(OUT)/order_saga.wasm $(SAGA_OUT)/order-saga.wasm || cp $(OUT)/order_saga.wasm $(SAGA_OUT)/order-saga.wasm
 
 ## lang-plugins: the notification plugin ported to Python and JavaScript, built
 ## with the pinned toolchains (installed into target/toolchains on first use;
@@ -128,6 +139,12 @@ bench-appliance: plugins
 bench-growth: plugins
 	$(CARGO) build --release -p switchboard -p switchboard-bench
 	./target/release/switchboard-bench growth $(ARGS)
+
+## bench-delays: delayed outputs on the embedded bus: memory with 10,000
+## waiting, and a busy plugin's latency while 10,000 fire at once
+bench-delays: guests
+	$(CARGO) build --release -p switchboard -p switchboard-bench
+	./target/release/switchboard-bench delays $(ARGS)
 
 ## fuzz: each fuzz target in fuzz/ for FUZZ_SECONDS (needs nightly and cargo-fuzz;
 ## not part of test or CI). Corpora and crashes go to target/fuzz/; one target:

@@ -1319,3 +1319,36 @@ fn bad_delays_are_invalid_outputs() {
     let q = r.status("worker").queue.unwrap();
     assert_eq!(q.waiting_delayed, 0, "nothing was scheduled");
 }
+
+/// A delayed output whose exchange is gone from router.toml by the time it is
+/// due is not lost: it is dead-lettered in the plugin's dead-letter queue with
+/// the reason.
+#[test]
+fn a_delayed_output_whose_exchange_is_gone_when_due_is_dead_lettered() {
+    let with_later = worker_config("", &["emit"]) + "[[exchanges]]\nname = \"later\"\n";
+    let r = start(&with_later, &[("worker.wasm", "scripted_guest")]);
+    let (status, _, _) = r.post(
+        "events",
+        "emit",
+        &json!({"exchange": "later", "delay_ms": 2_000, "tag": "gone"}),
+    );
+    assert_eq!(status, 202);
+    r.wait_for("the delayed output waiting", |r| {
+        r.status("worker").queue.unwrap().waiting_delayed == 1
+    });
+    r.write_config(&worker_config("", &["emit"]));
+    r.wait_for("the dead letter", |r| {
+        r.get("/api/dlq/worker")["items"]
+            .as_array()
+            .is_some_and(|d| !d.is_empty())
+    });
+    let letter = r.get("/api/dlq/worker")["items"][0].clone();
+    assert_eq!(letter["kind"], "invalid_output", "{letter}");
+    assert_eq!(letter["exchange"], "later");
+    assert_eq!(letter["message"]["data"]["tag"], "gone");
+    assert!(
+        letter["reason"].as_str().unwrap().contains("when due"),
+        "{letter}"
+    );
+    assert_eq!(r.status("worker").queue.unwrap().waiting_delayed, 0);
+}
