@@ -128,7 +128,8 @@ impl Offline {
 
 /// What `plugin` did with `event`, as one JSON line: `{"input", "kind",
 /// "outputs": [envelope…]}` (each with its `exchange` when the output names
-/// one) or `{"input", "kind", "failure": {"kind", "reason"}}`.
+/// one, and its `delay_ms` when it is delayed) or `{"input", "kind",
+/// "failure": {"kind", "reason"}}`.
 pub fn outcome(plugin: &str, event: &Event, result: Result<Vec<Output>, Failure>) -> Value {
     let outputs = match result {
         Ok(outputs) => outputs,
@@ -142,6 +143,13 @@ pub fn outcome(plugin: &str, event: &Event, result: Result<Vec<Output>, Failure>
             let mut value = serde_json::to_value(env).unwrap_or(Value::Null);
             if let (Some(obj), Some(exchange)) = (value.as_object_mut(), &output.exchange) {
                 obj.insert("exchange".into(), json!(exchange));
+            }
+            // Checked against max_delay when the plugin returned.
+            if let (Some(obj), Ok(Some(delay))) = (
+                value.as_object_mut(),
+                envelope::output_delay(output, std::time::Duration::MAX),
+            ) {
+                obj.insert("delay_ms".into(), json!(delay.as_millis()));
             }
             Ok::<_, envelope::EnvelopeError>(value)
         })

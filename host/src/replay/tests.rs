@@ -118,3 +118,31 @@ fn a_rebuild_goes_past_settled_failures_only() {
         assert!(stops_rebuild(&fail(kind)), "{kind}");
     }
 }
+
+#[test]
+fn a_delayed_output_shows_its_delay() {
+    let event = crate::envelope::decode(
+        "events",
+        "order.created",
+        &crate::bus::Message {
+            body: bytes::Bytes::from_static(br#"{"id":"e1","type":"order.created","data":{}}"#),
+            content_type: Some("application/json".into()),
+            message_id: None,
+            headers: Vec::new(),
+        },
+        1,
+    )
+    .unwrap();
+    let output = |headers: Vec<(String, String)>| Output {
+        kind: "saga.timeout".into(),
+        content_type: None,
+        data: b"{}".to_vec(),
+        exchange: None,
+        headers,
+    };
+    let delayed = output(vec![(crate::envelope::DELAY_HEADER.into(), "30000".into())]);
+    let line = outcome("saga", &event, Ok(vec![delayed, output(Vec::new())]));
+    assert_eq!(line["outputs"][0]["delay_ms"], 30_000);
+    assert_eq!(line["outputs"][0]["type"], "saga.timeout");
+    assert!(line["outputs"][1].get("delay_ms").is_none());
+}
