@@ -1,7 +1,8 @@
 //! Switchboard benchmarks. `cargo run --release -p switchboard-bench -- runtime`
 //! (or `make bench`) prints a Markdown table for BENCHMARKS.md; `-- broker`
 //! (`make bench-broker`) compares consumers against the real RabbitMQ;
-//! `-- appliance` and `-- growth` run the `switchboard` binary as a user does.
+//! `-- appliance`, `-- growth` and `-- delays` run the `switchboard` binary as a
+//! user does.
 //!
 //! Every number is a median over rounds measured back to back in one process, so
 //! that ratios between rows are fair on a noisy machine.
@@ -23,6 +24,7 @@ use switchboard::runtime::{
 mod appliance;
 mod archive;
 mod broker;
+mod delays;
 mod embedded;
 mod growth;
 mod hostile;
@@ -351,6 +353,9 @@ enum Bench {
     /// What each plugin adds: start-up time, throughput and memory with 1 to
     /// 30 copies of the notification plugin.
     Growth(growth::GrowthArgs),
+    /// Delayed outputs on the embedded bus: memory with 10,000 waiting, and
+    /// a busy plugin's latency while 10,000 fire at once.
+    Delays(delays::DelaysArgs),
     /// The raw lapin consumer of `broker`, run as its child process.
     #[command(hide = true)]
     RawPassthrough(broker::RawArgs),
@@ -381,6 +386,7 @@ fn main() -> anyhow::Result<()> {
         Some(Bench::Languages(args)) => languages::run(&args),
         Some(Bench::Appliance(args)) => appliance::run(&args),
         Some(Bench::Growth(args)) => growth::run(&args),
+        Some(Bench::Delays(args)) => delays::run(&args),
         None => {
             runtime_bench()?;
             embedded::run()
