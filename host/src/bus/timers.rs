@@ -272,11 +272,7 @@ impl TimerStore {
     /// Up to `limit` timers due at `now_ms`, earliest first. A stored timer
     /// that cannot be read is returned as a dead one (`Err` with why) so that
     /// it is accounted for and removed.
-    pub fn due(
-        &self,
-        now_ms: u64,
-        limit: usize,
-    ) -> Result<Vec<Read>, String> {
+    pub fn due(&self, now_ms: u64, limit: usize) -> Result<Vec<Read>, String> {
         let txn = self.db.begin_read().map_err(db_error)?;
         let table = txn.open_table(TIMERS).map_err(db_error)?;
         let mut out = Vec::new();
