@@ -7,7 +7,7 @@
 //!   compensates, in reverse order: refund, release, cancel), a reply for a saga
 //!   that never started (dead-lettered with the reason) and a late reply
 //!   (nothing changes, nothing is emitted).
-//! - Choreography on the embedded bus: the happy path and a declined payment.
+//! - Choreography, on both buses: the happy path and a declined payment.
 //! - 500 concurrent sagas through a `switchboard run` process killed with
 //!   SIGKILL three times while orders keep coming, on both buses. On RabbitMQ
 //!   nothing may be lost. On the embedded bus a `kill -9` loses what the queues
@@ -715,7 +715,25 @@ fn orchestration_on_rabbitmq() {
 
 #[test]
 fn choreography_on_the_embedded_bus() {
-    let r = start(&choreography(&Bus::Embedded), &CHOREOGRAPHY_PLUGINS);
+    let bus = Bus::Embedded;
+    let r = start(&choreography(&bus), &CHOREOGRAPHY_PLUGINS);
+    choreography_scenario(&r, &bus);
+}
+
+#[test]
+fn choreography_on_rabbitmq() {
+    if !require_broker() {
+        return;
+    }
+    let vhost = TestVhost::new("saga-choreography");
+    let bus = Bus::Rabbit(vhost.url());
+    let r = start(&choreography(&bus), &CHOREOGRAPHY_PLUGINS);
+    choreography_scenario(&r, &bus);
+}
+
+/// No coordinator: the happy path, and a declined payment that gives the
+/// stock back and cancels the order.
+fn choreography_scenario(r: &Running, bus: &Bus) {
     let api = Api::new(&r.url);
 
     // order.created → inventory.reserved → payment.succeeded + order.confirmed.
@@ -771,7 +789,9 @@ fn choreography_on_the_embedded_bus() {
     assert_eq!(stock.released.get("c-no"), Some(&5), "{stock:?}");
     assert_eq!(stock.available, INITIAL - 2, "only c-ok's units: {stock:?}");
     assert_eq!(api.charge("c-no"), None);
-    r.wait_idle();
+    if let Bus::Embedded = bus {
+        r.wait_idle();
+    }
     for plugin in ["inventory", "payment"] {
         let letters = api.dead_letters(plugin);
         assert!(letters.is_empty(), "{plugin}: {letters:?}");
