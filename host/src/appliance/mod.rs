@@ -309,6 +309,7 @@ impl Appliance {
         let left = embedded.take_all();
         let dead = embedded.take_dead_letters();
         let spooled = spool::save(&self.inner.config.load().state_dir, &left, &dead)?;
+        embedded.close_timers();
         Ok(spooled)
     }
 }

@@ -122,10 +122,11 @@ struct Inner {
     settled: Condvar,
     /// The event archive, when `[archive]` is enabled.
     archive: Option<Arc<crate::archive::Archive>>,
-    /// Delayed outputs, and what wakes their thread.
+    /// Delayed outputs, and what wakes their thread (kept apart from the bus:
+    /// the thread waits without holding the bus, so dropping the bus closes
+    /// the timer store at once, for the next start to open).
     timers: Arc<TimerStore>,
-    delay_lock: Mutex<()>,
-    delay_wake: Condvar,
+    delay_wake: Arc<(Mutex<bool>, Condvar)>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -193,8 +194,7 @@ impl EmbeddedBus {
             settled: Condvar::new(),
             archive,
             timers,
-            delay_lock: Mutex::new(()),
-            delay_wake: Condvar::new(),
+            delay_wake: Arc::new((Mutex::new(false), Condvar::new())),
         });
         let weak = Arc::downgrade(&inner);
         let spawned = std::thread::Builder::new()
@@ -204,13 +204,20 @@ impl EmbeddedBus {
             tracing::error!(error = %e, "cannot start the retry timer; retries will wait for shutdown");
         }
         let weak = Arc::downgrade(&inner);
+        let wake = inner.delay_wake.clone();
         let spawned = std::thread::Builder::new()
             .name("switchboard-delays".into())
-            .spawn(move || delay_timer(&weak));
+            .spawn(move || delay_timer(&weak, &wake));
         if let Err(e) = spawned {
             tracing::error!(error = %e, "cannot start the delay timer; delayed outputs wait for a restart");
         }
         Self { inner }
+    }
+
+    /// Closes the timer store (the last step of a shutdown): its file is
+    /// released at once, for the next start; delayed outputs stay in it.
+    pub fn close_timers(&self) {
+        self.inner.timers.close();
     }
 
     /// Delayed outputs waiting for their time, in all.
@@ -654,8 +661,9 @@ impl Settle for EmbeddedSettle {
                         then(Settled::Refused { delivery, error });
                         return;
                     }
-                    let _wake = lock(&inner.delay_lock);
-                    inner.delay_wake.notify_one();
+                    let (woken, wake) = &*inner.delay_wake;
+                    *lock(woken) = true;
+                    wake.notify_one();
                 }
                 if !outputs.is_empty() {
                     let bus = EmbeddedBus {
@@ -787,23 +795,30 @@ const FIRE_BATCH: usize = 256;
 /// output whose plugin queue is full waits a little and is tried again; one
 /// whose exchange is gone is dead-lettered in the producing plugin's
 /// dead-letter queue, so that nothing is lost unseen.
-fn delay_timer(bus: &std::sync::Weak<Inner>) {
+fn delay_timer(bus: &std::sync::Weak<Inner>, wake: &(Mutex<bool>, Condvar)) {
     loop {
-        let Some(inner) = bus.upgrade() else { return };
-        let now = super::timers::now_ms();
-        let wait = match inner.timers.next_due() {
-            Some(due) if due <= now => fire_due(&inner, now),
-            Some(due) => Duration::from_millis((due - now).min(1000)),
-            None => Duration::from_secs(1),
+        let wait = {
+            let Some(inner) = bus.upgrade() else { return };
+            if inner.timers.is_closed() {
+                return;
+            }
+            let now = super::timers::now_ms();
+            match inner.timers.next_due() {
+                Some(due) if due <= now => fire_due(&inner, now),
+                Some(due) => Duration::from_millis((due - now).min(1000)),
+                None => Duration::from_secs(1),
+            }
         };
         if wait.is_zero() {
             continue;
         }
-        let guard = lock(&inner.delay_lock);
-        let _unused = inner
-            .delay_wake
-            .wait_timeout(guard, wait)
+        // Not holding the bus: see `Inner::delay_wake`.
+        let (woken, condvar) = wake;
+        let guard = lock(woken);
+        let (mut guard, _) = condvar
+            .wait_timeout_while(guard, wait, |woken| !*woken)
             .unwrap_or_else(PoisonError::into_inner);
+        *guard = false;
     }
 }
 

@@ -17,7 +17,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Condvar, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
@@ -95,7 +95,8 @@ struct Counts {
 
 /// Delayed outputs on disk (see the module notes).
 pub struct TimerStore {
-    db: Database,
+    /// `None` once closed ([`TimerStore::close`]).
+    db: RwLock<Option<Database>>,
     commits: Mutex<Commits>,
     committed: Condvar,
     counts: Mutex<Counts>,
@@ -153,7 +154,7 @@ impl TimerStore {
         txn.open_table(IDS).map_err(db_error)?;
         txn.commit().map_err(db_error)?;
         let store = Self {
-            db,
+            db: RwLock::new(Some(db)),
             commits: Mutex::new(Commits::default()),
             committed: Condvar::new(),
             counts: Mutex::new(Counts::default()),
@@ -162,9 +163,30 @@ impl TimerStore {
         Ok(store)
     }
 
+    /// The database, `None` once closed.
+    fn db(&self) -> RwLockReadGuard<'_, Option<Database>> {
+        self.db.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Closes the store: the file is released at once (for the next start
+    /// to open), even while clones of the bus linger; every call after fails.
+    pub fn close(&self) {
+        self.db
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+    }
+
+    /// Whether [`TimerStore::close`] was called.
+    pub fn is_closed(&self) -> bool {
+        self.db().is_none()
+    }
+
     /// Counts the stored timers per plugin, and finds the earliest.
     fn recount(&self) -> Result<(), String> {
-        let txn = self.db.begin_read().map_err(db_error)?;
+        let guard = self.db();
+        let db = open(&guard)?;
+        let txn = db.begin_read().map_err(db_error)?;
         let table = txn.open_table(TIMERS).map_err(db_error)?;
         let mut counts = Counts::default();
         for entry in table.iter().map_err(db_error)? {
@@ -224,7 +246,9 @@ impl TimerStore {
 
     fn commit(&self, batch: Vec<Timer>) -> Result<(), String> {
         let mut added: Vec<(String, u64)> = Vec::new();
-        let txn = self.db.begin_write().map_err(db_error)?;
+        let guard = self.db();
+        let db = open(&guard)?;
+        let txn = db.begin_write().map_err(db_error)?;
         {
             let mut timers = txn.open_table(TIMERS).map_err(db_error)?;
             let mut ids = txn.open_table(IDS).map_err(db_error)?;
@@ -273,7 +297,9 @@ impl TimerStore {
     /// that cannot be read is returned as a dead one (`Err` with why) so that
     /// it is accounted for and removed.
     pub fn due(&self, now_ms: u64, limit: usize) -> Result<Vec<Read>, String> {
-        let txn = self.db.begin_read().map_err(db_error)?;
+        let guard = self.db();
+        let db = open(&guard)?;
+        let txn = db.begin_read().map_err(db_error)?;
         let table = txn.open_table(TIMERS).map_err(db_error)?;
         let mut out = Vec::new();
         let mut next = None;
@@ -297,7 +323,9 @@ impl TimerStore {
         if fired.is_empty() {
             return Ok(());
         }
-        let txn = self.db.begin_write().map_err(db_error)?;
+        let guard = self.db();
+        let db = open(&guard)?;
+        let txn = db.begin_write().map_err(db_error)?;
         let next = {
             let mut timers = txn.open_table(TIMERS).map_err(db_error)?;
             let mut ids = txn.open_table(IDS).map_err(db_error)?;
@@ -341,10 +369,18 @@ impl TimerStore {
 
     /// Timers stored, counted on disk (for tests and checks).
     pub fn stored(&self) -> Result<u64, String> {
-        let txn = self.db.begin_read().map_err(db_error)?;
+        let guard = self.db();
+        let db = open(&guard)?;
+        let txn = db.begin_read().map_err(db_error)?;
         let table = txn.open_table(TIMERS).map_err(db_error)?;
         table.len().map_err(db_error)
     }
+}
+
+/// The database of a store not closed yet.
+fn open(db: &Option<Database>) -> Result<&Database, String> {
+    db.as_ref()
+        .ok_or_else(|| "timer store: closed (the router is stopping)".to_string())
 }
 
 fn decode(due_ms: u64, id: &str, bytes: &[u8]) -> Read {
@@ -434,6 +470,24 @@ mod tests {
         assert_eq!(store.waiting().get("saga"), None);
         assert!(store.due(250, 10).unwrap().is_empty());
         assert_eq!(store.stored().unwrap(), 1);
+    }
+
+    #[test]
+    fn a_closed_store_releases_its_file_for_the_next_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("timers.redb");
+        let first = std::sync::Arc::new(TimerStore::open(&path).unwrap());
+        first.schedule(vec![timer("a", 100, "saga")]).unwrap();
+        let lingering = first.clone();
+        assert!(
+            TimerStore::open(&path).is_err(),
+            "the file is locked while open"
+        );
+        first.close();
+        assert!(lingering.is_closed());
+        assert!(lingering.schedule(vec![timer("b", 100, "saga")]).is_err());
+        let second = TimerStore::open(&path).unwrap();
+        assert_eq!(second.len(), 1, "what waited is still there");
     }
 
     #[test]
