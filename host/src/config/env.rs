@@ -3,8 +3,14 @@
 //!
 //! - `RABBITMQ_URL` replaces `[broker] url`.
 //! - Without it, `RABBITMQ_HOST` (with `RABBITMQ_PORT` = 5672, `RABBITMQ_USER` =
-//!   guest, `RABBITMQ_PASSWORD` = guest, `RABBITMQ_VHOST` = `/`) builds the URL,
-//!   the way the official RabbitMQ images and most platforms hand them out.
+//!   guest, `RABBITMQ_PASSWORD` or `RABBITMQ_PASS` = guest, `RABBITMQ_VHOST` =
+//!   `/`) builds the URL, the way the official RabbitMQ images and most
+//!   platforms hand them out.
+//! - The consumer settings services already carry set `[defaults]` where the
+//!   file sets nothing: `RABBITMQ_PREFETCH` → `prefetch`, `RABBITMQ_RETRY_COUNT`
+//!   (retries after the first attempt) → `max_attempts` = count + 1, and
+//!   `RABBITMQ_RETRY_DELAY` (ms) → `backoff.initial` (and `backoff.max` when it
+//!   is the longer and the file sets no `max`).
 //! - `REDIS_URL` replaces `[kv] url` (used with `[kv] backend = "redis"`).
 //! - `SWITCHBOARD_HTTP_LISTEN` replaces `[http] listen`.
 //! - `SWITCHBOARD_ADMIN_TOKEN` replaces `[http] token`.
@@ -28,7 +34,9 @@ impl RouterConfig {
                     .push(format!("RABBITMQ_PORT: not a port number: {port:?}"));
             }
             let user = var("RABBITMQ_USER").unwrap_or_else(|| "guest".into());
-            let password = var("RABBITMQ_PASSWORD").unwrap_or_else(|| "guest".into());
+            let password = var("RABBITMQ_PASSWORD")
+                .or_else(|| var("RABBITMQ_PASS"))
+                .unwrap_or_else(|| "guest".into());
             let vhost = var("RABBITMQ_VHOST").unwrap_or_else(|| "/".into());
             let host = host.trim();
             // An IPv6 literal needs brackets before the port.
@@ -45,6 +53,7 @@ impl RouterConfig {
                 percent_encode(&vhost),
             )));
         }
+        self.apply_env_defaults(&var);
         // Only where Redis is chosen: a REDIS_URL meant for something else in
         // the same environment does not switch the backend, nor is it an error.
         if let Some(url) = var("REDIS_URL")
@@ -61,6 +70,49 @@ impl RouterConfig {
                 Err(e) => self.env_errors.push(format!(
                     "SWITCHBOARD_HTTP_LISTEN: {listen:?} is not an address such as 0.0.0.0:8080 ({e})"
                 )),
+            }
+        }
+    }
+}
+
+impl RouterConfig {
+    /// `RABBITMQ_PREFETCH`, `RABBITMQ_RETRY_COUNT` and `RABBITMQ_RETRY_DELAY`
+    /// onto `[defaults]`, each only where the file sets nothing.
+    fn apply_env_defaults(&mut self, var: &impl Fn(&str) -> Option<String>) {
+        let unset = |key: &str, file: &std::collections::BTreeSet<String>| !file.contains(key);
+        let number = |name: &str, errors: &mut Vec<String>| -> Option<u64> {
+            let text = var(name)?;
+            match text.trim().parse::<u64>() {
+                Ok(n) => Some(n),
+                Err(_) => {
+                    errors.push(format!("{name}: not a whole number: {text:?}"));
+                    None
+                }
+            }
+        };
+        let file = self.file_defaults.clone();
+        if let Some(n) = number("RABBITMQ_PREFETCH", &mut self.env_errors)
+            && unset("prefetch", &file)
+        {
+            match u16::try_from(n) {
+                Ok(n) => self.defaults.prefetch = n,
+                Err(_) => self
+                    .env_errors
+                    .push(format!("RABBITMQ_PREFETCH: {n} is more than 65535")),
+            }
+        }
+        if let Some(n) = number("RABBITMQ_RETRY_COUNT", &mut self.env_errors)
+            && unset("max_attempts", &file)
+        {
+            self.defaults.max_attempts = u32::try_from(n.saturating_add(1)).unwrap_or(u32::MAX);
+        }
+        if let Some(ms) = number("RABBITMQ_RETRY_DELAY", &mut self.env_errors)
+            && unset("backoff.initial", &file)
+        {
+            let delay = std::time::Duration::from_millis(ms);
+            self.defaults.backoff.initial = delay;
+            if unset("backoff.max", &file) && self.defaults.backoff.max < delay {
+                self.defaults.backoff.max = delay;
             }
         }
     }

@@ -71,6 +71,10 @@ pub struct RouterConfig {
     /// Problems found while applying the environment, reported by `validate`.
     #[serde(skip)]
     env_errors: Vec<String>,
+    /// The `[defaults]` keys the file sets (`prefetch`, `backoff.initial`, …):
+    /// the environment's defaults apply only where the file says nothing.
+    #[serde(skip)]
+    file_defaults: std::collections::BTreeSet<String>,
 }
 
 impl Default for RouterConfig {
@@ -88,6 +92,7 @@ impl Default for RouterConfig {
             plugins: BTreeMap::new(),
             routes: Vec::new(),
             env_errors: Vec::new(),
+            file_defaults: std::collections::BTreeSet::new(),
         }
     }
 }
@@ -432,6 +437,24 @@ fn invalid_text(path: &Path, errors: &[String]) -> String {
     text
 }
 
+/// The keys `text` sets under `[defaults]`, nested ones dotted
+/// (`backoff.initial`). The text has parsed as a configuration already.
+fn defaults_set_in(text: &str) -> std::collections::BTreeSet<String> {
+    let mut keys = std::collections::BTreeSet::new();
+    let Ok(table) = text.parse::<toml::Table>() else {
+        return keys;
+    };
+    if let Some(toml::Value::Table(defaults)) = table.get("defaults") {
+        for (key, value) in defaults {
+            keys.insert(key.clone());
+            if let toml::Value::Table(inner) = value {
+                keys.extend(inner.keys().map(|k| format!("{key}.{k}")));
+            }
+        }
+    }
+    keys
+}
+
 impl RouterConfig {
     /// Reads, parses, resolves and validates the file at `path`, with the
     /// process environment applied.
@@ -473,6 +496,7 @@ impl RouterConfig {
                 message: e.message().trim_end().to_string(),
             }
         })?;
+        config.file_defaults = defaults_set_in(text);
         let base_dir = std::path::absolute(base_dir).unwrap_or_else(|_| base_dir.to_path_buf());
         config.plugins_dir = base_dir.join(&config.plugins_dir);
         config.state_dir = base_dir.join(&config.state_dir);

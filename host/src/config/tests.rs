@@ -861,3 +861,78 @@ proptest! {
         parses_or_says_where(&text)?;
     }
 }
+
+#[test]
+fn the_consumer_settings_services_carry_set_the_defaults_the_file_leaves_out() {
+    let vars = [
+        ("RABBITMQ_PREFETCH", "25"),
+        ("RABBITMQ_RETRY_COUNT", "3"),
+        ("RABBITMQ_RETRY_DELAY", "120000"),
+    ];
+    let mut config = parse("").unwrap();
+    config.apply_env(env(&vars));
+    assert_eq!(config.defaults.prefetch, 25);
+    assert_eq!(
+        config.defaults.max_attempts, 4,
+        "three retries after the first attempt"
+    );
+    assert_eq!(config.defaults.backoff.initial, Duration::from_secs(120));
+    assert_eq!(
+        config.defaults.backoff.max,
+        Duration::from_secs(120),
+        "max grows to the delay"
+    );
+    assert!(config.validate().is_ok());
+
+    // What router.toml says wins, key by key.
+    let mut config =
+        parse("[defaults]\nprefetch = 10\n[defaults.backoff]\ninitial = \"1s\"\nmax = \"5m\"\n")
+            .unwrap();
+    config.apply_env(env(&vars));
+    assert_eq!(config.defaults.prefetch, 10);
+    assert_eq!(
+        config.defaults.max_attempts, 4,
+        "the file leaves max_attempts out"
+    );
+    assert_eq!(config.defaults.backoff.initial, Duration::from_secs(1));
+    assert_eq!(config.defaults.backoff.max, Duration::from_secs(300));
+
+    // Garbage is reported, naming the variable.
+    let mut config = parse("").unwrap();
+    config.apply_env(env(&[
+        ("RABBITMQ_PREFETCH", "lots"),
+        ("RABBITMQ_RETRY_DELAY", "-1"),
+    ]));
+    let errors = config.validate().unwrap_err().join("\n");
+    assert!(
+        errors.contains("RABBITMQ_PREFETCH: not a whole number"),
+        "{errors}"
+    );
+    assert!(
+        errors.contains("RABBITMQ_RETRY_DELAY: not a whole number"),
+        "{errors}"
+    );
+}
+
+#[test]
+fn rabbitmq_pass_is_the_password_when_rabbitmq_password_is_not_set() {
+    let mut config = parse("").unwrap();
+    config.apply_env(env(&[
+        ("RABBITMQ_HOST", "rabbit"),
+        ("RABBITMQ_PASS", "s3cret"),
+    ]));
+    assert_eq!(
+        config.broker.url.as_ref().unwrap().expose(),
+        "amqp://guest:s3cret@rabbit:5672/%2f"
+    );
+    let mut config = parse("").unwrap();
+    config.apply_env(env(&[
+        ("RABBITMQ_HOST", "rabbit"),
+        ("RABBITMQ_PASS", "old"),
+        ("RABBITMQ_PASSWORD", "new"),
+    ]));
+    assert_eq!(
+        config.broker.url.as_ref().unwrap().expose(),
+        "amqp://guest:new@rabbit:5672/%2f"
+    );
+}
