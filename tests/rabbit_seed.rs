@@ -3,11 +3,17 @@
 //! notification, with analytics on a fanout and a direct exchange) and the
 //! backstage bus.
 
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Confirmation, Connection, ConnectionProperties};
 use serde_json::{Value, json};
 use switchboard::config::RouterConfig;
-use switchboard_tests::broker::{Amqp, Confirmed, Publish, TestVhost, require_broker};
+use switchboard_tests::broker::{Amqp, Confirmed, Publish, Received, TestVhost, require_broker};
 use switchboard_tests::running::{Running, start};
 
 fn topology(file: &str, url: &str) -> String {
@@ -201,5 +207,251 @@ fn the_backstage_bus_notifies_on_posts_and_signups() {
     assert_eq!(post_mail["data"]["subject"], "New post: Hello");
     assert_eq!(post_mail["data"]["body"], "Bo published \"Hello\".");
     assert_eq!(post_mail["correlation_id"], "req-9");
+    drop(r);
+}
+
+/// The official CloudEvents Python SDK (with its AMQP and RabbitMQ bindings), in
+/// a virtualenv under the target dir, made on first use: its Python, or `None`
+/// (outside CI only) when Python or PyPI cannot be had.
+fn cloudevents_sdk() -> Option<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
+    let venv = target.join("py-cloudevents");
+    let python = venv.join("bin").join("python");
+    let has_sdk = || {
+        Command::new(&python)
+            .args([
+                "-c",
+                "import cloudevents.core.bindings.amqp, cloudevents.core.bindings.rabbitmq",
+            ])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if has_sdk() {
+        return Some(python);
+    }
+    let run = |what: &str, command: &mut Command| -> Result<(), String> {
+        match command.output() {
+            Ok(o) if o.status.success() => Ok(()),
+            Ok(o) => Err(format!(
+                "{what} failed: {}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            )),
+            Err(e) => Err(format!("{what} could not run: {e}")),
+        }
+    };
+    let made = run(
+        "python3 -m venv",
+        Command::new("python3")
+            .args(["-m", "venv", "--clear"])
+            .arg(&venv),
+    )
+    .and_then(|()| {
+        run(
+            "pip install cloudevents==2.2.0",
+            Command::new(&python).args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "--no-cache-dir",
+                "cloudevents==2.2.0",
+            ]),
+        )
+    });
+    match made {
+        Ok(()) if has_sdk() => Some(python),
+        outcome => {
+            let message = format!(
+                "the CloudEvents Python SDK could not be installed in {}: {}",
+                venv.display(),
+                outcome.err().unwrap_or_else(|| "it does not import".into())
+            );
+            if std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false") {
+                panic!("{message}");
+            }
+            let bar = "!".repeat(78);
+            let _ = writeln!(
+                std::io::stderr().lock(),
+                "\n{bar}\nSKIPPED: {message}\n{bar}"
+            );
+            None
+        }
+    }
+}
+
+/// An SDK-made header as the AMQP type a client keeps it as: strings as long
+/// strings, integers as long longs, booleans as booleans; with `timestamp`, an
+/// AMQP timestamp (seconds since the epoch in AMQP 0-9-1; the SDK gives
+/// milliseconds, the AMQP 1.0 unit).
+fn amqp_value(header: &Value, timestamps: bool) -> AMQPValue {
+    let value = &header["value"];
+    match header["type"].as_str().unwrap() {
+        "int" if timestamps && header["amqp"] == "timestamp" => {
+            AMQPValue::Timestamp(value.as_u64().unwrap() / 1000)
+        }
+        "int" => AMQPValue::LongLongInt(value.as_i64().unwrap()),
+        "bool" => AMQPValue::Boolean(value.as_bool().unwrap()),
+        "str" => AMQPValue::LongString(value.as_str().unwrap().into()),
+        other => panic!("no AMQP type for the SDK's {other} in {header}"),
+    }
+}
+
+/// Publishes with typed headers, confirmed and mandatory.
+fn publish_typed(url: &str, exchange: &str, key: &str, message: &Value, timestamps: bool) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let connection = Connection::connect(url, ConnectionProperties::default())
+            .await
+            .unwrap();
+        let channel = connection.create_channel().await.unwrap();
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .unwrap();
+        let mut headers = FieldTable::default();
+        for header in message["headers"].as_array().unwrap() {
+            headers.insert(
+                header["name"].as_str().unwrap().into(),
+                amqp_value(header, timestamps),
+            );
+        }
+        let mut properties = BasicProperties::default().with_headers(headers);
+        if let Some(content_type) = message["content_type"].as_str() {
+            properties = properties.with_content_type(content_type.into());
+        }
+        let confirmation = channel
+            .basic_publish(
+                exchange.into(),
+                key.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                message["body"].as_str().unwrap().as_bytes(),
+                properties,
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert!(
+            matches!(confirmation, Confirmation::Ack(None)),
+            "{} was not routed",
+            message["mode"]
+        );
+        connection.close(200, "done".into()).await.unwrap();
+    });
+}
+
+#[test]
+fn cloudevents_from_the_official_sdk_keep_their_identity_in_every_mode() {
+    if !require_broker() {
+        return;
+    }
+    let Some(python) = cloudevents_sdk() else {
+        return;
+    };
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/cloudevents_sdk.py");
+    let out = Command::new(&python)
+        .arg(&script)
+        .arg("sdk")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let made: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let kind = made["event"]["type"].as_str().unwrap();
+    let time = made["event"]["time"].as_str().unwrap();
+
+    let vhost = TestVhost::new("cloudevents-sdk");
+    let config = format!(
+        r##"
+plugins_dir = "plugins"
+state_dir = "state"
+[broker]
+url = "{url}"
+[[exchanges]]
+name = "ce.events"
+kind = "topic"
+[[exchanges]]
+name = "ce.notifications"
+kind = "topic"
+[plugins.notification]
+output_exchange = "ce.notifications"
+[plugins.notification.config]
+"{kind}.subject" = "{{{{event.id}}}}"
+"{kind}.body" = "{{{{event.id}}}}|{{{{event.kind}}}}|{{{{event.source}}}}|{{{{event.time}}}}|{{{{order}}}}"
+[[routes]]
+exchange = "ce.events"
+pattern = "#"
+plugin = "notification"
+"##,
+        url = vhost.url()
+    );
+    let r = start(&config, &[("notification.wasm", "notification")]);
+    let amqp = Amqp::connect(&vhost.url()).unwrap();
+    let out = amqp.sink("ce.notifications", "#");
+
+    // The four modes as the SDK made them; the AMQP binding's binary mode twice:
+    // `time` as an AMQP timestamp (as the binding means it), and as the plain
+    // integer the SDK hands over (milliseconds).
+    let mut sent = Vec::new();
+    for message in made["messages"].as_array().unwrap() {
+        let mode = message["mode"].as_str().unwrap();
+        publish_typed(&vhost.url(), "ce.events", kind, message, true);
+        sent.push((
+            mode.to_string(),
+            format!("sdk-{mode}"),
+            format!("/sdk/{mode}"),
+        ));
+        if mode == "amqp-binary" {
+            let mut as_int = message.clone();
+            let id = "sdk-amqp-binary-int";
+            for header in as_int["headers"].as_array_mut().unwrap() {
+                if header["name"] == "cloudEvents_id" {
+                    header["value"] = id.into();
+                }
+            }
+            publish_typed(&vhost.url(), "ce.events", kind, &as_int, false);
+            sent.push((
+                format!("{mode} (int time)"),
+                id.into(),
+                format!("/sdk/{mode}"),
+            ));
+        }
+    }
+
+    let got = amqp.get(&out, sent.len(), Duration::from_secs(20));
+    let dead = r
+        .appliance
+        .transport()
+        .dead_letters("notification", 10)
+        .unwrap();
+    assert!(dead.is_empty(), "dead letters: {dead:?}");
+    assert_eq!(got.len(), sent.len(), "outputs: {got:?}");
+    for (mode, id, source) in &sent {
+        let mail = got
+            .iter()
+            .map(Received::json)
+            .find(|m| m["causation_id"] == id.as_str())
+            .unwrap_or_else(|| panic!("{mode}: no output caused by {id}: {got:?}"));
+        assert_eq!(
+            mail["data"]["body"],
+            format!("{id}|{kind}|{source}|{time}|7"),
+            "{mode}"
+        );
+        assert_eq!(mail["data"]["recipient"], "ce@example.com", "{mode}");
+    }
     drop(r);
 }

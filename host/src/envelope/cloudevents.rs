@@ -5,7 +5,11 @@
 //! - Binary: the body is the event's data, the AMQP content type its
 //!   `datacontenttype`, and each other attribute a header `cloudEvents_<name>`
 //!   (binding 1.0.3, since `:` is not valid in JMS property names) or
-//!   `cloudEvents:<name>` (1.0.2). Producers use both, so both are accepted.
+//!   `cloudEvents:<name>` (1.0.2). Producers use both, so both are accepted, and
+//!   so is `ce-<name>`, the prefix of the CloudEvents SDKs' RabbitMQ bindings.
+//!   `time` may be an RFC 3339 string or, as the AMQP binding allows, an AMQP
+//!   timestamp: the AMQP side renders that one as RFC 3339 (see
+//!   [`is_time_header`]).
 //!
 //! Attributes map onto the [`Event`] as follows: `id`, `source`, `type` (→ kind),
 //! `time`, `datacontenttype` (→ content type) to their fields; the extensions
@@ -26,8 +30,9 @@ use crate::runtime::Event;
 /// The only version of the specification understood here.
 const SPEC_VERSION: &str = "1.0";
 
-/// Header prefixes of binary mode: AMQP binding 1.0.3, then 1.0.2.
-const PREFIXES: [&str; 2] = ["cloudEvents_", "cloudEvents:"];
+/// Header prefixes of binary mode: AMQP binding 1.0.3, then 1.0.2, then the
+/// one the SDKs' RabbitMQ bindings use (the HTTP binding's).
+const PREFIXES: [&str; 3] = ["cloudEvents_", "cloudEvents:", "ce-"];
 
 /// Content type of structured mode with the JSON event format.
 const STRUCTURED: &str = "application/cloudevents+json";
@@ -75,6 +80,25 @@ pub(super) fn attribute_name(header: &str) -> Option<&str> {
             }
         })
         .filter(|name| !name.is_empty())
+}
+
+/// Whether header `name` makes a message a binary-mode CloudEvent: any
+/// `cloudEvents_*` or `cloudEvents:*` header, but of the `ce-` prefix (common
+/// enough elsewhere) only `ce-specversion`, which every CloudEvent has.
+pub(super) fn marks_binary(name: &str) -> bool {
+    match attribute_name(name) {
+        Some(attribute) if name.get(..3).is_some_and(|p| p.eq_ignore_ascii_case("ce-")) => {
+            attribute.eq_ignore_ascii_case("specversion")
+        }
+        Some(_) => true,
+        None => false,
+    }
+}
+
+/// Whether header `name` carries the `time` attribute in binary mode: its value
+/// may come as an AMQP timestamp rather than as text.
+pub(super) fn is_time_header(name: &str) -> bool {
+    attribute_name(name).is_some_and(|attribute| attribute.eq_ignore_ascii_case("time"))
 }
 
 /// The event in a structured-mode body.
@@ -339,6 +363,23 @@ mod tests {
         assert_eq!(attribute_name("cloudEvents_id"), Some("id"));
         assert_eq!(attribute_name("cloudEvents:id"), Some("id"));
         assert_eq!(attribute_name("cloudevents_type"), Some("type"));
+        assert_eq!(attribute_name("ce-id"), Some("id"));
+        assert_eq!(attribute_name("CE-Source"), Some("Source"));
+        assert_eq!(attribute_name("ce-"), None);
+        assert_eq!(attribute_name("ce_id"), None);
+        assert!(is_time_header("cloudEvents_time"));
+        assert!(is_time_header("cloudEvents:Time"));
+        assert!(is_time_header("ce-time"));
+        assert!(!is_time_header("time"));
+        assert!(!is_time_header("ce-timeout"));
+        assert!(marks_binary("cloudEvents_source"));
+        assert!(marks_binary("ce-specversion"));
+        assert!(marks_binary("CE-SpecVersion"));
+        assert!(
+            !marks_binary("ce-trace"),
+            "a ce- header alone is not a CloudEvent"
+        );
+        assert!(!marks_binary("traceparent"));
         assert_eq!(attribute_name("cloudEvents_"), None);
         assert_eq!(attribute_name("cloudEvent"), None);
         assert_eq!(attribute_name("x-cloudEvents_id"), None);

@@ -147,6 +147,13 @@ pub fn output_delay(
     Ok((ms > 0).then_some(delay))
 }
 
+/// Whether header `name` carries a binary-mode CloudEvent's `time` attribute
+/// (`cloudEvents_time`, `cloudEvents:time`, `ce-time`): the one header whose
+/// AMQP timestamp the bus renders as RFC 3339 rather than as a number.
+pub fn is_cloudevents_time_header(name: &str) -> bool {
+    cloudevents::is_time_header(name)
+}
+
 /// Whether the host owns header `name`: every `switchboard-*` header.
 pub fn is_host_header(name: &str) -> bool {
     name.get(..12)
@@ -289,7 +296,8 @@ impl EnvelopeError {
 pub enum CloudEventsMode {
     /// `application/cloudevents+json`: the whole event is the body.
     Structured,
-    /// Attributes in `cloudEvents_*` / `cloudEvents:*` headers, data in the body.
+    /// Attributes in `cloudEvents_*` / `cloudEvents:*` / `ce-*` headers, data in
+    /// the body.
     Binary,
 }
 
@@ -297,7 +305,7 @@ impl std::fmt::Display for CloudEventsMode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Self::Structured => "structured mode, application/cloudevents+json",
-            Self::Binary => "binary mode, cloudEvents_* headers",
+            Self::Binary => "binary mode, cloudEvents_* or ce-* headers",
         })
     }
 }
@@ -340,7 +348,7 @@ fn decode_unbounded(
     } else if message
         .headers
         .iter()
-        .any(|(name, _)| cloudevents::attribute_name(name).is_some())
+        .any(|(name, _)| cloudevents::marks_binary(name))
     {
         cloudevents::binary(message, exchange, attempt)?
     } else if seed::probe(&message.body) {

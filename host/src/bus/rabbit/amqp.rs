@@ -135,6 +135,24 @@ fn value_json(value: &AMQPValue) -> serde_json::Value {
     }
 }
 
+/// A CloudEvents `time` header that is not text, as RFC 3339 (UTC, fractional
+/// seconds only when there are some): an AMQP 0-9-1 timestamp is seconds since
+/// the epoch; an integer is milliseconds, the AMQP 1.0 timestamp the CloudEvents
+/// SDKs' AMQP bindings write (and that a 0-9-1 client passes on as a number).
+/// `None` for any other value, or one out of range.
+fn timestamp_text(value: &AMQPValue) -> Option<String> {
+    let at = match value {
+        AMQPValue::Timestamp(seconds) => {
+            chrono::DateTime::from_timestamp(i64::try_from(*seconds).ok()?, 0)?
+        }
+        AMQPValue::LongLongInt(ms) => chrono::DateTime::from_timestamp_millis(*ms)?,
+        AMQPValue::LongInt(ms) => chrono::DateTime::from_timestamp_millis(i64::from(*ms))?,
+        AMQPValue::LongUInt(ms) => chrono::DateTime::from_timestamp_millis(i64::from(*ms))?,
+        _ => return None,
+    };
+    Some(at.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true))
+}
+
 /// The message carried by an AMQP delivery.
 pub fn message(data: Vec<u8>, properties: &BasicProperties) -> Message {
     let headers = properties
@@ -144,7 +162,14 @@ pub fn message(data: Vec<u8>, properties: &BasicProperties) -> Message {
             table
                 .inner()
                 .iter()
-                .map(|(k, v)| (k.as_str().to_string(), value_text(v)))
+                .map(|(k, v)| {
+                    let name = k.as_str();
+                    let text = crate::envelope::is_cloudevents_time_header(name)
+                        .then(|| timestamp_text(v))
+                        .flatten()
+                        .unwrap_or_else(|| value_text(v));
+                    (name.to_string(), text)
+                })
                 .collect()
         })
         .unwrap_or_default();
@@ -361,6 +386,35 @@ pub fn redriven(message: &Message) -> Message {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cloudevents_time_that_is_a_timestamp_arrives_as_rfc_3339() {
+        let mut headers = FieldTable::default();
+        // AMQP 0-9-1 timestamp: seconds.
+        headers.insert(
+            "cloudEvents_time".into(),
+            AMQPValue::Timestamp(1_714_979_289),
+        );
+        // The SDKs' AMQP binding: an AMQP 1.0 timestamp, milliseconds.
+        headers.insert(
+            "cloudEvents:time".into(),
+            AMQPValue::LongLongInt(1_714_979_289_250),
+        );
+        headers.insert("ce-time".into(), AMQPValue::LongString("text".into()));
+        // Any other header keeps its number.
+        headers.insert("sent-at".into(), AMQPValue::Timestamp(1_714_979_289));
+        headers.insert("cloudEvents_count".into(), AMQPValue::LongLongInt(7));
+        let properties = BasicProperties::default().with_headers(headers);
+        let m = message(Vec::new(), &properties);
+        assert_eq!(m.header("cloudEvents_time"), Some("2024-05-06T07:08:09Z"));
+        assert_eq!(
+            m.header("cloudEvents:time"),
+            Some("2024-05-06T07:08:09.250Z")
+        );
+        assert_eq!(m.header("ce-time"), Some("text"));
+        assert_eq!(m.header("sent-at"), Some("1714979289"));
+        assert_eq!(m.header("cloudEvents_count"), Some("7"));
+    }
 
     fn failure() -> FailureInfo {
         FailureInfo {
