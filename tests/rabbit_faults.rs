@@ -10,6 +10,7 @@ use serde_json::{Value, json};
 use switchboard_tests::broker::{
     Amqp, Confirmed, Publish, SinkLife, TestVhost, ThrowawayNode, require_broker,
 };
+use switchboard_tests::process::Replica;
 use switchboard_tests::running::start;
 use switchboard_tests::wait_until;
 
@@ -229,4 +230,92 @@ fn the_cli_publishes_tails_lists_and_redrives_dead_letters() {
     assert!(!err.contains("wr0ng-s3cret"), "{err}");
     assert!(err.contains("amqp://***@127.0.0.1:5672/nope"), "{err}");
     drop(r);
+}
+
+/// What the AMQP library logs on its own (its targets, its span, its words):
+/// none of it may reach the user at `info`, whichever variable set the level.
+const LIBRARY_WORDS: [&str; 5] = [
+    "lapin",
+    "io_loop",
+    "AMQPError",
+    "Exponential backoff",
+    "ShortString",
+];
+
+/// The ways a user runs at `info`: the default, `SWITCHBOARD_LOG=info` (as the
+/// deployment files set it) and `RUST_LOG=info`.
+const INFO_LEVELS: [&[(&str, &str)]; 3] =
+    [&[], &[("SWITCHBOARD_LOG", "info")], &[("RUST_LOG", "info")]];
+
+#[test]
+fn a_publish_to_a_missing_exchange_says_so_in_one_sentence() {
+    if !require_broker() {
+        return;
+    }
+    let vhost = TestVhost::new("cli-missing-exchange");
+    let binary = switchboard_tests::target_dir().join("release/switchboard");
+    for env in INFO_LEVELS {
+        let output = Command::new(&binary)
+            .args(["publish", "nope", "x", "{}"])
+            .args(["--config", "/nonexistent/router.toml"])
+            .env_remove("SWITCHBOARD_LOG")
+            .env_remove("RUST_LOG")
+            .envs(env.iter().copied())
+            .env("RABBITMQ_URL", vhost.url())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&output.stderr);
+        let code = output.status.code().unwrap_or(-1);
+        assert!(code != 0 && code != 1, "{env:?}: exit {code}: {err}");
+        assert!(output.stdout.is_empty(), "{env:?}: nothing was published");
+        assert_eq!(err.lines().count(), 1, "{env:?}: one line: {err}");
+        assert!(
+            err.contains(r#"exchange "nope" does not exist on the broker"#),
+            "{env:?}: {err}"
+        );
+        for word in LIBRARY_WORDS {
+            assert!(!err.contains(word), "{env:?}: {word:?} in {err}");
+        }
+    }
+}
+
+#[test]
+fn run_with_a_wrong_password_logs_only_its_own_warning() {
+    if !require_broker() {
+        return;
+    }
+    let vhost = TestVhost::new("cli-wrong-password");
+    let password = "wr0ng-pa55word";
+    let url = vhost
+        .url()
+        .replace("guest:guest@", &format!("guest:{password}@"));
+    assert!(url.contains(password), "{url}");
+    let config = format!("[broker]\nurl = \"{url}\"\n");
+    // Side by side: each retries (100 ms, 200 ms, 400 ms, ...) for 3 s.
+    let mut replicas: Vec<_> = INFO_LEVELS
+        .iter()
+        .map(|env| (env, Replica::launch(&config, &[], &[], env)))
+        .collect();
+    std::thread::sleep(Duration::from_secs(3));
+    for (env, replica) in &mut replicas {
+        replica.stop();
+        let log = replica.log();
+        for word in LIBRARY_WORDS.iter().chain([&password]) {
+            assert!(!log.contains(word), "{env:?}: {word:?} in\n{log}");
+        }
+        assert!(!log.contains(" ERROR "), "{env:?}:\n{log}");
+        let warnings: Vec<&str> = log.lines().filter(|l| l.contains(" WARN ")).collect();
+        assert!(
+            warnings.len() >= 3,
+            "{env:?}: one warning per attempt:\n{log}"
+        );
+        for warning in &warnings {
+            assert!(
+                warning.contains("authentication refused")
+                    && warning.contains("check the user name and password"),
+                "{env:?}: {warning}"
+            );
+            assert!(warning.contains("amqp://***@127.0.0.1:5672/"), "{warning}");
+        }
+    }
 }

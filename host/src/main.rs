@@ -70,12 +70,14 @@ enum Command {
 }
 
 fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_env("SWITCHBOARD_LOG")
-        .or_else(|_| EnvFilter::try_from_default_env())
-        // lapin's own lines (a WARN with the whole message for every return, a
-        // trio of ERRORs per failed reconnect) repeat what Switchboard's say in
-        // one sentence; `SWITCHBOARD_LOG=info,lapin=debug` shows them.
-        .unwrap_or_else(|_| EnvFilter::new("info,lapin=off"));
+    // lapin's own lines (an ERROR for every channel the broker closes, a trio
+    // of them per failed reconnect, a WARN with the whole message for every
+    // return) repeat what Switchboard's say in one sentence: off whatever the
+    // level, unless the filter names `lapin` (`SWITCHBOARD_LOG=info,lapin=debug`).
+    let filter = cli::log_filter(
+        std::env::var("SWITCHBOARD_LOG").ok().as_deref(),
+        std::env::var(EnvFilter::DEFAULT_ENV).ok().as_deref(),
+    );
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())

@@ -12,7 +12,7 @@ use futures::StreamExt as _;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Confirmation};
 
-use crate::bus::rabbit::{Names, RabbitSettings, connect, tools};
+use crate::bus::rabbit::{Names, RabbitSettings, connect, describe, is_not_found, tools};
 use crate::config::RouterConfig;
 use crate::envelope;
 
@@ -129,14 +129,27 @@ pub fn publish(args: &PublishArgs, out: &mut dyn Write) -> anyhow::Result<i32> {
     let body = read_body(&args.body)?;
     let (message, id) =
         envelope::ingress_message(&args.routing_key, &body, Some(&args.content_type))?;
+    // One sentence per failure: a lapin error's chain repeats the broker's text.
+    let failed = |e: lapin::Error| {
+        if is_not_found(&e) {
+            anyhow::anyhow!("exchange {:?} does not exist on the broker", args.exchange)
+        } else {
+            anyhow::anyhow!(
+                "cannot publish to exchange {:?}: {}",
+                args.exchange,
+                settings.url.scrub(&describe(&e))
+            )
+        }
+    };
     let routed = runtime()?.block_on(async {
         let connection = connect(&settings, "switchboard publish")
             .await
             .map_err(anyhow::Error::msg)?;
-        let channel = connection.create_channel().await?;
+        let channel = connection.create_channel().await.map_err(failed)?;
         channel
             .confirm_select(ConfirmSelectOptions::default())
-            .await?;
+            .await
+            .map_err(failed)?;
         let mut properties = BasicProperties::default().with_delivery_mode(2);
         if let Some(ct) = &message.content_type {
             properties = properties.with_content_type(ct.as_str().into());
@@ -157,11 +170,11 @@ pub fn publish(args: &PublishArgs, out: &mut dyn Write) -> anyhow::Result<i32> {
                 properties,
             )
             .await
-            .with_context(|| format!("cannot publish to exchange {:?}", args.exchange))?;
+            .map_err(failed)?;
         let confirmed = tokio::time::timeout(settings.timeout, confirm)
             .await
             .context("the broker did not confirm the publish in time")?
-            .with_context(|| format!("cannot publish to exchange {:?}", args.exchange))?;
+            .map_err(failed)?;
         let _ = connection.close(200, "published".into()).await;
         match confirmed {
             Confirmation::Ack(returned) => Ok::<bool, anyhow::Error>(returned.is_none()),

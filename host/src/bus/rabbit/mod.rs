@@ -48,6 +48,7 @@ use tokio::sync::{broadcast, watch};
 use consume::{ConsumerMode, ConsumerTask};
 pub use names::Names;
 use publish::{Returns, publish_confirmed, record_published};
+pub use publish::{describe, is_not_found};
 pub use session::connect;
 use session::{Session, wait_session};
 use topology::Declared;

@@ -72,6 +72,30 @@ pub(super) fn soft_error(e: &lapin::Error) -> Option<AMQPSoftError> {
     }
 }
 
+/// `e` in one sentence, for an error message or a log line. For what the
+/// broker said, its own words: lapin's `Display` adds its kind ("protocol error:
+/// AMQP soft error: NOT-FOUND: NOT_FOUND - …"), and an error chain printed
+/// whole repeats it, from the source.
+pub fn describe(e: &lapin::Error) -> String {
+    match e.kind() {
+        lapin::ErrorKind::ProtocolError(amqp) => match amqp.kind() {
+            AMQPErrorKind::Soft(_) => {
+                format!("the broker closed the channel: {}", amqp.get_message())
+            }
+            AMQPErrorKind::Hard(_) => {
+                format!("the broker closed the connection: {}", amqp.get_message())
+            }
+        },
+        _ => e.to_string(),
+    }
+}
+
+/// Whether the broker closed the channel because what the operation named (an
+/// exchange, a queue) does not exist.
+pub fn is_not_found(e: &lapin::Error) -> bool {
+    matches!(soft_error(e), Some(AMQPSoftError::NOTFOUND))
+}
+
 pub(super) enum PublishError {
     /// The broker said no (nack): trying again now would not help.
     Refused(String),

@@ -15,6 +15,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt as _;
+use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::{Connection, ConnectionProperties};
 
 use super::publish::Publishers;
@@ -59,12 +60,30 @@ pub async fn connect(settings: &RabbitSettings, name: &str) -> Result<Connection
         Ok(Err(e)) => Err(format!(
             "cannot connect to {}: {}",
             settings.url,
-            settings.url.scrub(&e.to_string())
+            settings.url.scrub(&refused(&e))
         )),
         Err(_) => Err(format!(
             "cannot connect to {}: no answer within {:?}",
             settings.url, settings.timeout
         )),
+    }
+}
+
+/// Why a connection could not be opened, in one sentence. `ACCESS_REFUSED`
+/// while connecting is the broker refusing the login (RabbitMQ's own text
+/// names only the mechanism, "Login was refused using authentication mechanism
+/// PLAIN").
+fn refused(e: &lapin::Error) -> String {
+    match e.kind() {
+        lapin::ErrorKind::ProtocolError(amqp)
+            if matches!(
+                amqp.kind(),
+                AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED)
+            ) =>
+        {
+            "authentication refused (check the user name and password)".into()
+        }
+        _ => super::describe(e),
     }
 }
 
@@ -159,7 +178,7 @@ pub(super) async fn supervise(inner: Arc<Inner>) {
                         tracing::debug!(error = %e, "a channel was closed by the broker");
                     }
                     Some(lapin::Event::Error(e)) => {
-                        tracing::warn!(error = %inner.settings.url.scrub(&e.to_string()), "broker connection lost");
+                        tracing::warn!(error = %inner.settings.url.scrub(&super::describe(&e)), "broker connection lost");
                         break;
                     }
                     Some(lapin::Event::ConnectionBlocked(reason)) => {

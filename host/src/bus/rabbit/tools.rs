@@ -304,7 +304,16 @@ pub async fn tail(
             FieldTable::default(),
         )
         .await
-        .map_err(|e| format!("cannot bind to exchange {exchange:?}: {e}"))?;
+        .map_err(|e| {
+            if super::is_not_found(&e) {
+                format!("exchange {exchange:?} does not exist on the broker")
+            } else {
+                format!(
+                    "cannot bind to exchange {exchange:?}: {}",
+                    super::describe(&e)
+                )
+            }
+        })?;
     let consumer = channel
         .basic_consume(
             queue.name().clone(),
