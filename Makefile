@@ -8,12 +8,19 @@ GUESTS  := scripted-guest noop-guest wrong-world-guest contract-0-1-0-guest tall
 SAGA    := inventory payment order-saga
 OUT     := target/$(WASM)/release
 
-.PHONY: run test c-example reliability soak lint fmt plugins examples guests lang-plugins toolchains wasm-target bench bench-broker bench-kv bench-hostile bench-languages bench-appliance bench-growth bench-archive bench-delays fuzz clean
+.PHONY: run install test c-example reliability soak lint fmt plugins examples guests lang-plugins toolchains wasm-target bench bench-broker bench-kv bench-hostile bench-languages bench-appliance bench-growth bench-archive bench-delays fuzz clean
 
 ## run: build the plugins and the appliance, then run it with router.toml
 run: plugins
 	$(CARGO) build --release -p switchboard
 	./target/release/switchboard run --config router.toml
+
+## install: build the switchboard command and install it into cargo's bin folder
+## (~/.cargo/bin, on the PATH with rustup): `switchboard new` and the plugin
+## scaffolds' `make test` run it from there. CARGO_INSTALL_ROOT=/usr/local make
+## install puts it in /usr/local/bin instead
+install:
+	$(CARGO) install --locked --path host
 
 ## test: the whole suite (unit, plugin, sandbox and end-to-end tests), then the
 ## C guide's example

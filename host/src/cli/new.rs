@@ -209,6 +209,16 @@ mod tests {
             }
             let makefile = &files.iter().find(|(p, _)| *p == "Makefile").unwrap().1;
             assert!(makefile.contains("hello-world.wasm"), "{makefile}");
+            // The command comes from the PATH or SWITCHBOARD, and is checked first.
+            assert!(
+                makefile.contains("SWITCHBOARD ?= switchboard\n"),
+                "{makefile}"
+            );
+            assert!(
+                makefile.contains("test: switchboard-command hello-world.wasm\n"),
+                "{makefile}"
+            );
+            assert!(makefile.contains("`make install`"), "{makefile}");
         }
         let rust = files("hello-world", Lang::Rust).unwrap();
         let makefile = &rust.iter().find(|(p, _)| *p == "Makefile").unwrap().1;
