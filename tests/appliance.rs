@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use switchboard::appliance::PluginState;
 use switchboard_tests::running::{Running, start, start_in};
-use switchboard_tests::{cli, wasm};
+use switchboard_tests::{cli, epoch_ms, wasm};
 
 const SEED: &str = r#"
 plugins_dir = "plugins"
@@ -1172,14 +1172,6 @@ segment_size = "256KiB"
     );
 }
 
-/// Milliseconds since the Unix epoch, now.
-fn epoch_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
-}
-
 /// The archived `emitted.*` outputs tagged `tag`: (i, archived at, ms since the epoch).
 fn archived_emits(dir: &std::path::Path, tag: &str) -> Vec<(u64, i64)> {
     let (code, lines, stderr) = cli(dir, &["events", "--match", "emitted.#"]);
@@ -1188,22 +1180,15 @@ fn archived_emits(dir: &std::path::Path, tag: &str) -> Vec<(u64, i64)> {
         .iter()
         .filter(|e| e["body"]["data"]["tag"] == tag)
         .map(|e| {
-            let time = e["time"].as_str().unwrap();
-            let at = chrono_ms(time);
-            (e["body"]["data"]["i"].as_u64().unwrap(), at)
+            let at = switchboard::archive::parse_time(e["time"].as_str().unwrap()).unwrap();
+            (
+                e["body"]["data"]["i"].as_u64().unwrap(),
+                at.timestamp_millis(),
+            )
         })
         .collect();
     found.sort_unstable();
     found
-}
-
-/// An RFC 3339 time with milliseconds (`2026-12-04T19:01:02.345Z`) as ms since the epoch.
-fn chrono_ms(time: &str) -> i64 {
-    humantime::parse_rfc3339(time)
-        .unwrap()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
 }
 
 /// Delayed outputs on the embedded bus wait in `state_dir/timers.redb`: they

@@ -13,6 +13,7 @@ use switchboard::config::RouterConfig;
 use switchboard_tests::broker::{
     Amqp, Confirmed, Publish, Received, SinkLife, TestVhost, ThrowawayNode, require_broker,
 };
+use switchboard_tests::epoch_ms;
 use switchboard_tests::running::{Running, start, start_in};
 
 /// One plugin, `worker` (the scripted guest), on every key of `events`; its
@@ -982,13 +983,6 @@ fn arrivals(amqp: &Amqp, queue: &str, count: usize, timeout: Duration) -> Vec<(R
         }
     }
     got
-}
-
-fn epoch_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
 }
 
 /// Delayed outputs on RabbitMQ wait in the broker's delay ladder: visible

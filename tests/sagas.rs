@@ -27,6 +27,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::{Value, json};
 use switchboard_tests::broker::{TestVhost, require_broker};
+use switchboard_tests::epoch_ms;
 use switchboard_tests::process::Replica;
 use switchboard_tests::running::{Running, start};
 
@@ -385,13 +386,6 @@ fn published_ms(event: &Value) -> i64 {
         .timestamp_millis()
 }
 
-/// Now, in ms since the Unix epoch.
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
-
 fn order(order_id: &str, sku: &str, qty: u64, amount_cents: u64, card: &str) -> Value {
     json!({"order_id": order_id, "sku": sku, "qty": qty,
            "amount_cents": amount_cents, "card": card})
@@ -494,7 +488,7 @@ fn orchestration_scenario(r: &Running, bus: &Bus) {
     // refunds (nothing was taken: the refund voids the payment), releases and
     // cancels.
     let posted = Instant::now();
-    let posted_ms = now_ms();
+    let posted_ms = epoch_ms();
     api.publish(
         "order.created",
         &order("o-silent", "widget", 4, 4200, "no-reply"),

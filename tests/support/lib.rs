@@ -48,6 +48,14 @@ pub fn cli(dir: &std::path::Path, args: &[&str]) -> (i32, Vec<Value>, String) {
     )
 }
 
+/// Now, in milliseconds since the Unix epoch: the clock archived events and
+/// plugin timestamps are read against.
+pub fn epoch_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
 /// Path of a built component, e.g. `wasm("billing")` or `wasm("scripted_guest")`.
 pub fn wasm(name: &str) -> PathBuf {
     let path = target_dir()

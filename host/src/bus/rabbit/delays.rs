@@ -44,17 +44,19 @@ pub fn step_for(remaining: u64) -> u32 {
     (63 - remaining.max(1).leading_zeros()).min(DELAY_STEPS - 1)
 }
 
-/// Headers the broker adds when it dead-letters: not carried on.
-fn is_death_header(name: &str) -> bool {
-    name == "x-death" || name.starts_with("x-first-death-") || name.starts_with("x-last-death-")
+/// Headers a waiting message carries that are not the output's own: the
+/// router's delay headers, and those the broker adds when it dead-letters.
+fn is_waiting_header(name: &str) -> bool {
+    [DUE_HEADER, EXCHANGE_HEADER, KEY_HEADER].contains(&name)
+        || name == "x-death"
+        || name.starts_with("x-first-death-")
+        || name.starts_with("x-last-death-")
 }
 
 /// The message that waits on the ladder for `out`, due at `due_ms`.
 fn waiting(inner: &Inner, out: &Outgoing, due_ms: u64, now: u64) -> Outgoing {
     let mut message = out.message.clone();
-    message.headers.retain(|(k, _)| {
-        !is_death_header(k) && ![DUE_HEADER, EXCHANGE_HEADER, KEY_HEADER].contains(&k.as_str())
-    });
+    message.headers.retain(|(k, _)| !is_waiting_header(k));
     message
         .headers
         .push((DUE_HEADER.into(), due_ms.to_string()));
@@ -134,9 +136,7 @@ fn next(inner: &Inner, message: Message, now: u64) -> Next {
         return Next::Wait(waiting(inner, &out, due, now));
     }
     let mut out = out;
-    out.message.headers.retain(|(k, _)| {
-        !is_death_header(k) && ![DUE_HEADER, EXCHANGE_HEADER, KEY_HEADER].contains(&k.as_str())
-    });
+    out.message.headers.retain(|(k, _)| !is_waiting_header(k));
     Next::Publish(out)
 }
 
