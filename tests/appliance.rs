@@ -395,6 +395,46 @@ fn dead_letters_survive_a_restart() {
     );
 }
 
+/// `[broker] dlq_ttl` and `dlq_max_length` on the embedded bus: the newest
+/// `dlq_max_length` dead letters are kept, each for `dlq_ttl`, and what they
+/// discard is counted, on the API and in the metrics.
+#[test]
+fn dead_letters_are_kept_as_long_and_as_many_as_the_retention_says() {
+    let config =
+        worker_config("", &["reject"]) + "[broker]\ndlq_ttl = \"3s\"\ndlq_max_length = 2\n";
+    let r = start(&config, &[("worker.wasm", "scripted_guest")]);
+    for id in ["rej-1", "rej-2", "rej-3"] {
+        let body = json!({"id": id, "type": "reject", "data": {}});
+        assert_eq!(r.post("events", "reject", &body).0, 202);
+        r.wait_idle();
+    }
+    let ids = |r: &Running| -> Vec<String> {
+        r.get("/dlq/worker")
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["message"]["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(ids(&r), ["rej-2", "rej-3"], "the oldest one made way");
+    let q = r.status("worker").queue.unwrap();
+    assert_eq!(
+        (q.dead_lettered, q.dead_letters, q.dead_letters_overflowed),
+        (3, 2, 1)
+    );
+    r.wait_for("the letters to expire", |r| ids(r).is_empty());
+    let q = r.status("worker").queue.unwrap();
+    assert_eq!((q.dead_letters_expired, q.dead_letters_overflowed), (2, 1));
+    let (_, metrics) = r.request("GET", "/metrics", None, None);
+    for line in [
+        "switchboard_queue_dead_letters{plugin=\"worker\"} 0",
+        "switchboard_queue_dead_letters_discarded{plugin=\"worker\",reason=\"ttl\"} 2",
+        "switchboard_queue_dead_letters_discarded{plugin=\"worker\",reason=\"max_length\"} 1",
+    ] {
+        assert!(metrics.contains(line), "{line} not in\n{metrics}");
+    }
+}
+
 #[test]
 fn retries_waiting_at_shutdown_resume_after_restart() {
     // A long backoff: the retry is still waiting when the appliance stops.

@@ -395,6 +395,92 @@ fn exhausted_retries_and_rejects_are_dead_lettered_with_reasons_and_redrive_rese
     assert!(again.iter().all(|l| l.failure.attempts <= 3));
 }
 
+/// `[broker] dlq_ttl` and `dlq_max_length` on RabbitMQ: the dead-letter queue
+/// is declared with `x-message-ttl` and `x-max-length` (drop-head), so it keeps
+/// the newest letters, each for the TTL. A DLQ created with other retention
+/// refuses the start, saying what to do; the same retention starts again.
+#[test]
+fn dead_letters_are_kept_as_long_and_as_many_as_the_retention_says() {
+    if !require_broker() {
+        return;
+    }
+    let vhost = TestVhost::new("dlq-retention");
+    let retention = "dlq_ttl = \"3s\"\ndlq_max_length = 2";
+    let r = worker(&vhost.url(), retention, "");
+    let arguments = std::process::Command::new("rabbitmqctl")
+        .args(["list_queues", "-q", "-p", vhost.name(), "name", "arguments"])
+        .output()
+        .unwrap();
+    let arguments = String::from_utf8_lossy(&arguments.stdout).to_string();
+    let dlq_line = arguments
+        .lines()
+        .find(|l| l.starts_with("switchboard.worker.dlq"))
+        .unwrap_or_else(|| panic!("no DLQ in {arguments}"));
+    for arg in [
+        "{\"x-message-ttl\",3000}",
+        "{\"x-max-length\",2}",
+        "{\"x-overflow\",\"drop-head\"}",
+    ] {
+        assert!(dlq_line.contains(arg), "{arg} not in {dlq_line}");
+    }
+
+    let amqp = Amqp::connect(&vhost.url()).unwrap();
+    let dead_lettered = |r: &Running| {
+        status(r, "worker").dispatch.map_or(0, |d| {
+            d.dead_lettered.load(std::sync::atomic::Ordering::SeqCst)
+        })
+    };
+    for (n, id) in ["rej-1", "rej-2", "rej-3"].into_iter().enumerate() {
+        send(&amqp, id, "reject", json!({}));
+        wait_until("the reject to be dead-lettered", || {
+            dead_lettered(&r) == n as u64 + 1
+        });
+    }
+    let ids = |r: &Running| -> BTreeSet<String> {
+        dead_letters(r)
+            .iter()
+            .map(|l| {
+                let body: Value = serde_json::from_slice(&l.delivered.message.body).unwrap();
+                body["id"].as_str().unwrap().to_string()
+            })
+            .collect()
+    };
+    assert_eq!(
+        ids(&r),
+        BTreeSet::from(["rej-2".to_string(), "rej-3".to_string()]),
+        "the oldest one made way"
+    );
+    wait_until("the letters to expire", || ids(&r).is_empty());
+    assert!(r.appliance.is_ready());
+
+    // Retention edited: RabbitMQ keeps a queue's arguments; the start is refused
+    // with the way out.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("plugins")).unwrap();
+    std::fs::copy(
+        switchboard_tests::wasm("scripted_guest"),
+        dir.path().join("plugins/worker.wasm"),
+    )
+    .unwrap();
+    let edited = config(&vhost.url(), "dlq_max_length = 5", "");
+    let edited = RouterConfig::parse(&edited, dir.path()).unwrap();
+    let refused = switchboard::appliance::Appliance::start(edited)
+        .map(|_| ())
+        .unwrap_err();
+    let why = format!("{refused:#}");
+    for part in [
+        "switchboard.worker.dlq",
+        "dlq_max_length",
+        "rabbitmqctl set_policy",
+        "\"max-length\":5",
+    ] {
+        assert!(why.contains(part), "{part} not in: {why}");
+    }
+    // The same retention: a second replica starts.
+    let replica = worker(&vhost.url(), retention, "");
+    assert!(replica.appliance.is_ready());
+}
+
 #[test]
 fn unroutable_outputs_are_dropped_and_counted_or_dead_letter_the_input() {
     if !require_broker() {

@@ -122,6 +122,9 @@ pub struct QueueFigures {
     pub dead_letters: u64,
     /// Delayed outputs of the plugin waiting for their time (embedded bus).
     pub waiting_delayed: Option<u64>,
+    /// Dead letters discarded by `dlq_ttl` and by `dlq_max_length` (embedded
+    /// bus).
+    pub dead_letters_discarded: Option<(u64, u64)>,
 }
 
 /// Every metric of one appliance.
@@ -147,6 +150,7 @@ pub struct Metrics {
     queue_consumers: Family<PluginLabel, Gauge>,
     queue_waiting_retries: Family<PluginLabel, Gauge>,
     queue_dead_letters: Family<PluginLabel, Gauge>,
+    queue_dead_letters_discarded: Family<ReasonLabels, Gauge>,
     queue_waiting_delayed: Family<PluginLabel, Gauge>,
     delayed_waiting: Gauge,
     plugin_loads: Family<LoadLabels, Counter>,
@@ -181,6 +185,7 @@ impl Metrics {
         let queue_consumers = Family::default();
         let queue_waiting_retries = Family::default();
         let queue_dead_letters = Family::default();
+        let queue_dead_letters_discarded = Family::default();
         let queue_waiting_delayed = Family::default();
         let delayed_waiting = Gauge::default();
         let plugin_loads = Family::default();
@@ -281,6 +286,12 @@ impl Metrics {
             queue_dead_letters.clone(),
         );
         r.register(
+            "queue_dead_letters_discarded",
+            "Dead letters discarded since start by [broker] dlq_ttl (reason ttl) or \
+             dlq_max_length (reason max_length) (embedded bus; RabbitMQ counts its own)",
+            queue_dead_letters_discarded.clone(),
+        );
+        r.register(
             "queue_waiting_delayed",
             "Delayed outputs the plugin produced, waiting for their time (embedded bus)",
             queue_waiting_delayed.clone(),
@@ -325,6 +336,7 @@ impl Metrics {
             queue_consumers,
             queue_waiting_retries,
             queue_dead_letters,
+            queue_dead_letters_discarded,
             queue_waiting_delayed,
             delayed_waiting,
             plugin_loads,
@@ -407,6 +419,16 @@ impl Metrics {
         self.queue_dead_letters
             .get_or_create(&label)
             .set(gauge(q.dead_letters));
+        if let Some((expired, overflowed)) = q.dead_letters_discarded {
+            for (reason, n) in [("ttl", expired), ("max_length", overflowed)] {
+                self.queue_dead_letters_discarded
+                    .get_or_create(&ReasonLabels {
+                        plugin: plugin.to_string(),
+                        reason: reason.into(),
+                    })
+                    .set(gauge(n));
+            }
+        }
         if let Some(waiting) = q.waiting_delayed {
             self.queue_waiting_delayed
                 .get_or_create(&label)
@@ -432,6 +454,12 @@ impl Metrics {
             &self.queue_dead_letters,
         ] {
             family.remove(&label);
+        }
+        for reason in ["ttl", "max_length"] {
+            self.queue_dead_letters_discarded.remove(&ReasonLabels {
+                plugin: plugin.to_string(),
+                reason: reason.into(),
+            });
         }
     }
 

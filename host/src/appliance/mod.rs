@@ -115,7 +115,9 @@ impl Appliance {
                 let timers =
                     crate::bus::timers::TimerStore::open(&config.state_dir.join("timers.redb"))
                         .map_err(anyhow::Error::msg)?;
-                Transport::Embedded(EmbeddedBus::with_state(archive, Arc::new(timers)))
+                let bus = EmbeddedBus::with_state(archive, Arc::new(timers));
+                bus.set_dead_letter_retention(config.broker.dlq_retention());
+                Transport::Embedded(bus)
             }
         };
         let appliance = Self {

@@ -82,6 +82,7 @@ impl Appliance {
                     waiting_retries: u64::from(b.waiting_retries),
                     dead_letters: u64::from(b.dead_letters),
                     waiting_delayed: None,
+                    dead_letters_discarded: None,
                 }
             } else if let Some(q) = &status.queue {
                 QueueFigures {
@@ -90,6 +91,10 @@ impl Appliance {
                     waiting_retries: q.waiting_retries as u64,
                     dead_letters: q.dead_letters as u64,
                     waiting_delayed: Some(q.waiting_delayed as u64),
+                    dead_letters_discarded: Some((
+                        q.dead_letters_expired,
+                        q.dead_letters_overflowed,
+                    )),
                 }
             } else {
                 continue;

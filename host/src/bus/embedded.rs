@@ -9,7 +9,8 @@
 //! - Delayed outputs wait in the [`TimerStore`] (on disk, in `state_dir`, for
 //!   the appliance) and are published when due, by their own thread.
 //! - Dead letters are kept per plugin, with the reason, for inspection and
-//!   re-drive.
+//!   re-drive, as long as `[broker] dlq_ttl` and `dlq_max_length` say (by
+//!   default 100000 per plugin, for ever).
 //! - Every published message is also offered to stream watchers (SSE), who may
 //!   lag and miss some; the queues never do.
 //!
@@ -26,16 +27,18 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use serde::Serialize;
 
-use super::timers::{Timer, TimerStore};
+use super::timers::{Timer, TimerStore, now_ms};
 use super::{
     Bus, BusError, Delivered, Delivery, FailureInfo, OnSettled, Outgoing, Settle, Settled,
     Settlement, Topology,
 };
 pub use super::{DeadLetter, Published};
+use crate::config::DlqRetention;
 use crate::route::{ExchangeKind, RouteTable};
 
-/// Dead letters kept per plugin; past this the oldest are dropped, loudly.
-const MAX_DEAD_LETTERS: usize = 100_000;
+/// Dead letters kept per plugin when `[broker] dlq_max_length` is not set; past
+/// this the oldest are discarded, loudly.
+const MAX_DEAD_LETTERS: u64 = 100_000;
 
 /// Counters of one plugin queue. `received = acked + dead_lettered + depth +
 /// in_flight + waiting_retries` at every quiet moment.
@@ -57,6 +60,11 @@ pub struct QueueStats {
     pub waiting_delayed: usize,
     /// Dead letters kept now.
     pub dead_letters: usize,
+    /// Dead letters discarded since start because they were older than
+    /// `dlq_ttl`.
+    pub dead_letters_expired: u64,
+    /// Dead letters discarded since start to keep at most `dlq_max_length`.
+    pub dead_letters_overflowed: u64,
 }
 
 #[derive(Default)]
@@ -113,7 +121,7 @@ struct Inner {
     topo: Mutex<Topo>,
     retries: Mutex<BinaryHeap<Reverse<Retry>>>,
     retry_wake: Condvar,
-    dead: Mutex<HashMap<String, VecDeque<DeadLetter>>>,
+    dead: Mutex<DeadLetters>,
     stream: tokio::sync::broadcast::Sender<Arc<Published>>,
     unroutable: AtomicU64,
     /// Notified whenever a delivery is settled (with `quiet` held), for
@@ -187,7 +195,7 @@ impl EmbeddedBus {
             }),
             retries: Mutex::new(BinaryHeap::new()),
             retry_wake: Condvar::new(),
-            dead: Mutex::new(HashMap::new()),
+            dead: Mutex::new(DeadLetters::default()),
             stream,
             unroutable: AtomicU64::new(0),
             quiet: Mutex::new(()),
@@ -244,7 +252,8 @@ impl EmbeddedBus {
         }
         let delayed = self.inner.timers.waiting();
         let topo = lock(&self.inner.topo);
-        let dead = lock(&self.inner.dead);
+        let mut dead = lock(&self.inner.dead);
+        dead.prune(now_ms());
         topo.queues
             .iter()
             .map(|(plugin, q)| {
@@ -263,7 +272,9 @@ impl EmbeddedBus {
                     in_flight: outstanding.saturating_sub(q.rx.len() as u64),
                     waiting_retries: waiting.get(plugin).copied().unwrap_or(0),
                     waiting_delayed: delayed.get(plugin).copied().unwrap_or(0),
-                    dead_letters: dead.get(plugin).map_or(0, VecDeque::len),
+                    dead_letters: dead.letters.get(plugin).map_or(0, VecDeque::len),
+                    dead_letters_expired: dead.expired.get(plugin).copied().unwrap_or(0),
+                    dead_letters_overflowed: dead.overflowed.get(plugin).copied().unwrap_or(0),
                 };
                 (plugin.clone(), stats)
             })
@@ -277,10 +288,20 @@ impl EmbeddedBus {
 
     /// The dead letters of `plugin`, oldest first.
     pub fn dead_letters(&self, plugin: &str) -> Vec<DeadLetter> {
-        lock(&self.inner.dead)
+        let mut dead = lock(&self.inner.dead);
+        dead.prune(now_ms());
+        dead.letters
             .get(plugin)
-            .map(|q| q.iter().cloned().collect())
+            .map(|q| q.iter().map(|kept| kept.letter.clone()).collect())
             .unwrap_or_default()
+    }
+
+    /// How long and how many dead letters each plugin keeps (`[broker]
+    /// dlq_ttl` and `dlq_max_length`); applied to those kept already, too.
+    pub fn set_dead_letter_retention(&self, retention: DlqRetention) {
+        let mut dead = lock(&self.inner.dead);
+        dead.retention = retention;
+        dead.prune(now_ms());
     }
 
     /// Moves up to `limit` dead letters of `plugin` back to its queue as first
@@ -292,18 +313,19 @@ impl EmbeddedBus {
             .get(plugin)
             .ok_or_else(|| BusError::NoSuchQueue(plugin.into()))?;
         let mut dead = lock(&self.inner.dead);
-        let Some(letters) = dead.get_mut(plugin) else {
+        dead.prune(now_ms());
+        let Some(letters) = dead.letters.get_mut(plugin) else {
             return Ok(0);
         };
         let mut moved = 0;
         while moved < limit {
-            let Some(letter) = letters.pop_front() else {
+            let Some(kept) = letters.pop_front() else {
                 break;
             };
             let delivered = Delivered {
                 attempt: 1,
                 first_failure: None,
-                ..letter.delivered.clone()
+                ..kept.letter.delivered.clone()
             };
             match self.enqueue(queue, plugin, delivered) {
                 Ok(()) => {
@@ -311,7 +333,7 @@ impl EmbeddedBus {
                     queue.counters.redriven.fetch_add(1, Ordering::SeqCst);
                 }
                 Err(_) => {
-                    letters.push_front(letter);
+                    letters.push_front(kept);
                     break;
                 }
             }
@@ -398,18 +420,26 @@ impl EmbeddedBus {
 
     /// Takes every dead letter (for spooling at shutdown).
     pub fn take_dead_letters(&self) -> Vec<(String, DeadLetter)> {
-        lock(&self.inner.dead)
+        let mut dead = lock(&self.inner.dead);
+        dead.prune(now_ms());
+        dead.letters
             .drain()
-            .flat_map(|(plugin, letters)| letters.into_iter().map(move |l| (plugin.clone(), l)))
+            .flat_map(|(plugin, letters)| {
+                letters
+                    .into_iter()
+                    .map(move |kept| (plugin.clone(), kept.letter))
+            })
             .collect()
     }
 
     /// Puts a spooled dead letter back into `plugin`'s dead-letter queue.
     pub fn restore_dead_letter(&self, plugin: &str, letter: DeadLetter) {
-        lock(&self.inner.dead)
-            .entry(plugin.to_string())
-            .or_default()
-            .push_back(letter);
+        // Kept since it was dead-lettered, not since the restart.
+        let at_ms = crate::archive::parse_time(&letter.at)
+            .ok()
+            .and_then(|t| u64::try_from(t.timestamp_millis()).ok())
+            .unwrap_or_else(now_ms);
+        lock(&self.inner.dead).keep(plugin, at_ms, letter);
     }
 
     /// Puts a spooled message back: it reaches `plugin`'s queue as soon as there
@@ -710,20 +740,77 @@ impl Settle for EmbeddedSettle {
 
 fn dead_letter(inner: &Inner, plugin: &str, delivered: Delivered, failure: FailureInfo) {
     tracing::debug!(plugin, kind = %failure.kind, "kept in the dead-letter queue");
-    let mut dead = lock(&inner.dead);
-    let letters = dead.entry(plugin.to_string()).or_default();
-    if letters.len() >= MAX_DEAD_LETTERS {
-        letters.pop_front();
-        tracing::error!(
-            plugin,
-            "dead-letter queue full: the oldest dead letter was dropped"
-        );
-    }
-    letters.push_back(DeadLetter {
+    let letter = DeadLetter {
         delivered,
         failure,
         at: crate::envelope::now_rfc3339(),
-    });
+    };
+    lock(&inner.dead).keep(plugin, now_ms(), letter);
+}
+
+/// Every plugin's dead letters, oldest first, and what retention discarded.
+#[derive(Default)]
+struct DeadLetters {
+    letters: HashMap<String, VecDeque<Kept>>,
+    retention: DlqRetention,
+    expired: HashMap<String, u64>,
+    overflowed: HashMap<String, u64>,
+}
+
+struct Kept {
+    /// When it was dead-lettered, ms since the epoch.
+    at_ms: u64,
+    letter: DeadLetter,
+}
+
+impl DeadLetters {
+    fn max_length(&self) -> u64 {
+        self.retention.max_length.unwrap_or(MAX_DEAD_LETTERS)
+    }
+
+    fn keep(&mut self, plugin: &str, at_ms: u64, letter: DeadLetter) {
+        let letters = self.letters.entry(plugin.to_string()).or_default();
+        letters.push_back(Kept { at_ms, letter });
+        self.prune(now_ms());
+    }
+
+    /// Discards what is older than `dlq_ttl` (letters are kept in the order
+    /// they were dead-lettered, so only the front can be due) and what is
+    /// beyond `dlq_max_length`.
+    fn prune(&mut self, now_ms: u64) {
+        let ttl_ms = self
+            .retention
+            .ttl
+            .map(|ttl| u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
+        let max = self.max_length();
+        for (plugin, letters) in &mut self.letters {
+            let mut expired = 0;
+            if let Some(ttl_ms) = ttl_ms {
+                while letters
+                    .front()
+                    .is_some_and(|kept| now_ms.saturating_sub(kept.at_ms) >= ttl_ms)
+                {
+                    letters.pop_front();
+                    expired += 1;
+                }
+            }
+            let over = (letters.len() as u64).saturating_sub(max);
+            letters.drain(..usize::try_from(over).unwrap_or(usize::MAX));
+            if expired > 0 {
+                *self.expired.entry(plugin.clone()).or_default() += expired;
+                tracing::info!(plugin, expired, "dead letters older than dlq_ttl discarded");
+            }
+            if over > 0 {
+                *self.overflowed.entry(plugin.clone()).or_default() += over;
+                tracing::warn!(
+                    plugin,
+                    discarded = over,
+                    max_length = max,
+                    "dead letters beyond dlq_max_length discarded"
+                );
+            }
+        }
+    }
 }
 
 /// Moves due retries back to their queues until the bus is dropped. A retry
@@ -888,5 +975,93 @@ fn fire_due(inner: &Arc<Inner>, now: u64) -> Duration {
         Duration::from_millis(20)
     } else {
         Duration::ZERO
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn letter(id: &str, at: &str) -> DeadLetter {
+        DeadLetter {
+            delivered: Delivered {
+                exchange: "events".into(),
+                routing_key: "reject".into(),
+                message: super::super::Message {
+                    body: bytes::Bytes::from(format!("{{\"id\":\"{id}\"}}")),
+                    content_type: None,
+                    message_id: Some(id.into()),
+                    headers: Vec::new(),
+                },
+                attempt: 1,
+                first_failure: None,
+            },
+            failure: FailureInfo {
+                kind: "reject".into(),
+                reason: "asked to reject".into(),
+                attempts: 1,
+                plugin_version: String::new(),
+                first_failure: at.into(),
+            },
+            at: at.into(),
+        }
+    }
+
+    fn ids(letters: &DeadLetters, plugin: &str) -> Vec<String> {
+        letters.letters.get(plugin).map_or_else(Vec::new, |q| {
+            q.iter()
+                .map(|k| k.letter.delivered.message.message_id.clone().unwrap())
+                .collect()
+        })
+    }
+
+    #[test]
+    fn the_oldest_letters_go_past_max_length_and_each_goes_after_ttl() {
+        let now = now_ms();
+        let mut dead = DeadLetters {
+            retention: DlqRetention {
+                ttl: Some(Duration::from_secs(60)),
+                max_length: Some(2),
+            },
+            ..DeadLetters::default()
+        };
+        for (i, id) in ["a", "b", "c"].into_iter().enumerate() {
+            dead.keep("worker", now - 30_000 + i as u64 * 10_000, letter(id, "-"));
+        }
+        // a, b and c came 30, 20 and 10 s ago: a was one too many.
+        assert_eq!(ids(&dead, "worker"), ["b", "c"]);
+        assert_eq!(
+            (dead.overflowed["worker"], dead.expired.get("worker")),
+            (1, None)
+        );
+        dead.prune(now + 45_000);
+        assert_eq!(ids(&dead, "worker"), ["c"], "b turned 60 s old");
+        dead.prune(now + 55_000);
+        assert!(ids(&dead, "worker").is_empty());
+        assert_eq!(dead.expired["worker"], 2);
+
+        // Without retention: kept for ever, up to the built-in bound.
+        let mut dead = DeadLetters::default();
+        dead.keep("worker", 0, letter("old", "-"));
+        dead.prune(now);
+        assert_eq!(ids(&dead, "worker"), ["old"]);
+    }
+
+    #[test]
+    fn a_restored_letter_keeps_the_age_it_had() {
+        let bus = EmbeddedBus::new();
+        bus.set_dead_letter_retention(DlqRetention {
+            ttl: Some(Duration::from_secs(60)),
+            max_length: None,
+        });
+        let ago = |s: i64| (chrono::Utc::now() - chrono::Duration::seconds(s)).to_rfc3339();
+        bus.restore_dead_letter("worker", letter("stale", &ago(120)));
+        bus.restore_dead_letter("worker", letter("fresh", &ago(5)));
+        let kept: Vec<_> = bus
+            .dead_letters("worker")
+            .into_iter()
+            .map(|l| l.delivered.message.message_id.unwrap())
+            .collect();
+        assert_eq!(kept, ["fresh"]);
     }
 }

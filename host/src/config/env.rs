@@ -11,6 +11,8 @@
 //!   (retries after the first attempt) → `max_attempts` = count + 1, and
 //!   `RABBITMQ_RETRY_DELAY` (ms) → `backoff.initial` (and `backoff.max` when it
 //!   is the longer and the file sets no `max`).
+//! - `RABBITMQ_DLQ_TTL` (ms) sets `[broker] dlq_ttl`, how long dead letters are
+//!   kept, when the file sets none.
 //! - `REDIS_URL` replaces `[kv] url` (used with `[kv] backend = "redis"`).
 //! - `SWITCHBOARD_HTTP_LISTEN` replaces `[http] listen`.
 //! - `SWITCHBOARD_ADMIN_TOKEN` replaces `[http] token`.
@@ -54,6 +56,16 @@ impl RouterConfig {
             )));
         }
         self.apply_env_defaults(&var);
+        if let Some(text) = var("RABBITMQ_DLQ_TTL")
+            && self.broker.dlq_ttl.is_none()
+        {
+            match text.trim().parse::<u64>() {
+                Ok(ms) => self.broker.dlq_ttl = Some(std::time::Duration::from_millis(ms)),
+                Err(_) => self.env_errors.push(format!(
+                    "RABBITMQ_DLQ_TTL: not a whole number of milliseconds: {text:?}"
+                )),
+            }
+        }
         // Only where Redis is chosen: a REDIS_URL meant for something else in
         // the same environment does not switch the backend, nor is it an error.
         if let Some(url) = var("REDIS_URL")

@@ -127,6 +127,16 @@ pub struct BrokerConfig {
     /// the event is retried.
     #[serde(deserialize_with = "units::duration")]
     pub timeout: std::time::Duration,
+    /// How long a dead letter is kept (`"7d"`), after which the bus discards
+    /// it. Unset: until it is redriven or purged. On RabbitMQ it is the
+    /// dead-letter queues' `x-message-ttl`. Set by `RABBITMQ_DLQ_TTL` (ms)
+    /// when this file sets nothing.
+    #[serde(deserialize_with = "units::opt_duration")]
+    pub dlq_ttl: Option<std::time::Duration>,
+    /// Most dead letters kept per plugin; one more discards the oldest (RabbitMQ's
+    /// `x-max-length` with `x-overflow = "drop-head"`). Unset: RabbitMQ keeps
+    /// them all, the embedded bus keeps 100000.
+    pub dlq_max_length: Option<u64>,
 }
 
 impl Default for BrokerConfig {
@@ -138,6 +148,25 @@ impl Default for BrokerConfig {
             ca_file: None,
             unroutable: Unroutable::default(),
             timeout: std::time::Duration::from_secs(5),
+            dlq_ttl: None,
+            dlq_max_length: None,
+        }
+    }
+}
+
+/// `[broker] dlq_ttl` and `dlq_max_length`: how long, and how many, dead
+/// letters each plugin's dead-letter queue keeps.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DlqRetention {
+    pub ttl: Option<std::time::Duration>,
+    pub max_length: Option<u64>,
+}
+
+impl BrokerConfig {
+    pub fn dlq_retention(&self) -> DlqRetention {
+        DlqRetention {
+            ttl: self.dlq_ttl,
+            max_length: self.dlq_max_length,
         }
     }
 }

@@ -936,3 +936,40 @@ fn rabbitmq_pass_is_the_password_when_rabbitmq_password_is_not_set() {
         "amqp://guest:new@rabbit:5672/%2f"
     );
 }
+
+#[test]
+fn dead_letter_retention_comes_from_the_file_or_rabbitmq_dlq_ttl() {
+    let mut config = parse("").unwrap();
+    assert_eq!(
+        (config.broker.dlq_ttl, config.broker.dlq_max_length),
+        (None, None)
+    );
+    config.apply_env(env(&[("RABBITMQ_DLQ_TTL", "86400000")]));
+    assert_eq!(config.broker.dlq_ttl, Some(Duration::from_secs(86_400)));
+    assert!(config.validate().is_ok());
+
+    // The file wins.
+    let mut config = parse("[broker]\ndlq_ttl = \"7d\"\ndlq_max_length = 5000\n").unwrap();
+    config.apply_env(env(&[("RABBITMQ_DLQ_TTL", "1000")]));
+    assert_eq!(config.broker.dlq_ttl, Some(Duration::from_secs(7 * 86_400)));
+    assert_eq!(config.broker.dlq_max_length, Some(5000));
+    assert!(config.validate().is_ok());
+
+    // Out of range, zero, and garbage are each named.
+    let errors = problems("[broker]\ndlq_ttl = \"60d\"\ndlq_max_length = 0\n").join("\n");
+    assert!(
+        errors.contains("broker.dlq_ttl: must be between 1s and 49d"),
+        "{errors}"
+    );
+    assert!(
+        errors.contains("broker.dlq_max_length: must be at least 1"),
+        "{errors}"
+    );
+    let mut config = parse("").unwrap();
+    config.apply_env(env(&[("RABBITMQ_DLQ_TTL", "7d")]));
+    let errors = config.validate().unwrap_err().join("\n");
+    assert!(
+        errors.contains("RABBITMQ_DLQ_TTL: not a whole number of milliseconds"),
+        "{errors}"
+    );
+}

@@ -140,6 +140,20 @@ impl RouterConfig {
                 super::duration_text(self.broker.timeout)
             ));
         }
+        if let Some(ttl) = self.broker.dlq_ttl
+            && (ttl < std::time::Duration::from_secs(1) || ttl.as_millis() > u128::from(u32::MAX))
+        {
+            e.push(format!(
+                "broker.dlq_ttl: must be between 1s and 49d (RabbitMQ's largest message TTL), got {}",
+                super::duration_text(ttl)
+            ));
+        }
+        if self.broker.dlq_max_length == Some(0) {
+            e.push(
+                "broker.dlq_max_length: must be at least 1 (leave it unset to keep every dead letter)"
+                    .into(),
+            );
+        }
         if let Err(why) = check_exchange_name(&self.broker.prefix) {
             e.push(format!("broker.prefix: {why}"));
         }

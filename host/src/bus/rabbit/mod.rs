@@ -62,6 +62,9 @@ pub struct RabbitSettings {
     pub url: Secret,
     pub prefix: String,
     pub queue_type: QueueType,
+    /// What the dead-letter queues keep (their `x-message-ttl` and
+    /// `x-max-length`).
+    pub dlq: crate::config::DlqRetention,
     pub ca_file: Option<PathBuf>,
     pub unroutable: Unroutable,
     /// Longest wait for one broker operation.
@@ -83,6 +86,7 @@ impl RabbitSettings {
             url,
             prefix: config.broker.prefix.clone(),
             queue_type: config.broker.queue_type,
+            dlq: config.broker.dlq_retention(),
             ca_file: config.broker.ca_file.clone(),
             unroutable: config.broker.unroutable,
             timeout: config.broker.timeout,

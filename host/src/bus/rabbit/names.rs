@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 
-use crate::config::{ArchiveConfig, QueueType};
+use crate::config::{ArchiveConfig, DlqRetention, QueueType};
 
 /// Deliveries of one message (redeliveries after a lost connection or a
 /// crash included) after which a quorum queue dead-letters it by itself
@@ -200,9 +200,27 @@ impl Names {
         args
     }
 
-    /// The dead-letter queue: plain.
+    /// A plain queue of the configured type (the delay ladder's due queue).
     pub fn dlq_args(queue_type: QueueType) -> FieldTable {
         base(queue_type)
+    }
+
+    /// A plugin's dead-letter queue: with `dlq_ttl`, letters expire
+    /// (`x-message-ttl`); with `dlq_max_length`, one more letter discards the
+    /// oldest (`x-max-length`, `x-overflow = "drop-head"`). Only what is set is
+    /// declared, so that a queue created without retention still matches.
+    pub fn dead_letter_queue_args(queue_type: QueueType, retention: DlqRetention) -> FieldTable {
+        let mut args = base(queue_type);
+        if let Some(ttl) = retention.ttl {
+            let ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+            put(&mut args, "x-message-ttl", AMQPValue::LongLongInt(ms));
+        }
+        if let Some(n) = retention.max_length {
+            let n = i64::try_from(n).unwrap_or(i64::MAX);
+            put(&mut args, "x-max-length", AMQPValue::LongLongInt(n));
+            put(&mut args, "x-overflow", text("drop-head"));
+        }
+        args
     }
 
     /// The archive stream's arguments, from `[archive]` alone, so that every

@@ -232,7 +232,10 @@ pub(super) async fn declare(inner: &Inner, session: &Session) -> Result<(), Stri
         topology::declare(
             &session.connection,
             &inner.names,
-            inner.settings.queue_type,
+            topology::QueueSettings {
+                queue_type: inner.settings.queue_type,
+                dlq: inner.settings.dlq,
+            },
             &desired,
             &draining,
             &declared,

@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use super::names::Names;
 use super::publish::soft_error;
 use crate::bus::Topology;
-use crate::config::QueueType;
+use crate::config::{DlqRetention, QueueType};
 use crate::route::ExchangeKind;
 
 /// What a topology put on the broker that a later one may have to take back:
@@ -149,6 +149,41 @@ fn refused(what: &str, e: &lapin::Error) -> String {
     }
 }
 
+/// A dead-letter queue the broker already holds with other arguments: almost
+/// always `dlq_ttl` or `dlq_max_length` set or changed after it was created.
+fn refused_dlq(queue: &str, retention: DlqRetention, e: &lapin::Error) -> String {
+    if soft_error(e) != Some(AMQPSoftError::PRECONDITIONFAILED) {
+        return format!("cannot declare queue {queue:?}: {e}");
+    }
+    let mut policy = Vec::new();
+    if let Some(ttl) = retention.ttl {
+        policy.push(format!("\"message-ttl\":{}", ttl.as_millis()));
+    }
+    if let Some(n) = retention.max_length {
+        policy.push(format!("\"max-length\":{n},\"overflow\":\"drop-head\""));
+    }
+    format!(
+        "the dead-letter queue {queue:?} already exists on the broker with other arguments \
+         ([broker] dlq_ttl or dlq_max_length, or the queue type, changed since it was created): \
+         RabbitMQ keeps the arguments a queue was created with. Either drain it \
+         (`switchboard dlq redrive` or `purge`) and delete it, so that the next start declares it \
+         with the new retention, or put the old values back and apply the retention with a \
+         policy: rabbitmqctl set_policy --apply-to queues <name> '^{}$' '{{{}}}'. The broker \
+         said: {e}",
+        regex_escape(queue),
+        policy.join(",")
+    )
+}
+
+fn regex_escape(name: &str) -> String {
+    name.chars()
+        .flat_map(|c| {
+            let special = ".^$*+?()[]{}|\\".contains(c);
+            special.then_some('\\').into_iter().chain([c])
+        })
+        .collect()
+}
+
 /// The delay ladder ([`Names::delay_queue`]) and the queue its steps
 /// dead-letter to, where the router picks up what is due.
 async fn declare_delays(
@@ -195,14 +230,22 @@ fn refused_archive(stream: &str, e: &lapin::Error) -> String {
     }
 }
 
-/// Declares `topology` (with the prefix's names and queue type) and takes back
+/// What the router's queues are declared with: `[broker] queue_type`, and the
+/// dead-letter queues' retention.
+#[derive(Debug, Clone, Copy)]
+pub struct QueueSettings {
+    pub queue_type: QueueType,
+    pub dlq: DlqRetention,
+}
+
+/// Declares `topology` (with the prefix's names and queue settings) and takes back
 /// what `previous` declared that it no longer asks for, except the retry tiers
 /// of `draining` plugins (plugin → its retry delays). Uses its own channel: a
 /// refused declaration closes the channel it was made on.
 pub async fn declare(
     connection: &Connection,
     names: &Names,
-    queue_type: QueueType,
+    queues: QueueSettings,
     topology: &Topology,
     draining: &HashMap<String, Vec<Duration>>,
     previous: &Declared,
@@ -212,7 +255,7 @@ pub async fn declare(
         .await
         .map_err(|e| format!("cannot open a channel: {e}"))?;
     let result = declare_on(
-        connection, &channel, names, queue_type, topology, draining, previous,
+        connection, &channel, names, queues, topology, draining, previous,
     )
     .await;
     let _ = channel.close(200, "topology declared".into()).await;
@@ -223,7 +266,7 @@ async fn declare_on(
     connection: &Connection,
     channel: &Channel,
     names: &Names,
-    queue_type: QueueType,
+    queues: QueueSettings,
     topology: &Topology,
     draining: &HashMap<String, Vec<Duration>>,
     previous: &Declared,
@@ -262,16 +305,20 @@ async fn declare_on(
         durable: true,
         ..QueueDeclareOptions::default()
     };
+    let QueueSettings {
+        queue_type,
+        dlq: retention,
+    } = queues;
     for q in &topology.queues {
         let dlq = names.dlq(&q.plugin);
         channel
             .queue_declare(
                 dlq.as_str().into(),
                 queue_options,
-                Names::dlq_args(queue_type),
+                Names::dead_letter_queue_args(queue_type, retention),
             )
             .await
-            .map_err(|e| refused(&format!("queue {dlq:?}"), &e))?;
+            .map_err(|e| refused_dlq(&dlq, retention, &e))?;
         channel
             .queue_bind(
                 dlq.as_str().into(),
