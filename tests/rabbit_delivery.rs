@@ -958,6 +958,65 @@ fn the_archive_stream_keeps_each_bills_history_for_the_cli_the_api_and_every_rep
     );
 }
 
+/// Retention of the archive stream on the broker, with small segments: what is
+/// past `max_size` is gone from the history, oldest first, and so is what is
+/// older than `max_age`; the newest events stay, in order.
+#[test]
+fn the_archive_stream_keeps_only_what_its_retention_allows() {
+    if !require_broker() {
+        return;
+    }
+    let vhost = TestVhost::new("archive-retention");
+    let archive = "[archive]\nenabled = true\nmax_age = \"4s\"\nmax_size = \"64KiB\"\n\
+                   segment_size = \"8KiB\"\n";
+    let r = start(
+        &(config(&vhost.url(), "", "") + archive),
+        &[("worker.wasm", "scripted_guest")],
+    );
+    let amqp = Amqp::connect(&vhost.url()).unwrap();
+    let pad = "x".repeat(500);
+    let publish = |prefix: &str, n: usize| {
+        for i in 0..n {
+            send(&amqp, &format!("{prefix}-{i}"), "ok", json!({"pad": pad}));
+        }
+    };
+    let archived = |r: &Running| -> Vec<String> {
+        let (code, events, stderr) = switchboard_tests::cli(&r.dir, &["events"]);
+        assert_eq!(code, 0, "{stderr}");
+        events
+            .iter()
+            .map(|e| e["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+
+    // By size: about 400 KiB of events into a 64 KiB stream.
+    publish("size", 600);
+    wait_until("600 handled", || handled(&r) == 600);
+    let kept = archived(&r);
+    assert!(!kept.is_empty());
+    assert!(
+        kept.len() < 300,
+        "at most max_size and a segment kept, not {} events",
+        kept.len()
+    );
+    let expected: Vec<String> = (600 - kept.len()..600)
+        .map(|i| format!("size-{i}"))
+        .collect();
+    assert_eq!(kept, expected, "the newest events, in order");
+
+    // By age: once max_age has passed, the next segments push the old ones out.
+    std::thread::sleep(Duration::from_secs(5));
+    publish("age", 60);
+    wait_until("660 handled", || handled(&r) == 660);
+    let kept = archived(&r);
+    assert!(
+        kept.iter().all(|id| id.starts_with("age-")),
+        "events older than max_age are gone: {:?}",
+        &kept[..kept.len().min(5)]
+    );
+    assert_eq!(kept.last().map(String::as_str), Some("age-59"));
+}
+
 /// The event-sourcing example on RabbitMQ: an order's lifecycle through the
 /// `orders` plugin, its history read from the archive stream, and its state
 /// deleted then rebuilt from that history, byte for byte.
