@@ -1375,5 +1375,8 @@ fn a_delayed_output_whose_exchange_is_gone_when_due_is_dead_lettered() {
         letter["reason"].as_str().unwrap().contains("when due"),
         "{letter}"
     );
-    assert_eq!(r.status("worker").queue.unwrap().waiting_delayed, 0);
+    // The timer leaves the store (a durable commit) once its letter is kept.
+    r.wait_for("the timer to be gone", |r| {
+        r.status("worker").queue.unwrap().waiting_delayed == 0
+    });
 }
