@@ -8,7 +8,7 @@ GUESTS  := scripted-guest noop-guest wrong-world-guest contract-0-1-0-guest tall
 SAGA    := inventory payment order-saga
 OUT     := target/$(WASM)/release
 
-.PHONY: run install test c-example reliability soak lint fmt plugins examples guests lang-plugins toolchains wasm-target bench bench-broker bench-kv bench-hostile bench-languages bench-appliance bench-growth bench-archive bench-delays fuzz clean
+.PHONY: run install test c-example reliability soak lint fmt console-screenshots plugins examples guests lang-plugins toolchains wasm-target bench bench-broker bench-kv bench-hostile bench-languages bench-appliance bench-growth bench-archive bench-delays fuzz clean
 
 ## run: build the plugins and the appliance, then run it with router.toml
 run: plugins
@@ -64,6 +64,11 @@ lint: wasm-target
 
 fmt:
 	$(CARGO) fmt --all
+
+## console-screenshots: the console's pictures in docs/console/ (the README shows
+## them), taken in Debian's chromium with the shipped plugins and events flowing
+console-screenshots:
+	$(CARGO) test --release -p switchboard-tests --test console -- --ignored screenshots_for_the_readme
 
 ## plugins: the four seed plugins, as components, copied into plugins/ (watched)
 plugins: wasm-target

@@ -413,3 +413,70 @@ fn the_compile_cache_refuses_an_artifact_it_did_not_write() {
         assert_eq!(mode & 0o777, 0o600, "the key is the owner's alone");
     }
 }
+
+/// This machine's address on its outward interface (no packet is sent).
+fn outward_ip() -> Option<std::net::IpAddr> {
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+    socket.connect("192.0.2.1:9").ok()?;
+    let ip = socket.local_addr().ok()?.ip();
+    (!ip.is_loopback() && !ip.is_unspecified()).then_some(ip)
+}
+
+/// Without `[http] token`, the operator actions (redrive, reload, replay, kv
+/// writes) are taken only from this machine: the same request from the
+/// machine's outward address is refused with 403 and the reason, while
+/// ingress and reads stay open, and `/api/console` tells the page which.
+#[test]
+fn without_a_token_actions_are_taken_only_from_loopback() {
+    let Some(ip) = outward_ip() else {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "no outward address to test from"
+        );
+        eprintln!("SKIPPED: this machine has no outward address to test from");
+        return;
+    };
+    let r = switchboard_tests::running::start_at(
+        "plugins_dir = \"plugins\"\nstate_dir = \"state\"\n[[exchanges]]\nname = \"events\"\n\
+         [plugins.worker]\n[[routes]]\nexchange = \"events\"\npattern = \"#\"\nplugin = \"worker\"\n",
+        &[("worker.wasm", "scripted_guest")],
+        "0.0.0.0:0",
+    );
+    let port = r.url.rsplit(':').next().unwrap().to_string();
+    let agent = agent();
+    let ask = |host: &str, method: &str, path: &str| -> (u16, String) {
+        let url = format!("http://{host}:{port}{path}");
+        let mut response = match method {
+            "GET" => agent.get(&url).call(),
+            _ => agent
+                .post(&url)
+                .header("content-type", "application/json")
+                .send("{}"),
+        }
+        .unwrap_or_else(|e| panic!("{method} {url}: {e}"));
+        let status = response.status().as_u16();
+        (status, response.body_mut().read_to_string().unwrap())
+    };
+    let outside = ip.to_string();
+    let actions = [
+        "/api/dlq/worker/redrive",
+        "/dlq/worker/redrive",
+        "/api/plugins/worker/reload",
+    ];
+    for path in actions {
+        let (status, body) = ask(&outside, "POST", path);
+        assert_eq!(status, 403, "{path} from {outside}: {body}");
+        assert!(body.contains("only from this machine"), "{body}");
+        let (status, body) = ask("127.0.0.1", "POST", path);
+        assert_eq!(status, 200, "{path} from loopback: {body}");
+    }
+    // Ingress and reads stay open from anywhere.
+    assert_eq!(ask(&outside, "POST", "/events/events/ok").0, 202);
+    assert_eq!(ask(&outside, "GET", "/api/plugins").0, 200);
+    let console = |host: &str| -> Value {
+        serde_json::from_str(&ask(host, "GET", "/api/console").1).unwrap()
+    };
+    assert_eq!(console(&outside)["actions_allowed"], false);
+    assert_eq!(console("127.0.0.1")["actions_allowed"], true);
+    assert_eq!(console("127.0.0.1")["token_required"], false);
+}

@@ -27,6 +27,12 @@ pub struct Running {
 /// Writes `router_toml` into a new folder with `plugins/` holding copies of the
 /// named components (`(file name, component)`), and starts the appliance there.
 pub fn start(router_toml: &str, plugins: &[(&str, &str)]) -> Running {
+    start_at(router_toml, plugins, "127.0.0.1:0")
+}
+
+/// [`start`], its HTTP server listening on `bind` (`0.0.0.0:0`: every
+/// interface, a free port); `url` still names it by loopback.
+pub fn start_at(router_toml: &str, plugins: &[(&str, &str)], bind: &str) -> Running {
     let temp = tempfile::tempdir().unwrap();
     let dir = temp.path().to_path_buf();
     std::fs::create_dir_all(dir.join("plugins")).unwrap();
@@ -34,13 +40,17 @@ pub fn start(router_toml: &str, plugins: &[(&str, &str)]) -> Running {
         std::fs::copy(wasm(component), dir.join("plugins").join(file)).unwrap();
     }
     std::fs::write(dir.join("router.toml"), router_toml).unwrap();
-    let mut running = start_in(&dir);
+    let mut running = start_in_at(&dir, bind);
     running._temp = Some(temp);
     running
 }
 
 /// Starts the appliance on an existing folder (after `start` and `stop`).
 pub fn start_in(dir: &Path) -> Running {
+    start_in_at(dir, "127.0.0.1:0")
+}
+
+fn start_in_at(dir: &Path, bind: &str) -> Running {
     let config_path = dir.join("router.toml");
     let config = RouterConfig::load(&config_path).unwrap();
     let appliance = Appliance::start(config).unwrap();
@@ -51,9 +61,9 @@ pub fn start_in(dir: &Path) -> Running {
         .build()
         .unwrap();
     let listener = runtime
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .block_on(tokio::net::TcpListener::bind(bind))
         .unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
+    let url = format!("http://127.0.0.1:{}", listener.local_addr().unwrap().port());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let served = appliance.clone();
     let server = std::thread::spawn(move || {

@@ -60,6 +60,7 @@ pub(super) async fn plugins(State(appliance): State<Appliance>) -> Response {
                     "last_error": status.error,
                     "routes": routes_of(&config, &status.name),
                     "output_exchange": settings.as_ref().and_then(|s| s.output_exchange.clone()),
+                    "config": settings.as_ref().map(|s| super::console::masked_config(&s.config)),
                     "limits": limits,
                     "queue": status.queue,
                     "broker": status.broker,

@@ -68,3 +68,34 @@ pub(super) async fn require_for_reads(
         unauthorized()
     }
 }
+
+/// Whether `request` may take an operator action (redrive, reload, replay, a
+/// kv write): with a token configured, when it carries the token; without one,
+/// when it comes from this machine (loopback), so that an open port does not
+/// let anyone on the network act.
+pub(super) fn may_act(appliance: &Appliance, request: &Request) -> bool {
+    if appliance.config().http.token.is_some() {
+        authorized(appliance, request)
+    } else {
+        super::console::peer(request).is_some_and(|peer| peer.ip().to_canonical().is_loopback())
+    }
+}
+
+/// Operator actions: see [`may_act`].
+pub(super) async fn require_for_actions(
+    State(appliance): State<Appliance>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if may_act(&appliance, &request) {
+        next.run(request).await
+    } else if appliance.config().http.token.is_some() {
+        unauthorized()
+    } else {
+        super::error(
+            StatusCode::FORBIDDEN,
+            "without [http] token, actions (redrive, reload, replay, kv writes) are allowed \
+             only from this machine (loopback); set a token to act from elsewhere",
+        )
+    }
+}

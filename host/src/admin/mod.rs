@@ -21,8 +21,14 @@
 //! | POST | `/api/plugins/{name}/replay?id=R` | `{"events": [archived…]}` into the plugin's queue again, marked `switchboard-replay: R` (`switchboard replay --publish`) |
 //! | GET | `/api/events?exchange=&match=&aggregate=&since=&until=&after=&limit=` | archived events, oldest first (`[archive]`); `next_after` pages on |
 //!
+//! | GET | `/ui/` | the console (`/` redirects there) |
+//! | GET | `/api/console` | for the console: token configured, may this request act, bus, archive |
+//! | GET | `/api/routes/match?exchange=E&key=K` | which plugins get E with K, and why not the others |
+//!
 //! With `[http] token`, ingress and every POST need `Authorization: Bearer
-//! <token>` (401 without); with `protect_reads` too, every GET but the probes.
+//! <token>` (401 without); with `protect_reads` too, every GET but the probes
+//! and the console's files. Without a token, operator actions (redrive,
+//! reload, replay, kv writes) are taken only from loopback (403 otherwise).
 
 use std::convert::Infallible;
 
@@ -44,6 +50,7 @@ use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 
 pub(crate) mod api;
 mod auth;
+mod console;
 
 use crate::appliance::{Appliance, IngressError};
 use crate::bus::DeadLetter;
@@ -54,9 +61,16 @@ const MAX_REPLAY_BODY: usize = 64 << 20;
 
 /// The router serving every endpoint.
 pub fn router(appliance: Appliance) -> Router {
-    // Changing something: the token, whenever one is configured.
-    let writes = Router::new()
+    // Ingress: the token, whenever one is configured.
+    let ingress_routes = Router::new()
         .route("/events/{exchange}/{routing_key}", post(ingress))
+        .route_layer(middleware::from_fn_with_state(
+            appliance.clone(),
+            auth::require_for_writes,
+        ));
+    // Operator actions: the token when one is configured, else only from
+    // loopback.
+    let actions = Router::new()
         .route("/dlq/{plugin}/redrive", post(redrive))
         .route("/api/dlq/{plugin}/redrive", post(redrive))
         .route("/api/plugins/{name}/reload", post(api::reload))
@@ -70,7 +84,7 @@ pub fn router(appliance: Appliance) -> Router {
         )
         .route_layer(middleware::from_fn_with_state(
             appliance.clone(),
-            auth::require_for_writes,
+            auth::require_for_actions,
         ));
     // Reading: the token when `protect_reads` says so.
     let reads = Router::new()
@@ -80,6 +94,8 @@ pub fn router(appliance: Appliance) -> Router {
         .route("/dlq/{plugin}", get(dead_letters))
         .route("/api/plugins", get(api::plugins))
         .route("/api/routes", get(api::routes))
+        .route("/api/routes/match", get(console::route_match))
+        .route("/api/console", get(console::info))
         .route("/api/dlq/{plugin}", get(api::dead_letters))
         .route("/api/events", get(api::events))
         .route("/api/kv/{plugin}/{key}", get(api::kv_get))
@@ -91,7 +107,15 @@ pub fn router(appliance: Appliance) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
-        .merge(writes)
+        .route("/", get(console::root))
+        .route("/ui", get(console::root))
+        .route("/ui/", get(|| console::asset(None)))
+        .route(
+            "/ui/{file}",
+            get(|file: Path<String>| console::asset(Some(file))),
+        )
+        .merge(ingress_routes)
+        .merge(actions)
         .merge(reads)
         .with_state(appliance)
 }

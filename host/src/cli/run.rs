@@ -23,6 +23,7 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let app = admin::router(appliance.clone());
     let stopping = appliance.clone();
+    let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             shutdown.await;
