@@ -435,6 +435,38 @@ fn dead_letters_are_kept_as_long_and_as_many_as_the_retention_says() {
     }
 }
 
+/// The newest lines a plugin logged are kept for `GET /api/plugins/{name}/logs`
+/// (the console's plugin page), with their level and event, whatever the log
+/// filter; an unknown plugin is a 404.
+#[test]
+fn a_plugins_recent_log_lines_are_served() {
+    let r = start(
+        &worker_config("", &["log"]),
+        &[("worker.wasm", "scripted_guest")],
+    );
+    let body = json!({"id": "logged-1", "type": "log", "data": {}});
+    assert_eq!(r.post("events", "log", &body).0, 202);
+    r.wait_idle();
+    let logs = r.get("/api/plugins/worker/logs");
+    let lines = logs["lines"].as_array().unwrap();
+    // The script logs one line at each level, then one too long (cut).
+    let levels: Vec<&str> = lines.iter().map(|l| l["level"].as_str().unwrap()).collect();
+    assert_eq!(
+        levels,
+        ["trace", "debug", "info", "warn", "error", "info"],
+        "{logs}"
+    );
+    assert_eq!(lines[5]["message"].as_str().unwrap().len(), 4096);
+    assert_eq!(lines[2]["message"], "scripted log at info");
+    assert_eq!(lines[2]["event_id"], "logged-1");
+    assert!(
+        lines[2]["at"].as_str().is_some_and(|t| t.contains('T')),
+        "{logs}"
+    );
+    let (status, _) = r.request("GET", "/api/plugins/nope/logs", None, None);
+    assert_eq!(status, 404);
+}
+
 #[test]
 fn retries_waiting_at_shutdown_resume_after_restart() {
     // A long backoff: the retry is still waiting when the appliance stops.

@@ -175,6 +175,18 @@ pub(super) async fn route_match(
     .into_response()
 }
 
+/// `GET /api/plugins/{name}/logs`: the newest lines the plugin logged (at most
+/// [`crate::runtime::RECENT_LINES`]), oldest first, whatever the log filter.
+pub(super) async fn logs(State(appliance): State<Appliance>, Path(name): Path<String>) -> Response {
+    if !appliance.config().plugins.contains_key(&name) {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("no plugin {name:?} is configured"),
+        );
+    }
+    Json(json!({"plugin": name, "lines": appliance.recent_logs(&name)})).into_response()
+}
+
 /// Whether a config key looks like it holds a secret.
 pub(super) fn secret_looking(key: &str) -> bool {
     let key = key.to_ascii_lowercase();

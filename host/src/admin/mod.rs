@@ -24,6 +24,7 @@
 //! | GET | `/ui/` | the console (`/` redirects there) |
 //! | GET | `/api/console` | for the console: token configured, may this request act, bus, archive |
 //! | GET | `/api/routes/match?exchange=E&key=K` | which plugins get E with K, and why not the others |
+//! | GET | `/api/plugins/{name}/logs` | the newest lines the plugin logged |
 //!
 //! With `[http] token`, ingress and every POST need `Authorization: Bearer
 //! <token>` (401 without); with `protect_reads` too, every GET but the probes
@@ -95,6 +96,7 @@ pub fn router(appliance: Appliance) -> Router {
         .route("/api/plugins", get(api::plugins))
         .route("/api/routes", get(api::routes))
         .route("/api/routes/match", get(console::route_match))
+        .route("/api/plugins/{name}/logs", get(console::logs))
         .route("/api/console", get(console::info))
         .route("/api/dlq/{plugin}", get(api::dead_letters))
         .route("/api/events", get(api::events))

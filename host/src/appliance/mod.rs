@@ -149,6 +149,11 @@ impl Appliance {
     }
 
     /// The transport (for stream watchers, dead letters and statistics).
+    /// The newest lines `plugin` logged, oldest first.
+    pub fn recent_logs(&self, plugin: &str) -> Vec<crate::runtime::LogLine> {
+        self.inner.runtime.recent_logs(plugin)
+    }
+
     pub fn transport(&self) -> &Transport {
         &self.inner.bus
     }

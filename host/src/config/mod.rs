@@ -432,10 +432,12 @@ impl TryFrom<RouteSpelling> for RouteConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file cannot be read.
-    #[error("cannot read {}: {source}", path.display())]
+    // The cause is in the message and not a `source`, so that a chain of
+    // errors printed whole (`{:#}`) says it once.
+    #[error("cannot read {}: {cause}", path.display())]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// The file is not valid TOML or does not fit the schema (unknown key, wrong
     /// type, bad duration…). `line` and `column` are 1-based.
@@ -495,9 +497,9 @@ impl RouterConfig {
     /// Like [`load`](Self::load) but without validating, for `switchboard check`,
     /// which reports validation problems and still goes on to check the plugins.
     pub fn load_unvalidated(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|cause| ConfigError::Read {
             path: path.to_path_buf(),
-            source,
+            cause,
         })?;
         let base_dir = match path.parent() {
             Some(dir) if !dir.as_os_str().is_empty() => dir,

@@ -28,6 +28,7 @@ use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConf
 pub use bindings::{Event, Output};
 pub use cache::CacheOutcome;
 pub use capability::kv::{MAX_KEY, MAX_VALUE};
+pub use capability::logging::{LogLine, RECENT_LINES};
 pub use failure::{Failure, MAX_REASON, excerpt};
 pub use limits::{DEFAULT_MAX_DELAY, Limits};
 pub use plugin::Plugin;
@@ -158,6 +159,7 @@ struct Inner {
     cache: Option<ArtifactCache>,
     config: RuntimeConfig,
     pooling: bool,
+    recent: Arc<capability::logging::RecentLogs>,
     _ticker: EpochTicker,
 }
 
@@ -196,12 +198,19 @@ impl Runtime {
                 cache,
                 config,
                 pooling,
+                recent: Arc::default(),
                 _ticker: ticker,
             }),
         })
     }
 
     /// Whether the pooling allocator is in use.
+    /// The newest lines `plugin` logged (at most [`RECENT_LINES`]), oldest
+    /// first.
+    pub fn recent_logs(&self, plugin: &str) -> Vec<LogLine> {
+        self.inner.recent.recent(plugin)
+    }
+
     pub fn pooling(&self) -> bool {
         self.inner.pooling
     }
@@ -248,6 +257,7 @@ impl Runtime {
             config: Arc::new(config),
             kv: KvState { store: kv },
             log_limit: capability::logging::RateLimit::default(),
+            recent: self.inner.recent.clone(),
         });
         let plugin = Plugin::new(PluginParts {
             context,

@@ -18,6 +18,8 @@ pub(crate) struct PluginContext {
     pub(crate) kv: KvState,
     /// How fast this plugin may log, across all its instances.
     pub(crate) log_limit: super::capability::logging::RateLimit,
+    /// Where its newest log lines are kept.
+    pub(crate) recent: Arc<super::capability::logging::RecentLogs>,
 }
 
 /// The data of one instance's `Store`.

@@ -382,7 +382,20 @@ function pluginView(name) {
       h('h2', {}, 'Routes'), h('ul', {}, (p.routes || []).map((r) => h('li', {}, h('span.mono', {}, r.exchange), ' ← ', h('span.mono', {}, r.pattern)))),
       h('h2', {}, 'Limits'), kv(p.limits, 'plugin-limits'),
       h('h2', {}, 'Config'), p.config && Object.keys(p.config).length ? kv(p.config, 'plugin-config') : h('p.muted', {}, 'No config keys.'),
-      h('h2', {}, 'Counters'), kv({ ...(p.dispatch || {}), ...(p.queue || p.broker || {}) }, 'plugin-counters')].filter(Boolean));
+      h('h2', {}, 'Counters'), kv({ ...(p.dispatch || {}), ...(p.queue || p.broker || {}) }, 'plugin-counters'),
+      h('h2', {}, 'Recent log lines'), logs].filter(Boolean));
+    loadLogs();
+  };
+  const logs = h('div.scroll', { testid: 'plugin-logs' });
+  const loadLogs = async () => {
+    const r = await json(`/api/plugins/${enc(name)}/logs`);
+    if (!r.ok) return logs.replaceChildren(h('p.error', {}, r.body.error));
+    const lines = (r.body.lines || []).slice(-50).reverse();
+    logs.replaceChildren(lines.length
+      ? h('table', {}, h('thead', {}, h('tr', {}, ['Time', 'Level', 'Event', 'Message'].map((c) => h('th', { scope: 'col' }, c)))),
+        h('tbody', {}, lines.map((l) => h('tr', { testid: 'log-line' }, h('td', {}, fmtTime(l.at)), h('td', {}, l.level),
+          h('td.mono', {}, l.event_id), h('td.mono', {}, l.message)))))
+      : h('p.muted', {}, 'Nothing logged since the router started.'));
   };
   const reload = actionButton('Reload', { type: 'button', testid: 'reload', onclick: async () => {
     result.textContent = 'Reloading…';

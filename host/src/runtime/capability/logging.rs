@@ -5,7 +5,11 @@
 //! kept per event, and each plugin may log at most [`LINES_PER_SECOND`] lines a
 //! second on average (bursts of [`BURST`]), across all its instances; what is
 //! dropped is counted and reported in one warning per second at most.
+//!
+//! The newest [`RECENT_LINES`] lines each plugin logged (whatever the log
+//! filter lets through) are also kept in memory, for the console's plugin page.
 
+use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -18,6 +22,47 @@ pub(crate) const MAX_LINES_PER_EVENT: u32 = 100;
 pub(crate) const LINES_PER_SECOND: f64 = 200.0;
 /// Lines a plugin may log at once after a quiet spell.
 pub(crate) const BURST: f64 = 1000.0;
+
+/// Log lines kept per plugin for [`RecentLogs::recent`].
+pub const RECENT_LINES: usize = 200;
+
+/// One line a plugin logged.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct LogLine {
+    /// When, RFC 3339.
+    pub at: String,
+    pub level: &'static str,
+    /// The event being handled.
+    pub event_id: String,
+    pub message: String,
+}
+
+/// The newest lines of every plugin, across its versions and instances.
+#[derive(Debug, Default)]
+pub struct RecentLogs {
+    lines: Mutex<HashMap<String, VecDeque<LogLine>>>,
+}
+
+impl RecentLogs {
+    fn record(&self, plugin: &str, line: LogLine) {
+        let mut lines = self.lines.lock().unwrap_or_else(|e| e.into_inner());
+        let kept = lines.entry(plugin.to_string()).or_default();
+        if kept.len() >= RECENT_LINES {
+            kept.pop_front();
+        }
+        kept.push_back(line);
+    }
+
+    /// `plugin`'s newest lines, oldest first.
+    pub fn recent(&self, plugin: &str) -> Vec<LogLine> {
+        self.lines
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(plugin)
+            .map(|kept| kept.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+}
 
 /// A token bucket shared by a plugin's instances.
 #[derive(Debug)]
@@ -128,6 +173,21 @@ impl Host for InstanceState {
             return;
         }
         let message = truncate(&message);
+        self.plugin.recent.record(
+            plugin,
+            LogLine {
+                at: crate::envelope::now_rfc3339(),
+                level: match level {
+                    Level::Trace => "trace",
+                    Level::Debug => "debug",
+                    Level::Info => "info",
+                    Level::Warn => "warn",
+                    Level::Error => "error",
+                },
+                event_id: event_id.to_string(),
+                message: message.to_string(),
+            },
+        );
         match level {
             Level::Trace => tracing::trace!(target: "plugin", plugin, event_id, "{message}"),
             Level::Debug => tracing::debug!(target: "plugin", plugin, event_id, "{message}"),
