@@ -8,7 +8,7 @@ GUESTS  := scripted-guest noop-guest wrong-world-guest contract-0-1-0-guest tall
 SAGA    := inventory payment order-saga
 OUT     := target/$(WASM)/release
 
-.PHONY: run install test c-example reliability soak lint fmt console-screenshots plugins examples guests lang-plugins toolchains wasm-target bench bench-broker bench-kv bench-hostile bench-languages bench-appliance bench-growth bench-archive bench-delays fuzz clean
+.PHONY: run install test c-example reliability soak lint fmt console-screenshots plugins examples guests lang-plugins toolchains wasm-target bench bench-broker bench-kv bench-hostile bench-languages bench-appliance bench-growth bench-archive bench-delays fuzz clean image
 
 ## run: build the plugins and the appliance, then run it with router.toml
 run: plugins
@@ -158,26 +158,18 @@ bench-delays: guests
 	$(CARGO) build --release -p switchboard -p switchboard-bench
 	./target/release/switchboard-bench delays $(ARGS)
 
-## fuzz: each fuzz target in fuzz/ for FUZZ_SECONDS (needs nightly and cargo-fuzz;
-## not part of test or CI). Corpora and crashes go to target/fuzz/; one target:
-## FUZZ_TARGETS=router_toml. FUZZ_SANITIZER=address for ASan (slower).
-FUZZ_SECONDS   ?= 60
-FUZZ_TARGETS   ?= topic_match envelope_decode router_toml
-FUZZ_SANITIZER ?= none
-FUZZ_OUT       := target/fuzz
-
-fuzz:
-	@rustup run nightly rustc --version >/dev/null 2>&1 || { \
-	  echo "make fuzz needs the nightly toolchain: rustup toolchain install nightly" >&2; exit 1; }
-	@cargo +nightly fuzz --version >/dev/null 2>&1 || { \
-	  echo "make fuzz needs cargo-fuzz: cargo +nightly install cargo-fuzz --locked" >&2; exit 1; }
-	@set -e; for t in $(FUZZ_TARGETS); do \
-	  mkdir -p $(FUZZ_OUT)/corpus/$$t $(FUZZ_OUT)/artifacts/$$t; \
-	  cargo +nightly fuzz run --fuzz-dir fuzz --target-dir $(FUZZ_OUT) -s $(FUZZ_SANITIZER) \
-	    $$t $(FUZZ_OUT)/corpus/$$t fuzz/seeds/$$t -- \
-	    -max_total_time=$(FUZZ_SECONDS) -dict=fuzz/dicts/$$t.dict \
-	    -artifact_prefix=$(FUZZ_OUT)/artifacts/$$t/; \
-	done
+## image: the container image from deploy/Dockerfile, tagged $(IMAGE), with podman
+## (or docker when podman is absent). The base images it starts from are pulled,
+## or made on this machine when no registry answers (deploy/base-images.sh).
+## Crates are fetched during the build; see deploy/README.md
+IMAGE  ?= switchboard:latest
+ENGINE ?= $(shell command -v podman >/dev/null 2>&1 && echo podman || echo docker)
+# crun fails on hybrid cgroups; runc works everywhere podman does.
+PODMAN_RUNTIME ?= $(shell command -v runc >/dev/null 2>&1 && echo runc)
+image:
+	ENGINE=$(ENGINE) deploy/base-images.sh
+	$(ENGINE) build $(if $(and $(filter podman,$(ENGINE)),$(PODMAN_RUNTIME)),--runtime $(PODMAN_RUNTIME)) \
+	  --network host -f deploy/Dockerfile -t $(IMAGE) .
 
 wasm-target:
 	@rustup target list --installed | grep -qx $(WASM) || rustup target add $(WASM)
