@@ -8,7 +8,7 @@ GUESTS  := scripted-guest noop-guest wrong-world-guest contract-0-1-0-guest tall
 SAGA    := inventory payment order-saga
 OUT     := target/$(WASM)/release
 
-.PHONY: run install test c-example reliability soak lint fmt console-screenshots plugins examples guests lang-plugins toolchains wasm-target bench bench-broker bench-kv bench-hostile bench-languages bench-appliance bench-growth bench-archive bench-delays fuzz clean image
+.PHONY: run install test c-example reliability soak lint fmt console-screenshots plugins examples guests lang-plugins toolchains wasm-target bench bench-broker bench-kv bench-hostile bench-languages bench-appliance bench-growth bench-archive bench-delays bench-console fuzz clean image
 
 ## run: build the plugins and the appliance, then run it with router.toml
 run: plugins
@@ -157,6 +157,36 @@ bench-growth: plugins
 bench-delays: guests
 	$(CARGO) build --release -p switchboard -p switchboard-bench
 	./target/release/switchboard-bench delays $(ARGS)
+
+## bench-console: the console's page weight with 30 copies of the notification
+## plugin: time to a full overview in Debian's chromium, and the router's
+## throughput with no tab, a tab open and the tab's requests alone, side by side
+## (needs node and /usr/bin/chromium; ARGS="--seconds 3 --rounds 1" for a quick run)
+bench-console: plugins
+	$(CARGO) build --release -p switchboard
+	@test -d tests/console/node_modules/playwright-core || (cd tests/console && npm ci --no-audit --no-fund)
+	node bench/console/page-load.mjs $(ARGS)
+
+## fuzz: each fuzz target in fuzz/ for FUZZ_SECONDS (needs nightly and cargo-fuzz;
+## not part of test or CI). Corpora and crashes go to target/fuzz/; one target:
+## FUZZ_TARGETS=router_toml. FUZZ_SANITIZER=address for ASan (slower).
+FUZZ_SECONDS   ?= 60
+FUZZ_TARGETS   ?= topic_match envelope_decode router_toml
+FUZZ_SANITIZER ?= none
+FUZZ_OUT       := target/fuzz
+
+fuzz:
+	@rustup run nightly rustc --version >/dev/null 2>&1 || { \
+	  echo "make fuzz needs the nightly toolchain: rustup toolchain install nightly" >&2; exit 1; }
+	@cargo +nightly fuzz --version >/dev/null 2>&1 || { \
+	  echo "make fuzz needs cargo-fuzz: cargo +nightly install cargo-fuzz --locked" >&2; exit 1; }
+	@set -e; for t in $(FUZZ_TARGETS); do \
+	  mkdir -p $(FUZZ_OUT)/corpus/$$t $(FUZZ_OUT)/artifacts/$$t; \
+	  cargo +nightly fuzz run --fuzz-dir fuzz --target-dir $(FUZZ_OUT) -s $(FUZZ_SANITIZER) \
+	    $$t $(FUZZ_OUT)/corpus/$$t fuzz/seeds/$$t -- \
+	    -max_total_time=$(FUZZ_SECONDS) -dict=fuzz/dicts/$$t.dict \
+	    -artifact_prefix=$(FUZZ_OUT)/artifacts/$$t/; \
+	done
 
 ## image: the container image from deploy/Dockerfile, tagged $(IMAGE), with podman
 ## (or docker when podman is absent). The base images it starts from are pulled,

@@ -7,6 +7,8 @@
 //! `npm ci` in tests/console when missing. Without node or chromium the tests
 //! say so loudly and pass, except under `CI=true`, where they fail.
 //! `make console-screenshots` saves the README's pictures in docs/console/.
+//! One test runs on the local RabbitMQ (a vhost of its own); without a broker
+//! it is skipped, except under `CI=true`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -15,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use switchboard_tests::broker::{TestVhost, require_broker};
 use switchboard_tests::running::{Running, start};
 use switchboard_tests::wasm;
 
@@ -199,6 +202,51 @@ fn a_dead_letter_opened_and_redriven_leaves_the_dlq_and_is_handled() {
     );
     r.wait_for("the fixed plugin", |r| r.status("worker").version != broken);
     scenario("dlq", &r, None);
+}
+
+/// The overview and dead-letter scenarios again, on RabbitMQ (a vhost of its
+/// own): the console reads the same API whatever the bus.
+#[test]
+fn on_rabbitmq_rates_move_and_a_dead_letter_is_redriven() {
+    if !require_broker() {
+        return;
+    }
+    let vhost = TestVhost::new("console");
+    let broker = format!(
+        "[broker]\nurl = \"{}\"\ntimeout = \"5s\"\n[defaults]\nmax_attempts = 1",
+        vhost.url()
+    );
+    // As on the embedded bus: a broken release dead-letters two events...
+    let r = start(
+        &worker_config(&broker, r#"["ok", "echo"]"#),
+        &[("worker.wasm", "trap_guest")],
+    );
+    assert_eq!(
+        r.get("/api/console")["bus"],
+        "rabbitmq",
+        "the page says which bus"
+    );
+    let dead = |r: &Running| r.appliance.transport().dead_letters("worker", 10).unwrap();
+    for i in 0..2 {
+        let (status, reply, _) = r.post("events", "ok", &envelope(&format!("dl-{i}"), "ok"));
+        assert_eq!(status, 202, "{reply}");
+        r.wait_for("a dead letter", |r| dead(r).len() == i + 1);
+    }
+    // ...the fixed one, hot-reloaded, handles them when redriven...
+    let broken = r.status("worker").version;
+    r.write_plugin(
+        "worker.wasm",
+        &std::fs::read(wasm("scripted_guest")).unwrap(),
+    );
+    r.wait_for("the fixed plugin", |r| r.status("worker").version != broken);
+    if !scenario("dlq", &r, None) {
+        return;
+    }
+    // ...and with events flowing, the overview's rates move.
+    let _feeder = Feeder::start(&r, Duration::from_millis(10), |i| {
+        ("echo".into(), envelope(&format!("e-{i}"), "echo"))
+    });
+    scenario("overview", &r, None);
 }
 
 #[test]
