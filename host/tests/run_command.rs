@@ -116,3 +116,77 @@ fn sigterm_drains_accepted_events_and_exits_zero() {
         "nothing was left to spool"
     );
 }
+
+/// A plugin whose file is there but does not load stops the start: one line
+/// names the plugin and why, the exit status is not 0, and nothing is served.
+/// A plugin whose file is not there yet does not: it is waited for.
+#[test]
+fn a_broken_plugin_refuses_the_start_and_a_missing_one_is_waited_for() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("plugins")).unwrap();
+    std::fs::copy(scripted_wasm(), dir.path().join("plugins/worker.wasm")).unwrap();
+    std::fs::write(dir.path().join("plugins/broken.wasm"), b"not a component").unwrap();
+    let config = |plugins: &str| {
+        format!(
+            "plugins_dir = \"plugins\"\nstate_dir = \"state\"\n[http]\nlisten = \"127.0.0.1:0\"\n\
+             [[exchanges]]\nname = \"events\"\n{plugins}\
+             [[routes]]\nexchange = \"events\"\npattern = \"#\"\nplugin = \"worker\"\n"
+        )
+    };
+    std::fs::write(
+        dir.path().join("router.toml"),
+        config("[plugins.worker]\n[plugins.broken]\n"),
+    )
+    .unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .args(["run", "--config"])
+        .arg(dir.path().join("router.toml"))
+        .env_remove("RABBITMQ_URL")
+        .env_remove("RABBITMQ_HOST")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    let last = stderr
+        .lines()
+        .rfind(|l| !l.trim().is_empty())
+        .unwrap_or_default();
+    assert!(
+        last.starts_with("switchboard: plugin \"broken\": not a WebAssembly file")
+            && last.contains("not starting with a broken plugin"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("switchboard is running"), "{stderr}");
+
+    // Declared but not there yet: it starts, and waits for the file.
+    std::fs::write(
+        dir.path().join("router.toml"),
+        config("[plugins.worker]\n[plugins.later]\n"),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .args(["run", "--config"])
+        .arg(dir.path().join("router.toml"))
+        .env("SWITCHBOARD_LOG", "info")
+        .env_remove("RABBITMQ_URL")
+        .env_remove("RABBITMQ_HOST")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut log = String::new();
+    loop {
+        let mut line = String::new();
+        assert!(
+            stderr.read_line(&mut line).unwrap() > 0,
+            "exited early:\n{log}"
+        );
+        log.push_str(&line);
+        if line.contains("switchboard is running") {
+            break;
+        }
+    }
+    assert!(log.contains("waiting for it"), "{log}");
+    child.kill().unwrap();
+    child.wait().unwrap();
+}

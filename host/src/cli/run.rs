@@ -57,6 +57,33 @@ pub async fn signal() {
     }
 }
 
+/// A plugin whose file is there but does not load stops the start, with one
+/// line naming it and why: a deployment with a broken plugin fails where it is
+/// made (a container that exits, a rollout that halts) instead of running
+/// without that plugin. A file not there yet is waited for, as before; a
+/// broken file arriving later, once running, is refused and the rest serve.
+fn refuse_broken_plugins(appliance: &Appliance, drain_timeout: Duration) -> anyhow::Result<()> {
+    let broken: Vec<String> = appliance
+        .statuses()
+        .into_iter()
+        .filter(|s| s.state == crate::appliance::PluginState::Failed)
+        .map(|s| match s.error {
+            // The load error names the plugin already.
+            Some(error) => format!("{error} ({})", s.file.display()),
+            None => format!("plugin {:?} ({}) did not start", s.name, s.file.display()),
+        })
+        .collect();
+    if broken.is_empty() {
+        return Ok(());
+    }
+    appliance.shutdown(drain_timeout)?;
+    anyhow::bail!(
+        "{}; not starting with a broken plugin (fix or replace the file, or set enabled = false; \
+         `switchboard check` lists every problem)",
+        broken.join("; ")
+    )
+}
+
 /// Runs until a signal; `Ok` after a clean shutdown.
 pub fn run(config_path: &Path, drain_timeout: Duration) -> anyhow::Result<()> {
     let config = RouterConfig::load(config_path)?;
@@ -66,6 +93,7 @@ pub fn run(config_path: &Path, drain_timeout: Duration) -> anyhow::Result<()> {
     };
     let listen = config.http.listen;
     let appliance = Appliance::start(config)?;
+    refuse_broken_plugins(&appliance, drain_timeout)?;
     let watcher = watch::start(appliance.clone(), config_path)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
