@@ -2,8 +2,8 @@
 //! accepted are handled, and it exits 0.
 
 use std::io::{BufRead, BufReader, Read};
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStderr, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use switchboard::kv::{EmbeddedStore, KvStore};
@@ -21,21 +21,14 @@ fn scripted_wasm() -> PathBuf {
     path
 }
 
-#[test]
-fn sigterm_drains_accepted_events_and_exits_zero() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(dir.path().join("plugins")).unwrap();
-    std::fs::copy(scripted_wasm(), dir.path().join("plugins/worker.wasm")).unwrap();
-    std::fs::write(
-        dir.path().join("router.toml"),
-        "plugins_dir = \"plugins\"\nstate_dir = \"state\"\n[http]\nlisten = \"127.0.0.1:0\"\n\
-         [defaults]\nconcurrency = 1\n[[exchanges]]\nname = \"events\"\n[plugins.worker]\n\
-         [[routes]]\nexchange = \"events\"\npattern = \"sleep\"\nplugin = \"worker\"\n",
-    )
-    .unwrap();
+/// `switchboard run --config <config>` at info level, its log read until the
+/// line saying where it listens: the process, the rest of its log, the log so
+/// far, and the address.
+#[cfg(test)]
+fn run_until_listening(config: &Path) -> (Child, BufReader<ChildStderr>, String, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
         .args(["run", "--config"])
-        .arg(dir.path().join("router.toml"))
+        .arg(config)
         .env("SWITCHBOARD_LOG", "info")
         .env_remove("RABBITMQ_URL")
         .env_remove("RABBITMQ_HOST")
@@ -55,6 +48,23 @@ fn sigterm_drains_accepted_events_and_exits_zero() {
             break rest.trim().to_string();
         }
     };
+    (child, stderr, log, address)
+}
+
+#[test]
+fn sigterm_drains_accepted_events_and_exits_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("plugins")).unwrap();
+    std::fs::copy(scripted_wasm(), dir.path().join("plugins/worker.wasm")).unwrap();
+    std::fs::write(
+        dir.path().join("router.toml"),
+        "plugins_dir = \"plugins\"\nstate_dir = \"state\"\n[http]\nlisten = \"127.0.0.1:0\"\n\
+         [defaults]\nconcurrency = 1\n[[exchanges]]\nname = \"events\"\n[plugins.worker]\n\
+         [[routes]]\nexchange = \"events\"\npattern = \"sleep\"\nplugin = \"worker\"\n",
+    )
+    .unwrap();
+    let (mut child, mut stderr, mut log, address) =
+        run_until_listening(&dir.path().join("router.toml"));
 
     // 200 events of 5 ms each on one worker: about a second of work, most of it
     // still queued when the signal arrives (posting takes far less).
@@ -164,28 +174,7 @@ fn a_broken_plugin_refuses_the_start_and_a_missing_one_is_waited_for() {
         config("[plugins.worker]\n[plugins.later]\n"),
     )
     .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
-        .args(["run", "--config"])
-        .arg(dir.path().join("router.toml"))
-        .env("SWITCHBOARD_LOG", "info")
-        .env_remove("RABBITMQ_URL")
-        .env_remove("RABBITMQ_HOST")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let mut log = String::new();
-    loop {
-        let mut line = String::new();
-        assert!(
-            stderr.read_line(&mut line).unwrap() > 0,
-            "exited early:\n{log}"
-        );
-        log.push_str(&line);
-        if line.contains("switchboard is running") {
-            break;
-        }
-    }
+    let (mut child, _stderr, log, _) = run_until_listening(&dir.path().join("router.toml"));
     assert!(log.contains("waiting for it"), "{log}");
     child.kill().unwrap();
     child.wait().unwrap();
