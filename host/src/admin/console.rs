@@ -106,61 +106,58 @@ pub(super) async fn route_match(
         );
     };
     let kind = exchange.kind;
+    // The bindings the bus is given (enabled plugins only), and the table it
+    // routes with: the destinations are the router's own answer.
+    let bindings: Vec<Binding> = crate::appliance::plan::topology(&config)
+        .bindings
+        .into_iter()
+        .filter(|b| b.exchange == q.exchange)
+        .collect();
+    let destinations = RouteTable::new(bindings.iter().cloned())
+        .map(|t| t.destinations(&q.exchange, &q.key))
+        .unwrap_or_default();
     let plugins: Vec<Value> = config
         .plugins
         .iter()
         .map(|(plugin, settings)| {
-            let on_exchange: Vec<&String> = config
-                .routes
+            let patterns: Vec<&str> = bindings
                 .iter()
-                .filter(|r| r.plugin == *plugin && r.exchange == q.exchange)
-                .flat_map(|r| &r.patterns)
+                .filter(|b| b.plugin == *plugin)
+                .map(|b| b.pattern.as_str())
                 .collect();
-            let matching: Vec<&String> = on_exchange
-                .iter()
-                .copied()
-                .filter(|pattern| {
-                    let binding = Binding {
-                        exchange: q.exchange.clone(),
-                        kind,
-                        pattern: (*pattern).clone(),
-                        plugin: plugin.clone(),
-                    };
-                    RouteTable::new([binding])
-                        .is_ok_and(|t| !t.destinations(&q.exchange, &q.key).is_empty())
-                })
-                .collect();
-            let (matched, why) = if !settings.enabled {
-                (
-                    false,
-                    "disabled in router.toml (enabled = false)".to_string(),
-                )
-            } else if let Some(pattern) = matching.first() {
-                let how = match kind {
-                    crate::route::ExchangeKind::Fanout => "a fanout exchange: every key".into(),
-                    _ => format!("{pattern:?} matches {:?}", q.key),
-                };
-                (true, format!("route on {}: {how}", q.exchange))
-            } else if on_exchange.is_empty() {
-                (false, format!("no route from exchange {:?}", q.exchange))
+            let matched = destinations.iter().any(|d| **d == **plugin);
+            let why = if !settings.enabled {
+                "disabled in router.toml (enabled = false)".to_string()
+            } else if matched && kind == crate::route::ExchangeKind::Fanout {
+                format!("route on {}: a fanout exchange: every key", q.exchange)
+            } else if matched {
+                // Which of its patterns: each alone through the same matcher.
+                let pattern = bindings
+                    .iter()
+                    .filter(|b| b.plugin == *plugin)
+                    .find(|b| {
+                        RouteTable::new([(*b).clone()])
+                            .is_ok_and(|t| !t.destinations(&q.exchange, &q.key).is_empty())
+                    })
+                    .map_or("", |b| b.pattern.as_str());
+                format!("route on {}: {pattern:?} matches {:?}", q.exchange, q.key)
+            } else if patterns.is_empty() {
+                format!("no route from exchange {:?}", q.exchange)
             } else {
-                (
-                    false,
-                    format!(
-                        "its {} on {} ({}) do not match {:?}",
-                        if on_exchange.len() == 1 {
-                            "pattern"
-                        } else {
-                            "patterns"
-                        },
-                        q.exchange,
-                        on_exchange
-                            .iter()
-                            .map(|p| format!("{p:?}"))
-                            .collect::<Vec<_>>()
-                            .join(", "),
-                        q.key
-                    ),
+                format!(
+                    "its {} on {} ({}) do not match {:?}",
+                    if patterns.len() == 1 {
+                        "pattern"
+                    } else {
+                        "patterns"
+                    },
+                    q.exchange,
+                    patterns
+                        .iter()
+                        .map(|p| format!("{p:?}"))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    q.key
                 )
             };
             json!({"plugin": plugin, "matched": matched, "why": why})
