@@ -181,27 +181,92 @@ fn the_live_stream_shows_only_what_the_filter_matches() {
 
 #[test]
 fn a_dead_letter_opened_and_redriven_leaves_the_dlq_and_is_handled() {
-    // A broken release dead-letters two events (one attempt allowed)...
+    let r = dead_letters_of_a_broken_release("dl", 2);
+    scenario("dlq", &r, None);
+}
+
+/// A broken release of `worker` dead-letters `count` events, `<prefix>-0`
+/// first (one attempt allowed); then the fixed one is hot-reloaded, to handle
+/// them when they are redriven.
+fn dead_letters_of_a_broken_release(prefix: &str, count: usize) -> Running {
     let r = start(
         &worker_config("[defaults]\nmax_attempts = 1", r#"["ok"]"#),
         &[("worker.wasm", "trap_guest")],
     );
-    for i in 0..2 {
-        let (status, reply, _) = r.post("events", "ok", &envelope(&format!("dl-{i}"), "ok"));
+    for i in 0..count {
+        let id = format!("{prefix}-{i}");
+        let (status, reply, _) = r.post("events", "ok", &envelope(&id, "ok"));
         assert_eq!(status, 202, "{reply}");
-        // One at a time, so that dl-0 is the oldest.
+        // One at a time, so that they are dead-lettered in order.
         r.wait_for("a dead letter", |r| {
             r.status("worker").queue.unwrap().dead_letters == i + 1
         });
     }
-    // ...and the fixed one, hot-reloaded, handles them when redriven.
     let broken = r.status("worker").version;
     r.write_plugin(
         "worker.wasm",
         &std::fs::read(wasm("scripted_guest")).unwrap(),
     );
     r.wait_for("the fixed plugin", |r| r.status("worker").version != broken);
-    scenario("dlq", &r, None);
+    r
+}
+
+#[test]
+fn chosen_dead_letters_are_redriven_and_the_rest_stay() {
+    let r = dead_letters_of_a_broken_release("sel", 3);
+    scenario("select", &r, None);
+}
+
+#[test]
+fn a_candidate_is_diffed_against_the_archive_in_the_history_view() {
+    let config = r#"
+plugins_dir = "plugins"
+state_dir = "state"
+[[exchanges]]
+name = "events"
+[plugins.notification]
+[[routes]]
+exchange = "events"
+patterns = ["order.*"]
+plugin = "notification"
+[archive]
+enabled = true
+[[archive.aggregates]]
+match = "order.*"
+field = "data.order_id"
+"#;
+    let r = start(config, &[("notification.wasm", "notification")]);
+    for (id, kinds) in [
+        ("O-1", &["order.created", "order.paid", "order.shipped"][..]),
+        ("O-2", &["order.created", "order.shipped"][..]),
+    ] {
+        for kind in kinds {
+            let data = json!({"order_id": id, "items": [{"sku": "A-1", "qty": 2}], "total": 40,
+                "amount": 40, "currency": "EUR", "tracking_number": format!("T-{id}"),
+                "email": "ann@example.com", "customer": {"email": "ann@example.com"}});
+            let (status, reply, _) = r.post("events", kind, &data);
+            assert_eq!(status, 202, "{reply}");
+        }
+    }
+    let archived = |r: &Running, aggregate: &str| {
+        r.get(&format!("/api/events?aggregate={aggregate}"))["items"]
+            .as_array()
+            .map_or(0, Vec::len)
+    };
+    r.wait_for("both orders archived", |r| {
+        archived(r, "O-1") == 3 && archived(r, "O-2") == 2
+    });
+    // A copy of notification whose order.shipped subject reads differently.
+    let candidate = r.dir.join("notification-candidate.wasm");
+    let mut bytes = std::fs::read(wasm("notification")).unwrap();
+    let (from, to) = (b"has shipped", b"was shipped");
+    let at = bytes
+        .windows(from.len())
+        .position(|w| w == from)
+        .expect("the subject text is in the component");
+    bytes[at..at + from.len()].copy_from_slice(to);
+    std::fs::write(&candidate, bytes).unwrap();
+    scenario("diff", &r, Some(candidate.to_str().unwrap()));
 }
 
 /// The overview and dead-letter scenarios again, on RabbitMQ (a vhost of its

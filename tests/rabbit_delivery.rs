@@ -395,6 +395,87 @@ fn exhausted_retries_and_rejects_are_dead_lettered_with_reasons_and_redrive_rese
     assert!(again.iter().all(|l| l.failure.attempts <= 3));
 }
 
+/// `POST /api/dlq/{plugin}/redrive` with `{"ids": [...]}` on RabbitMQ: the
+/// chosen letters go back to the queue (the worker rejects them again, so
+/// they come back last); the others keep their order; an id no letter has is
+/// reported, and a letter without an envelope id is chosen by its derived id.
+#[test]
+fn chosen_dead_letters_are_redriven_by_event_id_and_the_rest_keep_their_order() {
+    if !require_broker() {
+        return;
+    }
+    let vhost = TestVhost::new("dlqpick");
+    let r = worker(&vhost.url(), "", "");
+    let amqp = Amqp::connect(&vhost.url()).unwrap();
+    for i in 0..4 {
+        send(&amqp, &format!("r-{i}"), "reject", json!({}));
+        wait_until("a dead letter", || dead_letters(&r).len() == i + 1);
+    }
+    let bad = Publish::new("events", "broken.json", b"{not json".to_vec())
+        .content_type("application/cloudevents+json");
+    assert_eq!(amqp.publish(&bad), Confirmed::Routed);
+    wait_until("five dead letters", || dead_letters(&r).len() == 5);
+    let ids = |r: &Running| -> Vec<String> { dead_letters(r).iter().map(|l| l.id()).collect() };
+    let undecodable = ids(&r)[4].clone();
+    assert_eq!(ids(&r)[..4], ["r-0", "r-1", "r-2", "r-3"]);
+    let listed = r.get("/api/dlq/worker");
+    assert_eq!(
+        listed["items"][1]["id"], "r-1",
+        "the API shows each letter's id"
+    );
+
+    let dead_lettered = |r: &Running| {
+        status(r, "worker")
+            .dispatch
+            .unwrap()
+            .dead_lettered
+            .load(std::sync::atomic::Ordering::SeqCst)
+    };
+    let before = dead_lettered(&r);
+    let (code, reply) = r.request(
+        "POST",
+        "/api/dlq/worker/redrive",
+        None,
+        Some(&json!({"ids": ["r-3", "r-1", "nobody"]})),
+    );
+    assert_eq!(code, 200, "{reply}");
+    let reply: Value = serde_json::from_str(&reply).unwrap();
+    assert_eq!(reply, json!({"redriven": 2, "not_found": ["nobody"]}));
+    wait_until("both rejected again", || dead_lettered(&r) == before + 2);
+    wait_until("five letters again", || dead_letters(&r).len() == 5);
+    let order = ids(&r);
+    assert_eq!(
+        order[..3],
+        ["r-0".to_string(), "r-2".to_string(), undecodable.clone()],
+        "the letters not chosen keep their order: {order:?}"
+    );
+    let mut last: Vec<&String> = order[3..].iter().collect();
+    last.sort();
+    assert_eq!(last, ["r-1", "r-3"], "the chosen ones came back last");
+
+    // The undecodable letter, by the id derived from its content.
+    let (code, reply) = r.request(
+        "POST",
+        "/api/dlq/worker/redrive",
+        None,
+        Some(&json!({"ids": [undecodable]})),
+    );
+    assert_eq!(code, 200, "{reply}");
+    assert!(reply.contains(r#""redriven":1"#), "{reply}");
+    wait_until("it is dead-lettered again", || {
+        dead_lettered(&r) == before + 3
+    });
+    // Asking for both a count and ids is refused.
+    let (code, reply) = r.request(
+        "POST",
+        "/api/dlq/worker/redrive?limit=1",
+        None,
+        Some(&json!({"ids": ["r-0"]})),
+    );
+    assert_eq!(code, 400, "{reply}");
+    wait_until("five letters in the end", || dead_letters(&r).len() == 5);
+}
+
 /// `[broker] dlq_ttl` and `dlq_max_length` on RabbitMQ: the dead-letter queue
 /// is declared with `x-message-ttl` and `x-max-length` (drop-head), so it keeps
 /// the newest letters, each for the TTL. A DLQ created with other retention

@@ -194,35 +194,13 @@ pub(super) async fn events(
     State(appliance): State<Appliance>,
     Query(q): Query<EventsQuery>,
 ) -> Response {
-    let embedded = appliance
-        .transport()
-        .embedded()
-        .and_then(|b| b.archive().cloned());
-    let config = appliance.config();
-    let on_rabbit = appliance.transport().rabbit().is_some() && config.archive.enabled;
-    if embedded.is_none() && !on_rabbit {
-        return error(
-            StatusCode::NOT_FOUND,
-            "the event archive is not enabled here ([archive] enabled = true)",
-        );
-    }
-    let mut query = match crate::archive::Query::parse(
-        q.exchange.as_deref(),
-        q.pattern.as_deref(),
-        q.aggregate.as_deref(),
-        q.since.as_deref(),
-        q.until.as_deref(),
-    ) {
+    let mut query = match archive_query(&appliance, &q) {
         Ok(query) => query,
-        Err(why) => return error(StatusCode::BAD_REQUEST, why),
+        Err(response) => return response,
     };
     let limit = q.limit.unwrap_or(100).clamp(1, MAX_PAGE);
-    query.after = q.after;
     query.limit = Some(limit);
-    let read = tokio::task::spawn_blocking(move || match embedded {
-        Some(archive) => archive.query(&query).map_err(anyhow::Error::from),
-        None => crate::archive::stream::read(&config, &query),
-    });
+    let read = tokio::task::spawn_blocking(move || read_archive(&appliance, &query));
     match read.await {
         Ok(Ok(items)) => {
             let next = (items.len() == limit).then(|| items.last().map(|e| e.seq));
@@ -233,6 +211,48 @@ pub(super) async fn events(
             format!("cannot read the archive: {e}"),
         ),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    }
+}
+
+/// The archive query `q` asks for (its `limit` aside); `Err` is the response
+/// to give (no archive here, or a bad parameter).
+fn archive_query(
+    appliance: &Appliance,
+    q: &EventsQuery,
+) -> Result<crate::archive::Query, Response> {
+    let config = appliance.config();
+    let here = appliance
+        .transport()
+        .embedded()
+        .is_some_and(|b| b.archive().is_some())
+        || (appliance.transport().rabbit().is_some() && config.archive.enabled);
+    if !here {
+        return Err(error(
+            StatusCode::NOT_FOUND,
+            "the event archive is not enabled here ([archive] enabled = true)",
+        ));
+    }
+    let mut query = crate::archive::Query::parse(
+        q.exchange.as_deref(),
+        q.pattern.as_deref(),
+        q.aggregate.as_deref(),
+        q.since.as_deref(),
+        q.until.as_deref(),
+    )
+    .map_err(|why| error(StatusCode::BAD_REQUEST, why))?;
+    query.after = q.after;
+    Ok(query)
+}
+
+/// What `query` selects of the archive: the embedded bus's, or on RabbitMQ
+/// the archive stream (its own connection). Blocks.
+fn read_archive(
+    appliance: &Appliance,
+    query: &crate::archive::Query,
+) -> anyhow::Result<Vec<crate::archive::ArchivedEvent>> {
+    match appliance.transport().embedded().and_then(|b| b.archive()) {
+        Some(archive) => Ok(archive.query(query)?),
+        None => crate::archive::stream::read(&appliance.config(), query),
     }
 }
 
@@ -405,5 +425,115 @@ pub(super) async fn replay(
         Ok(Err(e @ crate::bus::BusError::NoSuchQueue(_))) => error(StatusCode::NOT_FOUND, e),
         Ok(Err(e)) => error(StatusCode::BAD_GATEWAY, e),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    }
+}
+
+/// Most events one diff runs (each runs twice).
+const MAX_DIFF_EVENTS: usize = 10_000;
+/// Archived events read per page while selecting a diff's events.
+const DIFF_PAGE: usize = 1000;
+/// One diff at a time: each compiles two components and runs every event twice.
+static DIFFING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// `POST /api/plugins/{name}/diff?aggregate=&match=&…` with a candidate
+/// component as the body: `switchboard replay --diff`, run here. The
+/// archived events `/api/events` would select (the oldest `limit`, 1000 by
+/// default) that the plugin's routes deliver to it go through the running
+/// version and the candidate, each offline on a scratch copy of the live
+/// state (nothing is published or written). `{"summary", "differing"}`.
+pub(super) async fn diff(
+    State(appliance): State<Appliance>,
+    Path(name): Path<String>,
+    Query(q): Query<EventsQuery>,
+    body: axum::body::Bytes,
+) -> Response {
+    let config = appliance.config();
+    if !config.plugins.contains_key(&name) {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("no plugin {name:?} is configured"),
+        );
+    }
+    let mut query = match archive_query(&appliance, &q) {
+        Ok(query) => query,
+        Err(response) => return response,
+    };
+    if body.is_empty() {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "the body must be the candidate component (a .wasm file)",
+        );
+    }
+    let limit = q.limit.unwrap_or(1000).clamp(1, MAX_DIFF_EVENTS);
+    if DIFFING.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        return error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "a diff is running already: one at a time",
+        );
+    }
+    let run = tokio::task::spawn_blocking(move || {
+        let report = (|| -> Result<Value, (StatusCode, String)> {
+            let internal = |e: String| (StatusCode::INTERNAL_SERVER_ERROR, e);
+            let mut events = Vec::new();
+            query.limit = Some(DIFF_PAGE);
+            loop {
+                let page = read_archive(&appliance, &query)
+                    .map_err(|e| internal(format!("cannot read the archive: {e}")))?;
+                let full = page.len() == DIFF_PAGE;
+                query.after = page.last().map(|e| e.seq);
+                let routed = crate::replay::routed_to(&config, &name, page)
+                    .map_err(|e| internal(e.to_string()))?;
+                events.extend(routed);
+                if !full || events.len() >= limit {
+                    break;
+                }
+            }
+            events.truncate(limit);
+            let file = tempfile::Builder::new()
+                .prefix("candidate-")
+                .suffix(".wasm")
+                .tempfile()
+                .and_then(|mut file| {
+                    std::io::Write::write_all(&mut file, &body)?;
+                    Ok(file)
+                })
+                .map_err(|e| internal(format!("cannot keep the candidate: {e}")))?;
+            let runtime = crate::runtime::Runtime::new(crate::runtime::RuntimeConfig {
+                pooling: false,
+                ..config.runtime_config()
+            })
+            .map_err(|e| internal(e.to_string()))?;
+            let base = Some(appliance.kv_store());
+            let running =
+                crate::replay::Offline::load(&runtime, &config, &name, None, base.clone())
+                    .map_err(|e| {
+                        (
+                            StatusCode::CONFLICT,
+                            format!("the running version cannot load: {e:#}"),
+                        )
+                    })?;
+            let candidate =
+                crate::replay::Offline::load(&runtime, &config, &name, Some(file.path()), base)
+                    .map_err(|e| {
+                        let why = format!("{e:#}")
+                            .replace(&file.path().display().to_string(), "the candidate");
+                        (
+                            StatusCode::UNPROCESSABLE_ENTITY,
+                            format!("the candidate cannot load: {why}"),
+                        )
+                    })?;
+            let report = crate::replay::diff(&running, &candidate, &events);
+            Ok(json!({"summary": report.summary, "differing": report.differing}))
+        })();
+        DIFFING.store(false, std::sync::atomic::Ordering::SeqCst);
+        report
+    });
+    match run.await {
+        Ok(Ok(report)) => Json(report).into_response(),
+        Ok(Err((status, why))) => error(status, why),
+        Err(_) => {
+            DIFFING.store(false, std::sync::atomic::Ordering::SeqCst);
+            error(StatusCode::INTERNAL_SERVER_ERROR, "the diff task failed")
+        }
     }
 }

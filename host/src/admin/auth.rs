@@ -94,7 +94,7 @@ pub(super) async fn require_for_actions(
     } else {
         super::error(
             StatusCode::FORBIDDEN,
-            "without [http] token, actions (redrive, reload, replay, kv writes) are allowed \
+            "without [http] token, actions (redrive, reload, replay, diff, kv writes) are allowed \
              only from this machine (loopback); set a token to act from elsewhere",
         )
     }

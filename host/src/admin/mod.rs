@@ -14,11 +14,12 @@
 //! | GET | `/api/plugins` | each plugin: content hash, loaded at, routes, limits, status, last error |
 //! | GET | `/api/routes` | every route: exchange, kind, pattern, plugin |
 //! | GET | `/api/dlq/{plugin}?offset=&limit=` | a page of dead letters with their reasons |
-//! | POST | `/api/dlq/{plugin}/redrive?limit=N` | as `/dlq/{plugin}/redrive` |
+//! | POST | `/api/dlq/{plugin}/redrive?limit=N` | as `/dlq/{plugin}/redrive`; with a body `{"ids": [event ids]}`, those letters → `{"redriven", "not_found"}` |
 //! | POST | `/api/plugins/{name}/reload` | load the plugin's file again |
 //! | GET | `/api/kv/{plugin}/{key}` | one value of a plugin's kv state: `{"plugin", "key", "value"}` (or `"text"`, `"base64"`); `404` when absent |
 //! | PUT, DELETE | `/api/kv/{plugin}/{key}` | set (the body is the value) or delete it; `204` once durable |
 //! | POST | `/api/plugins/{name}/replay?id=R` | `{"events": [archived…]}` into the plugin's queue again, marked `switchboard-replay: R` (`switchboard replay --publish`) |
+//! | POST | `/api/plugins/{name}/diff?aggregate=&match=&since=&until=&limit=` | the body (a candidate `.wasm`) against the running version over archived events, offline: `switchboard replay --diff` → `{"summary", "differing"}` |
 //! | GET | `/api/events?exchange=&match=&aggregate=&since=&until=&after=&limit=` | archived events, oldest first (`[archive]`); `next_after` pages on |
 //!
 //! | GET | `/ui/` | the console (`/` redirects there) |
@@ -59,6 +60,8 @@ use crate::route::TopicPattern;
 
 /// Largest batch `POST /api/plugins/{name}/replay` takes.
 const MAX_REPLAY_BODY: usize = 64 << 20;
+/// Largest candidate component `POST /api/plugins/{name}/diff` takes.
+const MAX_CANDIDATE: usize = 128 << 20;
 
 /// The router serving every endpoint.
 pub fn router(appliance: Appliance) -> Router {
@@ -78,6 +81,10 @@ pub fn router(appliance: Appliance) -> Router {
         .route(
             "/api/plugins/{name}/replay",
             post(api::replay).layer(DefaultBodyLimit::max(MAX_REPLAY_BODY)),
+        )
+        .route(
+            "/api/plugins/{name}/diff",
+            post(api::diff).layer(DefaultBodyLimit::max(MAX_CANDIDATE)),
         )
         .route(
             "/api/kv/{plugin}/{key}",
@@ -311,17 +318,64 @@ struct RedriveQuery {
     limit: Option<usize>,
 }
 
+/// The body of a redrive of chosen letters.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RedriveIds {
+    ids: std::collections::BTreeSet<String>,
+}
+
+/// `POST /api/dlq/{plugin}/redrive`: the oldest `limit` letters (all without
+/// it), or with a body `{"ids": [...]}` the letters of those events
+/// (`{"redriven": n, "not_found": [ids no letter has]}`).
 async fn redrive(
     State(appliance): State<Appliance>,
     Path(plugin): Path<String>,
     Query(query): Query<RedriveQuery>,
+    body: Bytes,
 ) -> Response {
     let transport = appliance.transport().clone();
-    let limit = query.limit.unwrap_or(usize::MAX);
-    match tokio::task::spawn_blocking(move || transport.redrive(&plugin, limit)).await {
-        Ok(Ok(moved)) => Json(json!({"redriven": moved})).into_response(),
-        Ok(Err(e @ crate::bus::BusError::NoSuchQueue(_))) => error(StatusCode::NOT_FOUND, e),
-        Ok(Err(e)) => error(StatusCode::SERVICE_UNAVAILABLE, e),
+    if body.iter().all(u8::is_ascii_whitespace) {
+        let limit = query.limit.unwrap_or(usize::MAX);
+        return match tokio::task::spawn_blocking(move || transport.redrive(&plugin, limit)).await {
+            Ok(Ok(moved)) => Json(json!({"redriven": moved})).into_response(),
+            Ok(Err(e)) => redrive_refused(e),
+            Err(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "the redrive task failed"),
+        };
+    }
+    let ids = match serde_json::from_slice::<RedriveIds>(&body) {
+        Ok(_) if query.limit.is_some() => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "give either ?limit or a body of ids, not both",
+            );
+        }
+        Ok(chosen) if chosen.ids.is_empty() => {
+            return error(StatusCode::BAD_REQUEST, "\"ids\" names no letter");
+        }
+        Ok(chosen) => chosen.ids,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("the body must be {{\"ids\": [\"<event id>\", …]}}: {e}"),
+            );
+        }
+    };
+    let done = tokio::task::spawn_blocking(move || {
+        let moved = transport.redrive_ids(&plugin, &ids)?;
+        let not_found: Vec<&String> = ids.iter().filter(|id| !moved.contains(id)).collect();
+        Ok::<_, crate::bus::BusError>(json!({"redriven": moved.len(), "not_found": not_found}))
+    });
+    match done.await {
+        Ok(Ok(reply)) => Json(reply).into_response(),
+        Ok(Err(e)) => redrive_refused(e),
         Err(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "the redrive task failed"),
+    }
+}
+
+fn redrive_refused(e: crate::bus::BusError) -> Response {
+    match e {
+        e @ crate::bus::BusError::NoSuchQueue(_) => error(StatusCode::NOT_FOUND, e),
+        e => error(StatusCode::SERVICE_UNAVAILABLE, e),
     }
 }

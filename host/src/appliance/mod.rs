@@ -168,6 +168,11 @@ impl Appliance {
         self.inner.config.load_full()
     }
 
+    /// The plugins' kv store (an offline replay reads through it).
+    pub fn kv_store(&self) -> Arc<dyn KvStore> {
+        self.inner.kv.clone()
+    }
+
     /// The value plugin `plugin` keeps under `key` in its kv state, as the
     /// plugin would read it now.
     pub fn kv_get(&self, plugin: &str, key: &str) -> Result<Option<Vec<u8>>, crate::kv::KvError> {

@@ -88,6 +88,20 @@ impl Transport {
         }
     }
 
+    /// Moves the dead letters of `plugin` whose id is one of `ids` back to
+    /// its queue; the others stay. Returns the ids of the letters moved, one
+    /// per letter.
+    pub fn redrive_ids(
+        &self,
+        plugin: &str,
+        ids: &std::collections::BTreeSet<String>,
+    ) -> Result<Vec<String>, BusError> {
+        match self {
+            Self::Embedded(b) => b.redrive_ids(plugin, ids),
+            Self::Rabbit(b) => b.redrive_ids(plugin, ids),
+        }
+    }
+
     /// Whether the transport can take events: always for the embedded bus;
     /// connected with the topology declared for RabbitMQ.
     pub fn is_ready(&self) -> bool {

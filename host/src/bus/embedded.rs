@@ -307,6 +307,30 @@ impl EmbeddedBus {
     /// Moves up to `limit` dead letters of `plugin` back to its queue as first
     /// attempts; returns how many. Stops early when the queue is full.
     pub fn redrive(&self, plugin: &str, limit: usize) -> Result<usize, BusError> {
+        Ok(self.move_back(plugin, limit, |_| true)?.len())
+    }
+
+    /// Moves the dead letters of `plugin` whose [`DeadLetter::id`] is one of
+    /// `ids` back to its queue as first attempts, oldest first; the others
+    /// keep their places. Returns the ids of the letters moved, one per
+    /// letter; stops early when the queue is full (what did not move stays).
+    pub fn redrive_ids(
+        &self,
+        plugin: &str,
+        ids: &std::collections::BTreeSet<String>,
+    ) -> Result<Vec<String>, BusError> {
+        self.move_back(plugin, usize::MAX, |letter| ids.contains(&letter.id()))
+    }
+
+    /// Moves up to `limit` of the dead letters of `plugin` that `pick`
+    /// chooses, oldest first, back to its queue as first attempts, until the
+    /// queue is full; the others keep their places. The ids of those moved.
+    fn move_back(
+        &self,
+        plugin: &str,
+        limit: usize,
+        mut pick: impl FnMut(&DeadLetter) -> bool,
+    ) -> Result<Vec<String>, BusError> {
         let topo = lock(&self.inner.topo);
         let queue = topo
             .queues
@@ -315,29 +339,30 @@ impl EmbeddedBus {
         let mut dead = lock(&self.inner.dead);
         dead.prune(now_ms());
         let Some(letters) = dead.letters.get_mut(plugin) else {
-            return Ok(0);
+            return Ok(Vec::new());
         };
-        let mut moved = 0;
-        while moved < limit {
-            let Some(kept) = letters.pop_front() else {
-                break;
-            };
+        let mut staying = VecDeque::with_capacity(letters.len());
+        let mut moved = Vec::new();
+        while let Some(kept) = letters.pop_front() {
+            if moved.len() >= limit || !pick(&kept.letter) {
+                staying.push_back(kept);
+                continue;
+            }
             let delivered = Delivered {
                 attempt: 1,
                 first_failure: None,
                 ..kept.letter.delivered.clone()
             };
-            match self.enqueue(queue, plugin, delivered) {
-                Ok(()) => {
-                    moved += 1;
-                    queue.counters.redriven.fetch_add(1, Ordering::SeqCst);
-                }
-                Err(_) => {
-                    letters.push_front(kept);
-                    break;
-                }
+            if self.enqueue(queue, plugin, delivered).is_err() {
+                // Full: this one and the rest stay, in order.
+                staying.push_back(kept);
+                staying.extend(letters.drain(..));
+                break;
             }
+            moved.push(kept.letter.id());
+            queue.counters.redriven.fetch_add(1, Ordering::SeqCst);
         }
+        *letters = staying;
         Ok(moved)
     }
 
@@ -1063,5 +1088,44 @@ mod tests {
             .map(|l| l.delivered.message.message_id.unwrap())
             .collect();
         assert_eq!(kept, ["fresh"]);
+    }
+
+    #[test]
+    fn chosen_letters_are_redriven_until_the_queue_is_full_and_the_rest_keep_their_order() {
+        use crate::bus::{Bus as _, QueueSpec, Topology};
+        let bus = EmbeddedBus::new();
+        let queue = QueueSpec {
+            plugin: "worker".into(),
+            capacity: 2,
+            prefetch: 1,
+            ordered: false,
+            retry_delays: Vec::new(),
+        };
+        bus.apply(&Topology {
+            queues: vec![queue],
+            ..Topology::default()
+        })
+        .unwrap();
+        for id in ["a", "b", "c", "d", "e"] {
+            bus.restore_dead_letter("worker", letter(id, &crate::envelope::now_rfc3339()));
+        }
+        let chosen = ["b", "d", "e", "z"].map(String::from).into_iter().collect();
+        // Room for two: b and d move; e stays where it was.
+        let moved = bus.redrive_ids("worker", &chosen).unwrap();
+        assert_eq!(moved, ["b", "d"]);
+        let left: Vec<String> = bus
+            .dead_letters("worker")
+            .iter()
+            .map(DeadLetter::id)
+            .collect();
+        assert_eq!(left, ["a", "c", "e"]);
+        let queued = bus.consume("worker").unwrap();
+        let first = queued.try_recv().unwrap();
+        assert_eq!(first.delivered.message.message_id.as_deref(), Some("b"));
+        assert_eq!(first.delivered.attempt, 1);
+        assert_eq!(
+            bus.redrive_ids("nobody", &chosen),
+            Err(BusError::NoSuchQueue("nobody".into()))
+        );
     }
 }

@@ -47,6 +47,12 @@ pub struct DeadLetter {
 }
 
 impl DeadLetter {
+    /// What names this letter when an operator picks letters to redrive:
+    /// the id of the event it carries ([`Delivered::event_id`]).
+    pub fn id(&self) -> String {
+        self.delivered.event_id()
+    }
+
     /// The dead letter as the admin API and `switchboard dlq list` show it;
     /// a body that is not JSON is shown as base64.
     pub fn to_json(&self) -> serde_json::Value {
@@ -56,6 +62,7 @@ impl DeadLetter {
             serde_json::json!({"body_base64": base64::engine::general_purpose::STANDARD.encode(body)})
         });
         serde_json::json!({
+            "id": self.id(),
             "exchange": self.delivered.exchange,
             "routing_key": self.delivered.routing_key,
             "kind": self.failure.kind,
@@ -219,6 +226,28 @@ pub struct Delivered {
     pub attempt: u32,
     /// When the first attempt failed, if one did.
     pub first_failure: Option<String>,
+}
+
+impl Delivered {
+    /// The id of the event this message carries, as the router decodes it
+    /// (the envelope's id, else the message id, else the id derived from its
+    /// content): the id the stream, the logs and the dead letters show.
+    pub fn event_id(&self) -> String {
+        match crate::envelope::decode(&self.exchange, &self.routing_key, &self.message, 1) {
+            Ok(event) => event.id,
+            Err(_) => match self
+                .message
+                .message_id
+                .as_deref()
+                .filter(|id| !id.is_empty())
+            {
+                Some(id) => id.to_string(),
+                None => {
+                    crate::envelope::derived_id(&self.exchange, &self.routing_key, &self.message)
+                }
+            },
+        }
+    }
 }
 
 /// A delivery: the message, and how to settle it.

@@ -25,7 +25,7 @@ use serde_json::{Value, json};
 use crate::archive::ArchivedEvent;
 use crate::config::{KvBackend, RouterConfig};
 use crate::kv::{EmbeddedStore, KvStore};
-use crate::replay::{self, Changes, Offline, Verdict};
+use crate::replay::{self, Changes, Offline};
 use crate::runtime::{Runtime, RuntimeConfig};
 
 /// `switchboard replay`.
@@ -153,42 +153,23 @@ impl Replay<'_> {
         let events = self.events;
         let running = self.load(None, state.base())?;
         let candidate = self.load(Some(candidate), state.base())?;
-        let mut counts = [0usize; 4];
-        for event in events {
-            let before = running.run(event);
-            let after = candidate.run(event);
-            let verdict = replay::compare(&before, &after);
-            counts[verdict as usize] += 1;
-            if verdict != Verdict::Same {
-                let line = json!({
-                    "input": event.id,
-                    "kind": event.kind,
-                    "routing_key": event.routing_key,
-                    "verdict": verdict.as_str(),
-                    "running": without_input(before),
-                    "candidate": without_input(after),
-                });
-                writeln!(out, "{line}")?;
-            }
+        let report = replay::diff(&running, &candidate, events);
+        for line in &report.differing {
+            writeln!(out, "{line}")?;
         }
-        let [same, differ, only_running, only_candidate] = counts;
-        let summary = json!({"summary": {
-            "events": events.len(),
-            "same": same,
-            "differ": differ,
-            "fails_only_in_running": only_running,
-            "fails_only_in_candidate": only_candidate,
-            "running": running.version(),
-            "candidate": candidate.version(),
-        }});
-        writeln!(out, "{summary}")?;
+        let summary = &report.summary;
+        writeln!(out, "{}", json!({"summary": summary}))?;
         writeln!(
             err,
-            "{} events: {same} same, {differ} differ, {only_running} fail only in the running \
-         version, {only_candidate} only in the candidate; nothing published",
-            events.len()
+            "{} events: {} same, {} differ, {} fail only in the running version, {} only in \
+             the candidate; nothing published",
+            events.len(),
+            summary["same"],
+            summary["differ"],
+            summary["fails_only_in_running"],
+            summary["fails_only_in_candidate"],
         )?;
-        Ok(i32::from(same != events.len()))
+        Ok(i32::from(!report.all_same))
     }
 
     /// `--rebuild`: the aggregate's events from empty state, retries included
@@ -245,14 +226,6 @@ fn select(config: &RouterConfig, args: &ReplayArgs) -> anyhow::Result<Vec<Archiv
         events.truncate(limit);
     }
     Ok(events)
-}
-
-fn without_input(mut line: Value) -> Value {
-    if let Some(obj) = line.as_object_mut() {
-        obj.remove("input");
-        obj.remove("kind");
-    }
-    line
 }
 
 /// The live plugin state an offline replay starts from, read only: Redis

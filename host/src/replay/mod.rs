@@ -215,6 +215,66 @@ pub fn compare(running: &Value, candidate: &Value) -> Verdict {
     }
 }
 
+/// What `--diff` reports: the events whose outcomes differ between the
+/// running version and a candidate, then a summary.
+#[derive(Debug, Clone)]
+pub struct DiffReport {
+    /// One line per event whose outcomes differ: `{"input", "kind",
+    /// "routing_key", "verdict", "running", "candidate"}`.
+    pub differing: Vec<Value>,
+    /// `{"events", "same", "differ", "fails_only_in_running",
+    /// "fails_only_in_candidate", "running", "candidate"}` (the versions).
+    pub summary: Value,
+    /// Whether every event came out the same.
+    pub all_same: bool,
+}
+
+/// Each of `events` through `running` and through `candidate` (each on its
+/// own scratch state), compared ([`compare`]).
+pub fn diff(running: &Offline, candidate: &Offline, events: &[ArchivedEvent]) -> DiffReport {
+    let mut counts = [0usize; 4];
+    let mut differing = Vec::new();
+    for event in events {
+        let before = running.run(event);
+        let after = candidate.run(event);
+        let verdict = compare(&before, &after);
+        counts[verdict as usize] += 1;
+        if verdict != Verdict::Same {
+            differing.push(json!({
+                "input": event.id,
+                "kind": event.kind,
+                "routing_key": event.routing_key,
+                "verdict": verdict.as_str(),
+                "running": without_input(before),
+                "candidate": without_input(after),
+            }));
+        }
+    }
+    let [same, differ, only_running, only_candidate] = counts;
+    DiffReport {
+        differing,
+        summary: json!({
+            "events": events.len(),
+            "same": same,
+            "differ": differ,
+            "fails_only_in_running": only_running,
+            "fails_only_in_candidate": only_candidate,
+            "running": running.version(),
+            "candidate": candidate.version(),
+        }),
+        all_same: same == events.len(),
+    }
+}
+
+/// An outcome line without what the diff line already says of the event.
+fn without_input(mut line: Value) -> Value {
+    if let Some(obj) = line.as_object_mut() {
+        obj.remove("input");
+        obj.remove("kind");
+    }
+    line
+}
+
 /// Failure kinds that belong to an event's history: production settled them
 /// the same way (dead-lettered), so a rebuild goes past them. A `retry` is
 /// tried again ([`run_history`]); any other failure (a timeout, a trap) stops

@@ -324,7 +324,21 @@ async function dlqView(name) {
   const result = h('span', { testid: 'redrive-result', role: 'status' });
   const table = h('tbody');
   const pager = h('div.pager');
+  const chosen = new Set(); // event ids of the letters ticked
+  const redriveChosen = actionButton('Redrive selected', { type: 'button', testid: 'redrive-selected', disabled: true, onclick: () => chosen.size && redrive(0, [...chosen]) });
+  const showChosen = () => {
+    redriveChosen.textContent = `Redrive selected (${chosen.size})`;
+    redriveChosen.disabled = !chosen.size || !actionsPossible();
+  };
+  const pickAll = h('input', { type: 'checkbox', testid: 'dlq-pick-all', 'aria-label': 'Select every letter on this page', onchange: () => {
+    table.querySelectorAll('input[data-id]').forEach((box) => {
+      box.checked = pickAll.checked;
+      if (box.checked) chosen.add(box.dataset.id); else chosen.delete(box.dataset.id);
+    });
+    showChosen();
+  } });
   let offset = 0;
+  const COLS = 10;
   const counts = () => {
     const p = plugins.find((x) => x.name === name);
     count.textContent = p ? fmtNum(dlqSize(p)) : '–';
@@ -333,27 +347,39 @@ async function dlqView(name) {
   const load = async () => {
     if (!name) return;
     const r = await json(`/api/dlq/${enc(name)}?offset=${offset}&limit=${PAGE}`);
-    if (!r.ok) return table.replaceChildren(h('tr', {}, h('td.error', { colspan: 8 }, r.body.error)));
+    if (!r.ok) return table.replaceChildren(h('tr', {}, h('td.error', { colspan: COLS }, r.body.error)));
     const items = r.body.items || [];
+    const present = new Set(items.map((d) => d.id));
+    [...chosen].filter((id) => !present.has(id)).forEach((id) => chosen.delete(id));
+    pickAll.checked = false;
     table.replaceChildren(...items.flatMap((d, i) => {
-      const body = h('tr.detail', { hidden: true }, h('td', { colspan: 8 }, h('pre', { testid: 'dlq-body' }, JSON.stringify(d.message, null, 2))));
+      const body = h('tr.detail', { hidden: true }, h('td', { colspan: COLS }, h('pre', { testid: 'dlq-body' }, JSON.stringify(d.message, null, 2))));
       const open = h('button.link', { type: 'button', 'aria-expanded': 'false', testid: 'dlq-open', onclick: () => {
         body.hidden = !body.hidden; open.setAttribute('aria-expanded', String(!body.hidden));
       } }, `#${offset + i + 1}`);
-      return [h('tr', { testid: 'dlq-row' }, h('td', {}, open), h('td', {}, d.routing_key), h('td', {}, d.kind), h('td.error', {}, d.reason),
+      const pick = h('input', { type: 'checkbox', testid: 'dlq-pick', 'data-id': d.id, 'aria-label': `Select letter ${d.id}`, checked: chosen.has(d.id), onchange: () => {
+        if (pick.checked) chosen.add(d.id); else chosen.delete(d.id);
+        showChosen();
+      } });
+      return [h('tr', { testid: 'dlq-row', 'data-id': d.id }, h('td', {}, pick), h('td', {}, open), h('td.mono', {}, d.id), h('td', {}, d.routing_key), h('td', {}, d.kind), h('td.error', {}, d.reason),
         h('td.num', {}, d.attempts), h('td.mono', {}, d.plugin_version || '–'), h('td', {}, fmtTime(d.first_failure)), h('td', {}, fmtTime(d.dead_lettered_at))), body];
     }));
-    if (!items.length) table.append(h('tr', {}, h('td', { colspan: 8 }, 'No dead letters.')));
+    if (!items.length) table.append(h('tr', {}, h('td', { colspan: COLS }, 'No dead letters.')));
+    showChosen();
     pager.replaceChildren(
       h('button', { type: 'button', disabled: offset === 0, onclick: () => { offset = Math.max(0, offset - PAGE); load(); } }, 'Previous'),
       h('span.muted', {}, items.length ? ` ${offset + 1}–${offset + items.length} ` : ' '),
       h('button', { type: 'button', disabled: r.body.next_offset == null, onclick: () => { offset = r.body.next_offset; load(); } }, 'Next'));
   };
-  const redrive = async (limit) => {
+  const redrive = async (limit, ids) => {
     result.textContent = 'Redriving…';
-    const r = await json(`/api/dlq/${enc(name)}/redrive${limit ? `?limit=${limit}` : ''}`, { method: 'POST' });
-    result.textContent = r.ok ? `Redriven: ${r.body.redriven}` : `Refused (${r.status}): ${r.body.error}`;
+    const r = ids
+      ? await json(`/api/dlq/${enc(name)}/redrive`, { method: 'POST', headers: { 'Content-Type': 'application/json' }, body: JSON.stringify({ ids }) })
+      : await json(`/api/dlq/${enc(name)}/redrive${limit ? `?limit=${limit}` : ''}`, { method: 'POST' });
+    const missing = r.ok && r.body.not_found?.length ? ` (no longer dead-lettered: ${r.body.not_found.join(', ')})` : '';
+    result.textContent = r.ok ? `Redriven: ${r.body.redriven}${missing}` : `Refused (${r.status}): ${r.body.error}`;
     result.className = r.ok ? 'ok' : 'error';
+    if (r.ok) chosen.clear();
     offset = 0;
     await load();
     setTimeout(load, 1000);
@@ -362,8 +388,10 @@ async function dlqView(name) {
     h('div.inline', {}, h('label', { for: 'dlq-plugin' }, 'Plugin'), select,
       h('span', {}, 'Dead letters: ', count), h('span', {}, 'Handled: ', handled),
       actionButton('Redrive oldest', { type: 'button', testid: 'redrive-oldest', onclick: () => redrive(1) }),
+      redriveChosen,
       actionButton('Redrive all', { type: 'button', testid: 'redrive-all', onclick: () => redrive(0) }), result),
-    h('div.scroll', {}, h('table', { testid: 'dlq-table' }, h('thead', {}, h('tr', {}, ['', 'Routing key', 'Kind', 'Reason', 'Attempts', 'Plugin version', 'First failure', 'Dead-lettered at'].map((c) => h('th', { scope: 'col' }, c)))), table)), pager);
+    h('div.scroll', {}, h('table', { testid: 'dlq-table' }, h('thead', {}, h('tr', {}, h('th', { scope: 'col' }, pickAll),
+      ['', 'Event id', 'Routing key', 'Kind', 'Reason', 'Attempts', 'Plugin version', 'First failure', 'Dead-lettered at'].map((c) => h('th', { scope: 'col' }, c)))), table)), pager);
   counts();
   await load();
   return () => counts();
@@ -420,7 +448,44 @@ function historyView() {
       h('tbody', {}, items.length ? items.map((ev) => h('tr', { testid: 'history-row' }, h('td', {}, fmtTime(ev.time)), h('td', {}, ev.routing_key),
         h('td.mono', {}, ev.id), h('td.mono', {}, ev.body?.causation_id || '–'))) : h('tr', {}, h('td', { colspan: 4 }, 'No events for this aggregate.')))));
   } }, h('label', { for: 'aggregate' }, 'Aggregate id'), input, h('button', { type: 'submit' }, 'Search'));
-  main.replaceChildren(h('h1', {}, 'History'), h('p.muted', {}, 'Archived events of one aggregate, oldest first.'), form, out);
+  main.replaceChildren(h('h1', {}, 'History'), h('p.muted', {}, 'Archived events of one aggregate, oldest first.'), form, out, diffForm());
+}
+
+/** replay --diff: a candidate .wasm against the running version, over the
+ * archived events the plugin gets (of one aggregate, or all), offline. */
+function diffForm() {
+  const plugin = h('select', { id: 'diff-plugin', testid: 'diff-plugin' }, plugins.map((p) => h('option', {}, p.name)));
+  const aggregate = h('input', { id: 'diff-aggregate', testid: 'diff-aggregate', placeholder: 'every aggregate' });
+  const file = h('input', { id: 'diff-file', testid: 'diff-file', type: 'file', accept: '.wasm,application/wasm', required: true });
+  const out = h('div', { testid: 'diff-result', role: 'status' });
+  const run = actionButton('Run diff', { type: 'submit', testid: 'diff-run' });
+  const form = h('form.inline', { onsubmit: async (e) => {
+    e.preventDefault();
+    const candidate = file.files[0];
+    if (!candidate) return;
+    out.replaceChildren(h('p.muted', {}, `Running every event through ${plugin.value} and ${candidate.name}…`));
+    const agg = aggregate.value.trim();
+    const r = await json(`/api/plugins/${enc(plugin.value)}/diff${agg ? `?aggregate=${enc(agg)}` : ''}`,
+      { method: 'POST', headers: { 'Content-Type': 'application/wasm' }, body: candidate });
+    if (!r.ok) return out.replaceChildren(h('p.error', { testid: 'diff-error' }, `Refused (${r.status}): ${r.body.error}`));
+    const s = r.body.summary;
+    const side = (label, line) => h('div', {}, h('h3', {}, label), h('pre', {}, JSON.stringify(line, null, 2)));
+    const rows = r.body.differing.flatMap((d) => {
+      const detail = h('tr.detail', { hidden: true }, h('td', { colspan: 4 }, h('div.sides', {}, side(`Running (${s.running})`, d.running), side(`Candidate (${s.candidate})`, d.candidate))));
+      const open = h('button.link', { type: 'button', 'aria-expanded': 'false', onclick: () => {
+        detail.hidden = !detail.hidden; open.setAttribute('aria-expanded', String(!detail.hidden));
+      } }, d.input);
+      return [h('tr', { testid: 'diff-row', 'data-verdict': d.verdict }, h('td.mono', {}, open), h('td', {}, d.kind), h('td', {}, d.routing_key), h('td', {}, d.verdict.replaceAll('_', ' '))), detail];
+    });
+    out.replaceChildren(
+      h('p', { testid: 'diff-summary' }, `${s.events} events: ${s.same} same, ${s.differ} differ, ${s.fails_only_in_running} fail only in the running version, ${s.fails_only_in_candidate} only in the candidate. Nothing was published.`),
+      rows.length ? h('table', {}, h('thead', {}, h('tr', {}, ['Event', 'Kind', 'Routing key', 'Verdict'].map((c) => h('th', { scope: 'col' }, c)))), h('tbody', {}, rows))
+        : h('p.ok', {}, 'The candidate does what the running version does with every event.'));
+  } }, h('label', { for: 'diff-plugin' }, 'Plugin'), plugin, h('label', { for: 'diff-aggregate' }, 'Aggregate'), aggregate,
+  h('label', { for: 'diff-file' }, 'Candidate'), file, run);
+  return h('section', { testid: 'diff' }, h('h2', {}, 'Compare a candidate (replay --diff)'),
+    h('p.muted', {}, 'Runs the archived events the plugin gets through the running version and a candidate .wasm, each on a scratch copy of the plugin state. Nothing is published or written.'),
+    form, out);
 }
 
 // ---- Router -------------------------------------------------------------------

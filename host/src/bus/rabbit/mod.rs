@@ -426,6 +426,32 @@ impl RabbitBus {
         })
     }
 
+    /// Moves the dead letters of `plugin` whose [`DeadLetter::id`] is one of
+    /// `ids` back to its queue, as first attempts; the others stay. Returns
+    /// the ids of the letters moved, one per letter.
+    pub fn redrive_ids(
+        &self,
+        plugin: &str,
+        ids: &std::collections::BTreeSet<String>,
+    ) -> Result<Vec<String>, BusError> {
+        let inner = self.inner.clone();
+        let plugin = plugin.to_string();
+        let ids = ids.clone();
+        self.block(async move {
+            let deadline = Instant::now() + inner.settings.timeout;
+            let session = wait_session(&inner, deadline).await?;
+            tools::redrive_ids(
+                &session.connection,
+                &inner.names,
+                &plugin,
+                &ids,
+                inner.settings.timeout,
+            )
+            .await
+            .map_err(BusError::Unavailable)
+        })
+    }
+
     /// Puts `messages` in `plugin`'s queue as first attempts (a replay);
     /// returns how many, all confirmed.
     pub fn deliver(&self, plugin: &str, messages: Vec<Delivered>) -> Result<usize, BusError> {

@@ -97,6 +97,49 @@ pub async fn redrive(
     .await
 }
 
+/// Moves the dead letters of `plugin` whose [`DeadLetter::id`] is one of
+/// `ids` back to its queue as first attempts; each is published (confirmed)
+/// before it is removed from the DLQ. Reads the DLQ once through (as many
+/// letters as it held when asked); the others go back to it. Returns the ids
+/// of the letters moved, one per letter.
+pub async fn redrive_ids(
+    connection: &Connection,
+    names: &Names,
+    plugin: &str,
+    ids: &std::collections::BTreeSet<String>,
+    timeout: Duration,
+) -> Result<Vec<String>, String> {
+    let queue = names.queue(plugin);
+    if depth(connection, &queue).await?.is_none() {
+        return Err(format!("queue {queue:?} does not exist"));
+    }
+    let dlq = names.dlq(plugin);
+    let Some((held, _)) = depth(connection, &dlq).await? else {
+        return Ok(Vec::new());
+    };
+    let held = usize::try_from(held).unwrap_or(usize::MAX);
+    let chosen = std::sync::Mutex::new(Vec::new());
+    let moved = move_some(connection, &dlq, usize::MAX, held, timeout, |d| {
+        let message = amqp::message(d.data, &d.properties);
+        let delivered = amqp::delivered(d.exchange.as_str(), d.routing_key.as_str(), message, true);
+        let id = delivered.event_id();
+        ids.contains(&id).then(|| {
+            chosen
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push(id);
+            let message = amqp::redriven(&delivered.message);
+            (String::new(), queue.clone(), message)
+        })
+    })
+    .await?;
+    let mut chosen = chosen
+        .into_inner()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    chosen.truncate(moved);
+    Ok(chosen)
+}
+
 /// A channel of its own in confirm mode, for publishes this module makes.
 async fn confirming_channel(connection: &Connection) -> Result<lapin::Channel, String> {
     let channel = connection
@@ -171,20 +214,40 @@ async fn move_messages(
     timeout: Duration,
     to: impl Fn(lapin::message::Delivery) -> (String, String, crate::bus::Message),
 ) -> Result<usize, String> {
+    move_some(connection, from, limit, usize::MAX, timeout, |d| {
+        Some(to(d))
+    })
+    .await
+}
+
+/// [`move_messages`], reading at most `scan` messages of `from` and moving
+/// those `to` gives a destination; the others are left unacknowledged, so
+/// closing the channel puts them back in `from`.
+async fn move_some(
+    connection: &Connection,
+    from: &str,
+    limit: usize,
+    scan: usize,
+    timeout: Duration,
+    to: impl Fn(lapin::message::Delivery) -> Option<(String, String, crate::bus::Message)>,
+) -> Result<usize, String> {
     let channel = confirming_channel(connection).await?;
     let options = BasicPublishOptions {
         mandatory: true,
         ..BasicPublishOptions::default()
     };
-    let mut moved = 0;
-    while moved < limit {
+    let (mut moved, mut seen) = (0, 0);
+    while moved < limit && seen < scan {
         let got = channel
             .basic_get(from.into(), BasicGetOptions { no_ack: false })
             .await
             .map_err(|e| format!("cannot read {from:?}: {e}"))?;
         let Some(got) = got else { break };
+        seen += 1;
         let acker = got.delivery.acker.clone();
-        let (exchange, key, message) = to(got.delivery);
+        let Some((exchange, key, message)) = to(got.delivery) else {
+            continue;
+        };
         let confirm = channel
             .basic_publish(
                 exchange.as_str().into(),
