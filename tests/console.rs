@@ -72,6 +72,11 @@ fn ensure_ready() -> bool {
 /// Runs one scenario of console.test.mjs against `r`, one browser at a time;
 /// false when skipped.
 fn scenario(name: &str, r: &Running, extra: Option<&str>) -> bool {
+    scenario_with(name, r, extra.as_slice())
+}
+
+/// [`scenario`] with any number of extra arguments.
+fn scenario_with(name: &str, r: &Running, extra: &[&str]) -> bool {
     let mut ready = READY.lock().unwrap_or_else(|e| e.into_inner());
     if !*ready.get_or_insert_with(ensure_ready) {
         return false;
@@ -91,6 +96,18 @@ fn scenario(name: &str, r: &Running, extra: Option<&str>) -> bool {
     assert!(output.status.success(), "scenario {name} failed:\n{text}");
     eprintln!("{} ({:.1?})", text.trim(), started.elapsed());
     true
+}
+
+/// The component at `path` with the text `from` replaced by `to` (as long).
+fn patched(path: &Path, from: &str, to: &str) -> Vec<u8> {
+    assert_eq!(from.len(), to.len());
+    let mut bytes = std::fs::read(path).unwrap();
+    let at = bytes
+        .windows(from.len())
+        .position(|w| w == from.as_bytes())
+        .unwrap_or_else(|| panic!("{from:?} is not in {}", path.display()));
+    bytes[at..at + from.len()].copy_from_slice(to.as_bytes());
+    bytes
 }
 
 /// Posts events from a thread until dropped: `next(i)` gives (routing key, envelope).
@@ -258,14 +275,11 @@ field = "data.order_id"
     });
     // A copy of notification whose order.shipped subject reads differently.
     let candidate = r.dir.join("notification-candidate.wasm");
-    let mut bytes = std::fs::read(wasm("notification")).unwrap();
-    let (from, to) = (b"has shipped", b"was shipped");
-    let at = bytes
-        .windows(from.len())
-        .position(|w| w == from)
-        .expect("the subject text is in the component");
-    bytes[at..at + from.len()].copy_from_slice(to);
-    std::fs::write(&candidate, bytes).unwrap();
+    std::fs::write(
+        &candidate,
+        patched(&wasm("notification"), "has shipped", "was shipped"),
+    )
+    .unwrap();
     scenario("diff", &r, Some(candidate.to_str().unwrap()));
 }
 
@@ -374,9 +388,17 @@ fn screenshots_for_the_readme() {
             ),
         }
     });
+    // A notification candidate whose bill.paid email shouts its thanks.
+    let candidate = r.dir.join("notification-candidate.wasm");
+    std::fs::write(
+        &candidate,
+        patched(&wasm("notification"), "Thank you: bill", "THANK YOU: bill"),
+    )
+    .unwrap();
     let out = root.join("docs/console");
     std::fs::create_dir_all(&out).unwrap();
-    if scenario("screenshots", &r, Some(out.to_str().unwrap())) {
+    let extra = [out.to_str().unwrap(), candidate.to_str().unwrap()];
+    if scenario_with("screenshots", &r, &extra) {
         eprintln!("screenshots in {}", out.display());
     }
 }

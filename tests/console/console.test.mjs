@@ -1,10 +1,10 @@
 // Browser scenarios of the console, run by tests/console.rs against a running
-// appliance: `node console.test.mjs <scenario> <url> [token-or-screenshot-dir]`.
+// appliance: `node console.test.mjs <scenario> <url> [token|screenshot-dir|candidate] [candidate]`.
 // Exits 0 when the scenario holds; prints what failed otherwise. Drives Debian's
 // chromium (CHROMIUM overrides the path) through playwright-core.
 import { chromium } from 'playwright-core';
 
-const [scenario, url, extra] = process.argv.slice(2);
+const [scenario, url, extra, candidate] = process.argv.slice(2);
 const TIMEOUT = 15000;
 
 /** Polls `check` (async, returns truthy when done) until it holds. */
@@ -196,6 +196,7 @@ const scenarios = {
     await shot('events');
     await page.goto(`${url}/ui/#/dlq/billing`);
     await page.getByTestId('dlq-open').first().click();
+    await page.getByTestId('dlq-pick').first().check();
     await shot('dead-letters');
     await page.goto(`${url}/ui/#/plugin/notification`);
     await page.getByTestId('plugin-limits').waitFor();
@@ -204,12 +205,18 @@ const scenarios = {
     await page.getByTestId('history-aggregate').fill('B-1');
     await page.getByRole('button', { name: 'Search' }).click();
     await page.getByTestId('history-row').first().waitFor();
-    await shot('history');
+    // replay --diff of a notification candidate over bill B-1's events.
+    await page.getByTestId('diff-plugin').selectOption('notification');
+    await page.getByTestId('diff-aggregate').fill('B-1');
+    await page.getByTestId('diff-file').setInputFiles(candidate);
+    await page.getByTestId('diff-run').click();
+    await page.getByTestId('diff-row').first().getByRole('button').click({ timeout: 60000 });
+    await page.screenshot({ path: `${extra}/history.png`, fullPage: true });
   },
 };
 
 if (!scenarios[scenario] || !url) {
-  console.error(`usage: node console.test.mjs <${Object.keys(scenarios).join('|')}> <url> [token|dir]`);
+  console.error(`usage: node console.test.mjs <${Object.keys(scenarios).join('|')}> <url> [token|dir|candidate] [candidate]`);
   process.exit(2);
 }
 

@@ -478,7 +478,7 @@ function diffForm() {
       return [h('tr', { testid: 'diff-row', 'data-verdict': d.verdict }, h('td.mono', {}, open), h('td', {}, d.kind), h('td', {}, d.routing_key), h('td', {}, d.verdict.replaceAll('_', ' '))), detail];
     });
     out.replaceChildren(
-      h('p', { testid: 'diff-summary' }, `${s.events} events: ${s.same} same, ${s.differ} differ, ${s.fails_only_in_running} fail only in the running version, ${s.fails_only_in_candidate} only in the candidate. Nothing was published.`),
+      h('p', { testid: 'diff-summary' }, `${s.events} event${s.events === 1 ? '' : 's'}: ${s.same} same, ${s.differ} differ, ${s.fails_only_in_running} fail only in the running version, ${s.fails_only_in_candidate} only in the candidate. Nothing was published.`),
       rows.length ? h('table', {}, h('thead', {}, h('tr', {}, ['Event', 'Kind', 'Routing key', 'Verdict'].map((c) => h('th', { scope: 'col' }, c)))), h('tbody', {}, rows))
         : h('p.ok', {}, 'The candidate does what the running version does with every event.'));
   } }, h('label', { for: 'diff-plugin' }, 'Plugin'), plugin, h('label', { for: 'diff-aggregate' }, 'Aggregate'), aggregate,
