@@ -196,7 +196,7 @@ pub(super) async fn events(
 ) -> Response {
     let mut query = match archive_query(&appliance, &q) {
         Ok(query) => query,
-        Err(response) => return response,
+        Err((status, why)) => return error(status, why),
     };
     let limit = q.limit.unwrap_or(100).clamp(1, MAX_PAGE);
     query.limit = Some(limit);
@@ -214,12 +214,12 @@ pub(super) async fn events(
     }
 }
 
-/// The archive query `q` asks for (its `limit` aside); `Err` is the response
-/// to give (no archive here, or a bad parameter).
+/// The archive query `q` asks for (its `limit` aside); `Err` is the status
+/// and reason to answer with (no archive here, or a bad parameter).
 fn archive_query(
     appliance: &Appliance,
     q: &EventsQuery,
-) -> Result<crate::archive::Query, Response> {
+) -> Result<crate::archive::Query, (StatusCode, String)> {
     let config = appliance.config();
     let here = appliance
         .transport()
@@ -227,9 +227,9 @@ fn archive_query(
         .is_some_and(|b| b.archive().is_some())
         || (appliance.transport().rabbit().is_some() && config.archive.enabled);
     if !here {
-        return Err(error(
+        return Err((
             StatusCode::NOT_FOUND,
-            "the event archive is not enabled here ([archive] enabled = true)",
+            "the event archive is not enabled here ([archive] enabled = true)".into(),
         ));
     }
     let mut query = crate::archive::Query::parse(
@@ -239,7 +239,7 @@ fn archive_query(
         q.since.as_deref(),
         q.until.as_deref(),
     )
-    .map_err(|why| error(StatusCode::BAD_REQUEST, why))?;
+    .map_err(|why| (StatusCode::BAD_REQUEST, why))?;
     query.after = q.after;
     Ok(query)
 }
@@ -456,7 +456,7 @@ pub(super) async fn diff(
     }
     let mut query = match archive_query(&appliance, &q) {
         Ok(query) => query,
-        Err(response) => return response,
+        Err((status, why)) => return error(status, why),
     };
     if body.is_empty() {
         return error(
