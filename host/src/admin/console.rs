@@ -71,10 +71,10 @@ pub(super) async fn asset(file: Option<Path<String>>) -> Response {
 /// (redrive, reload), the bus, whether there is an archive.
 pub(super) async fn info(State(appliance): State<Appliance>, request: Request) -> Response {
     let config = appliance.config();
-    let bus = if appliance.transport().rabbit().is_some() {
-        "rabbitmq"
-    } else {
-        "embedded"
+    let bus = match appliance.transport() {
+        crate::appliance::Transport::Embedded(_) => "embedded",
+        crate::appliance::Transport::Rabbit(_) => "rabbitmq",
+        crate::appliance::Transport::Redis(_) => "redis-streams",
     };
     Json(json!({
         "token_required": config.http.token.is_some(),

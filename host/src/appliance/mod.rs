@@ -21,7 +21,7 @@
 //!   retiring.
 //! - `status`: plugin status and metrics, from a snapshot of the slots.
 //! - `ingress`: events from outside onto the bus.
-//! - `transport`: the embedded bus or RabbitMQ.
+//! - `transport`: the embedded bus, RabbitMQ or Redis Streams.
 //! - `spool`: what the embedded bus still holds at shutdown.
 
 mod ingress;
@@ -46,6 +46,7 @@ pub use transport::Transport;
 
 use crate::bus::embedded::EmbeddedBus;
 use crate::bus::rabbit::{RabbitBus, RabbitSettings};
+use crate::bus::redis::{RedisBus, RedisBusSettings};
 use crate::config::RouterConfig;
 use crate::kv::KvStore;
 use crate::metrics::{LoadResult, Metrics};
@@ -94,12 +95,14 @@ impl Appliance {
         let runtime = Runtime::new(config.runtime_config())?;
         let kv = config.open_kv()?;
         let metrics = Arc::new(Metrics::new());
-        let bus = match RabbitSettings::from_config(&config) {
-            Some(mut settings) => {
+        let rabbit = RabbitSettings::from_config(&config);
+        let bus = match (RedisBusSettings::from_config(&config), rabbit) {
+            (Some(settings), _) => Transport::Redis(RedisBus::start(settings, topology(&config))?),
+            (None, Some(mut settings)) => {
                 settings.confirm_seconds = Some(metrics.confirm_seconds.clone());
                 Transport::Rabbit(RabbitBus::start(settings, topology(&config))?)
             }
-            None => {
+            (None, None) => {
                 let archive = if config.archive.enabled {
                     let archive = crate::archive::Archive::open(&config.state_dir, &config.archive)
                         .context("cannot open the event archive")?;
@@ -282,6 +285,17 @@ impl Appliance {
         lock(&self.inner.config_error).clone()
     }
 
+    /// Stops every plugin's workers (their queues are drained or given back
+    /// already).
+    fn stop_workers(&self) {
+        let slots = std::mem::take(&mut *lock(&self.inner.slots));
+        for slot in slots.into_values() {
+            if let Some(workers) = slot.workers {
+                workers.stop();
+            }
+        }
+    }
+
     /// Stops ingress, waits (at most `deadline`) for queued and in-flight events
     /// to finish, stops the workers and spools what still waits to the state
     /// folder. Returns how many events were spooled.
@@ -289,6 +303,20 @@ impl Appliance {
         self.stop_ingress();
         let embedded = match &self.inner.bus {
             Transport::Embedded(bus) => bus,
+            Transport::Redis(bus) => {
+                // Stop reading, finish what this process holds, then stop:
+                // anything unsettled stays pending and is claimed by a live
+                // replica (or this one's successor) after claim_idle.
+                bus.cancel_consumers();
+                if !bus.drain(deadline) {
+                    tracing::warn!(
+                        "drain deadline reached; unfinished events stay pending in Redis"
+                    );
+                }
+                self.stop_workers();
+                bus.close();
+                return Ok(0);
+            }
             Transport::Rabbit(bus) => {
                 // Stop new deliveries, finish what this process holds, then
                 // close: anything unsettled goes back to the broker's queues.
@@ -298,12 +326,7 @@ impl Appliance {
                         "drain deadline reached; unfinished events go back to the broker"
                     );
                 }
-                let slots = std::mem::take(&mut *lock(&self.inner.slots));
-                for slot in slots.into_values() {
-                    if let Some(workers) = slot.workers {
-                        workers.stop();
-                    }
-                }
+                self.stop_workers();
                 bus.close();
                 return Ok(0);
             }
@@ -312,12 +335,7 @@ impl Appliance {
         if !drained {
             tracing::warn!("drain deadline reached; what is left will be spooled");
         }
-        let slots = std::mem::take(&mut *lock(&self.inner.slots));
-        for slot in slots.into_values() {
-            if let Some(workers) = slot.workers {
-                workers.stop();
-            }
-        }
+        self.stop_workers();
         let left = embedded.take_all();
         let dead = embedded.take_dead_letters();
         let spooled = spool::save(&self.inner.config.load().state_dir, &left, &dead)?;

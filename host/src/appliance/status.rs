@@ -69,6 +69,13 @@ impl Appliance {
                     metrics.set_delayed_waiting(waiting);
                 }
             }
+            Transport::Redis(redis) => {
+                let link = redis.status();
+                metrics.set_bus(link.connected && link.declared, link.reconnects);
+                if let Ok(waiting) = redis.delayed_waiting() {
+                    metrics.set_delayed_waiting(waiting);
+                }
+            }
             Transport::Embedded(bus) => {
                 metrics.set_bus(true, 0);
                 metrics.set_delayed_waiting(bus.delayed_waiting() as u64);
@@ -131,6 +138,11 @@ impl Appliance {
         if let Some(rabbit) = self.inner.bus.rabbit() {
             for status in &mut statuses {
                 status.broker = rabbit.queue_stats(&status.name).ok();
+            }
+        }
+        if let Some(redis) = self.inner.bus.redis() {
+            for status in &mut statuses {
+                status.broker = redis.queue_stats(&status.name).ok();
             }
         }
         statuses

@@ -5,14 +5,17 @@ use std::sync::Arc;
 
 use crate::bus::embedded::EmbeddedBus;
 use crate::bus::rabbit::RabbitBus;
+use crate::bus::redis::RedisBus;
 use crate::bus::{Bus, BusError, DeadLetter, Delivered, Published};
 
-/// Where events travel: the in-process bus, or RabbitMQ when `[broker] url`
-/// (or `RABBITMQ_URL`) names one.
+/// Where events travel: the in-process bus, RabbitMQ when `[broker] url`
+/// (or `RABBITMQ_URL`) names one, or Redis Streams with `[broker] kind =
+/// "redis-streams"`.
 #[derive(Debug, Clone)]
 pub enum Transport {
     Embedded(EmbeddedBus),
     Rabbit(RabbitBus),
+    Redis(RedisBus),
 }
 
 impl Transport {
@@ -21,6 +24,7 @@ impl Transport {
         match self {
             Self::Embedded(b) => Arc::new(b.clone()),
             Self::Rabbit(b) => Arc::new(b.clone()),
+            Self::Redis(b) => Arc::new(b.clone()),
         }
     }
 
@@ -28,6 +32,7 @@ impl Transport {
         match self {
             Self::Embedded(b) => b,
             Self::Rabbit(b) => b,
+            Self::Redis(b) => b,
         }
     }
 
@@ -35,7 +40,7 @@ impl Transport {
     pub fn embedded(&self) -> Option<&EmbeddedBus> {
         match self {
             Self::Embedded(b) => Some(b),
-            Self::Rabbit(_) => None,
+            Self::Rabbit(_) | Self::Redis(_) => None,
         }
     }
 
@@ -43,7 +48,15 @@ impl Transport {
     pub fn rabbit(&self) -> Option<&RabbitBus> {
         match self {
             Self::Rabbit(b) => Some(b),
-            Self::Embedded(_) => None,
+            Self::Embedded(_) | Self::Redis(_) => None,
+        }
+    }
+
+    /// The Redis Streams bus, if that is the transport.
+    pub fn redis(&self) -> Option<&RedisBus> {
+        match self {
+            Self::Redis(b) => Some(b),
+            Self::Embedded(_) | Self::Rabbit(_) => None,
         }
     }
 
@@ -52,6 +65,7 @@ impl Transport {
         match self {
             Self::Embedded(b) => b.subscribe_stream(),
             Self::Rabbit(b) => b.subscribe_stream(),
+            Self::Redis(b) => b.subscribe_stream(),
         }
     }
 
@@ -60,6 +74,7 @@ impl Transport {
         match self {
             Self::Embedded(b) => b.unroutable(),
             Self::Rabbit(b) => b.unroutable(),
+            Self::Redis(b) => b.unroutable(),
         }
     }
 
@@ -68,6 +83,7 @@ impl Transport {
         match self {
             Self::Embedded(b) => Ok(b.dead_letters(plugin).into_iter().take(limit).collect()),
             Self::Rabbit(b) => b.dead_letters(plugin, limit),
+            Self::Redis(b) => b.dead_letters(plugin, limit),
         }
     }
 
@@ -77,6 +93,7 @@ impl Transport {
         match self {
             Self::Embedded(b) => b.deliver(plugin, messages),
             Self::Rabbit(b) => b.deliver(plugin, messages),
+            Self::Redis(b) => b.deliver(plugin, messages),
         }
     }
 
@@ -85,6 +102,7 @@ impl Transport {
         match self {
             Self::Embedded(b) => b.redrive(plugin, limit),
             Self::Rabbit(b) => b.redrive(plugin, limit),
+            Self::Redis(b) => b.redrive(plugin, limit),
         }
     }
 
@@ -99,6 +117,7 @@ impl Transport {
         match self {
             Self::Embedded(b) => b.redrive_ids(plugin, ids),
             Self::Rabbit(b) => b.redrive_ids(plugin, ids),
+            Self::Redis(b) => b.redrive_ids(plugin, ids),
         }
     }
 
@@ -108,6 +127,7 @@ impl Transport {
         match self {
             Self::Embedded(_) => true,
             Self::Rabbit(b) => b.is_ready(),
+            Self::Redis(b) => b.is_ready(),
         }
     }
 
@@ -119,6 +139,9 @@ impl Transport {
                 .get(plugin)
                 .is_some_and(|q| q.depth > 0 || q.in_flight > 0),
             Self::Rabbit(b) => b
+                .queue_stats(plugin)
+                .is_ok_and(|q| q.messages > 0 || q.in_flight > 0),
+            Self::Redis(b) => b
                 .queue_stats(plugin)
                 .is_ok_and(|q| q.messages > 0 || q.in_flight > 0),
         }

@@ -21,6 +21,7 @@
 pub mod embedded;
 mod message;
 pub mod rabbit;
+pub mod redis;
 pub mod timers;
 
 use std::time::Duration;

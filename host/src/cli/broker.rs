@@ -1,7 +1,7 @@
-//! The commands that talk to RabbitMQ directly: `publish`, `tail` and
-//! `dlq list|redrive`. They read the broker URL and prefix from router.toml
-//! (and the environment: `RABBITMQ_URL` & co.), open their own connection and
-//! close it when done.
+//! The commands that talk to the broker directly (RabbitMQ or Redis
+//! Streams): `publish`, `tail` and `dlq list|redrive`. They read the broker
+//! URL and prefix from router.toml (and the environment: `RABBITMQ_URL` & co.,
+//! `REDIS_BUS_URL`), open their own connection and close it when done.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -13,6 +13,7 @@ use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Confirmation};
 
 use crate::bus::rabbit::{Names, RabbitSettings, connect, describe, is_not_found, tools};
+use crate::bus::redis::{self as redis_bus, Keys, Link, RedisBusSettings};
 use crate::config::RouterConfig;
 use crate::envelope;
 
@@ -86,8 +87,8 @@ pub enum DlqCommand {
     },
 }
 
-fn settings(args: &BrokerArgs) -> anyhow::Result<RabbitSettings> {
-    let config = if args.config.exists() {
+fn config(args: &BrokerArgs) -> anyhow::Result<RouterConfig> {
+    Ok(if args.config.exists() {
         RouterConfig::load(&args.config)?
     } else {
         let mut config = RouterConfig::default();
@@ -96,7 +97,22 @@ fn settings(args: &BrokerArgs) -> anyhow::Result<RabbitSettings> {
             .validate()
             .map_err(|errors| anyhow::anyhow!("{}", errors.join("; ")))?;
         config
+    })
+}
+
+/// The Redis Streams bus the configuration chooses, if it does: a pool and
+/// the key names.
+fn redis(args: &BrokerArgs) -> anyhow::Result<Option<(RedisBusSettings, Link, Keys)>> {
+    let Some(settings) = RedisBusSettings::from_config(&config(args)?) else {
+        return Ok(None);
     };
+    let link = Link::new(&settings.url, settings.timeout, 2).map_err(anyhow::Error::msg)?;
+    let keys = Keys::new(&settings.prefix);
+    Ok(Some((settings, link, keys)))
+}
+
+fn settings(args: &BrokerArgs) -> anyhow::Result<RabbitSettings> {
+    let config = config(args)?;
     RabbitSettings::from_config(&config).with_context(|| {
         format!(
             "no broker is configured: set [broker] url in {} or RABBITMQ_URL",
@@ -125,6 +141,27 @@ fn read_body(body: &str) -> anyhow::Result<Vec<u8>> {
 /// Publishes one event (confirmed) and prints its id; exit 1 when no queue
 /// was bound for it.
 pub fn publish(args: &PublishArgs, out: &mut dyn Write) -> anyhow::Result<i32> {
+    if let Some((settings, link, keys)) = redis(&args.broker)? {
+        let body = read_body(&args.body)?;
+        let (message, id) =
+            envelope::ingress_message(&args.routing_key, &body, Some(&args.content_type))?;
+        let routed = redis_bus::tools::publish_one(
+            &link,
+            &keys,
+            &args.exchange,
+            &args.routing_key,
+            &message,
+            settings.stream_max_length,
+        )
+        .map_err(|e| match e {
+            crate::bus::BusError::NoSuchExchange(x) => anyhow::anyhow!(
+                "exchange {x:?} is not declared on the Redis bus (prefix {:?}; has a router with this configuration started?)",
+                settings.prefix
+            ),
+            e => anyhow::anyhow!("cannot publish to exchange {:?}: {e}", args.exchange),
+        })?;
+        return published(args, out, &id, routed);
+    }
     let settings = settings(&args.broker)?;
     let body = read_body(&args.body)?;
     let (message, id) =
@@ -182,6 +219,16 @@ pub fn publish(args: &PublishArgs, out: &mut dyn Write) -> anyhow::Result<i32> {
             Confirmation::Nack(_) => bail!("the broker refused the message"),
         }
     })?;
+    published(args, out, &id, routed)
+}
+
+/// Prints what `publish` did; exit 1 when no route took the event.
+fn published(
+    args: &PublishArgs,
+    out: &mut dyn Write,
+    id: &str,
+    routed: bool,
+) -> anyhow::Result<i32> {
     writeln!(out, "{}", serde_json::json!({"id": id, "routed": routed}))?;
     if routed {
         Ok(0)
@@ -218,6 +265,30 @@ fn message_json(published: &crate::bus::Published) -> serde_json::Value {
 /// Prints what is published on an exchange, one JSON line per message, until
 /// Ctrl-C, `--limit` or `--duration`.
 pub fn tail(args: &TailArgs, out: &mut dyn Write) -> anyhow::Result<i32> {
+    if let Some((_, link, keys)) = redis(&args.broker)? {
+        eprintln!(
+            "switchboard: watching exchange {:?} for {:?}",
+            args.exchange, args.pattern
+        );
+        let until = args.duration.map(|d| std::time::Instant::now() + d);
+        let mut left = args.limit.unwrap_or(usize::MAX);
+        let mut failed = None;
+        if left > 0 {
+            redis_bus::tools::tail(&link, &keys, &args.exchange, &args.pattern, until, |p| {
+                if let Err(e) = writeln!(out, "{}", message_json(&p)).and_then(|()| out.flush()) {
+                    failed = Some(e);
+                    return false;
+                }
+                left -= 1;
+                left > 0
+            })
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        }
+        if let Some(e) = failed {
+            return Err(e.into());
+        }
+        return Ok(0);
+    }
     let settings = settings(&args.broker)?;
     runtime()?.block_on(async {
         let connection = connect(&settings, "switchboard tail").await.map_err(anyhow::Error::msg)?;
@@ -259,6 +330,37 @@ pub fn dlq(command: &DlqCommand, out: &mut dyn Write) -> anyhow::Result<i32> {
             (broker, plugin)
         }
     };
+    if let Some((settings, link, keys)) = redis(broker)? {
+        let known = redis_bus::tools::knows_plugin(&link, &keys, plugin)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        if !known {
+            bail!(
+                "there is no dead-letter stream nor stream for plugin {plugin:?} (is it a configured plugin, and the prefix {:?}?)",
+                settings.prefix
+            );
+        }
+        match command {
+            DlqCommand::List { limit, .. } => {
+                for letter in redis_bus::tools::peek(&link, &keys, plugin, *limit)
+                    .map_err(|e| anyhow::anyhow!("{e}"))?
+                {
+                    writeln!(out, "{}", letter.to_json())?;
+                }
+            }
+            DlqCommand::Redrive { limit, .. } => {
+                let moved = redis_bus::tools::redrive(
+                    &link,
+                    &keys,
+                    plugin,
+                    limit.unwrap_or(usize::MAX),
+                    settings.stream_max_length,
+                )
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+                writeln!(out, "{}", serde_json::json!({"redriven": moved}))?;
+            }
+        }
+        return Ok(0);
+    }
     let settings = settings(broker)?;
     let names = Names::new(&settings.prefix);
     runtime()?.block_on(async {

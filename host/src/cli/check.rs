@@ -55,7 +55,12 @@ pub fn run(args: &CheckArgs, out: &mut dyn Write, err: &mut dyn Write) -> anyhow
 
     writeln!(out, "config   {}", path.display())?;
     match &config.broker.url {
-        Some(url) => writeln!(out, "broker   {url} (prefix {:?})", config.broker.prefix)?,
+        Some(url) => writeln!(
+            out,
+            "broker   {url} ({}, prefix {:?})",
+            config.broker.bus_kind().map_or("?", |kind| kind.as_str()),
+            config.broker.prefix
+        )?,
         None => writeln!(out, "broker   embedded bus")?,
     }
     match config.redis_settings() {

@@ -87,9 +87,12 @@ fn refuse_broken_plugins(appliance: &Appliance, drain_timeout: Duration) -> anyh
 /// Runs until a signal; `Ok` after a clean shutdown.
 pub fn run(config_path: &Path, drain_timeout: Duration) -> anyhow::Result<()> {
     let config = RouterConfig::load(config_path)?;
-    let transport = match &config.broker.url {
-        Some(url) => format!("RabbitMQ at {url}"),
-        None => "the embedded bus".to_string(),
+    let transport = match (config.broker.bus_kind(), &config.broker.url) {
+        (Ok(crate::config::BrokerKind::RedisStreams), Some(url)) => {
+            format!("Redis Streams at {url}")
+        }
+        (_, Some(url)) => format!("RabbitMQ at {url}"),
+        (_, None) => "the embedded bus".to_string(),
     };
     let listen = config.http.listen;
     let appliance = Appliance::start(config)?;

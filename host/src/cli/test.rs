@@ -197,8 +197,10 @@ fn write_golden(path: &Path, lines: &[Value]) -> anyhow::Result<()> {
     std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
 }
 
-/// Every difference between the golden lines and the actual ones, as sentences.
-fn compare(expected: &[Value], actual: &[Value]) -> Vec<String> {
+/// Every difference between the golden lines and the actual ones, as
+/// sentences: each golden line must be contained in its actual line (output
+/// timestamps aside), one line per input event.
+pub fn compare(expected: &[Value], actual: &[Value]) -> Vec<String> {
     let mut mismatches = Vec::new();
     if expected.len() != actual.len() {
         mismatches.push(format!(

@@ -13,6 +13,9 @@
 //!   is the longer and the file sets no `max`).
 //! - `RABBITMQ_DLQ_TTL` (ms) sets `[broker] dlq_ttl`, how long dead letters are
 //!   kept, when the file sets none.
+//! - `REDIS_BUS_URL` replaces `[broker] url` when `[broker] kind =
+//!   "redis-streams"` (and only then; the `RABBITMQ_*` variables apply only
+//!   when `kind` is unset or `"rabbitmq"`).
 //! - `REDIS_URL` replaces `[kv] url` (used with `[kv] backend = "redis"`).
 //! - `SWITCHBOARD_HTTP_LISTEN` replaces `[http] listen`.
 //! - `SWITCHBOARD_ADMIN_TOKEN` replaces `[http] token`.
@@ -27,7 +30,17 @@ impl RouterConfig {
     /// in production, a map in tests).
     pub fn apply_env(&mut self, lookup: impl Fn(&str) -> Option<String>) {
         let var = |name: &str| lookup(name).filter(|v| !v.trim().is_empty());
-        if let Some(url) = var("RABBITMQ_URL") {
+        // The bus named by `kind` takes only its own variable: a RABBITMQ_URL
+        // left in the environment does not turn a Redis Streams router into a
+        // RabbitMQ one, nor does REDIS_BUS_URL choose Redis by itself.
+        let kind = self.broker.kind;
+        if kind == Some(super::BrokerKind::RedisStreams) {
+            if let Some(url) = var("REDIS_BUS_URL") {
+                self.broker.url = Some(Secret::new(url.trim()));
+            }
+        } else if kind == Some(super::BrokerKind::Embedded) {
+            // Chosen explicitly: the RabbitMQ variables do not apply.
+        } else if let Some(url) = var("RABBITMQ_URL") {
             self.broker.url = Some(Secret::new(url.trim()));
         } else if let Some(host) = var("RABBITMQ_HOST") {
             let port = var("RABBITMQ_PORT").unwrap_or_else(|| "5672".into());

@@ -97,15 +97,33 @@ impl Default for RouterConfig {
     }
 }
 
-/// `[broker]`: the RabbitMQ connection and what the router declares on it.
+/// `[broker]`: the broker connection (RabbitMQ or Redis Streams) and what the
+/// router declares on it.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct BrokerConfig {
-    /// `amqp://user:password@host:5672/vhost` (or `amqps://`). Overridden by the
-    /// `RABBITMQ_URL` environment variable, or built from `RABBITMQ_HOST` & co.
-    /// None = the embedded in-process bus. Keep passwords out of this file: set
-    /// them in the environment. Never printed with its credentials.
+    /// Which bus: `"embedded"`, `"rabbitmq"` or `"redis-streams"`. Unset: the
+    /// URL's scheme says (`amqp://` or `amqps://` is RabbitMQ, no URL is the
+    /// embedded bus); a `redis://` URL needs `kind = "redis-streams"`, and a
+    /// kind the URL contradicts is an error.
+    pub kind: Option<BrokerKind>,
+    /// `amqp://user:password@host:5672/vhost` (or `amqps://`) for RabbitMQ,
+    /// `redis://[:password@]host:6379[/db]` (or `rediss://`) for Redis
+    /// Streams. Overridden by the `RABBITMQ_URL` environment variable (or built
+    /// from `RABBITMQ_HOST` & co.), or with `kind = "redis-streams"` by
+    /// `REDIS_BUS_URL`. None = the embedded in-process bus. Keep passwords out
+    /// of this file: set them in the environment. Never printed with its
+    /// credentials.
     pub url: Option<Secret>,
+    /// Redis Streams: how long an entry may stay delivered to a consumer and
+    /// unacknowledged before a live replica claims it (`XAUTOCLAIM`): what a
+    /// crashed replica held comes back after this long (`"30s"`).
+    #[serde(deserialize_with = "units::duration")]
+    pub claim_idle: std::time::Duration,
+    /// Redis Streams: the length each exchange stream and plugin stream is
+    /// trimmed to (`XADD … MAXLEN ~`), acknowledged or not: keep it well above
+    /// the plugins' `queue_capacity`.
+    pub stream_max_length: u64,
     /// Prefix of everything the router declares on the broker: queues
     /// `<prefix>.<plugin>`, exchanges `<prefix>.retry` and `<prefix>.dlx`.
     pub prefix: String,
@@ -142,7 +160,10 @@ pub struct BrokerConfig {
 impl Default for BrokerConfig {
     fn default() -> Self {
         Self {
+            kind: None,
             url: None,
+            claim_idle: std::time::Duration::from_secs(30),
+            stream_max_length: 1_000_000,
             prefix: "switchboard".into(),
             queue_type: QueueType::default(),
             ca_file: None,
@@ -162,7 +183,88 @@ pub struct DlqRetention {
     pub max_length: Option<u64>,
 }
 
+/// `[broker] kind`: which bus carries the events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BrokerKind {
+    /// The in-process bus (no URL).
+    Embedded,
+    /// RabbitMQ (`amqp://`, `amqps://`).
+    #[serde(rename = "rabbitmq")]
+    RabbitMq,
+    /// Redis Streams (`redis://`, `rediss://`).
+    RedisStreams,
+}
+
+impl BrokerKind {
+    /// The name `router.toml` uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Embedded => "embedded",
+            Self::RabbitMq => "rabbitmq",
+            Self::RedisStreams => "redis-streams",
+        }
+    }
+}
+
+impl std::fmt::Display for BrokerKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 impl BrokerConfig {
+    /// The bus this table chooses: `kind` when set, else what the URL's scheme
+    /// says (RabbitMQ for `amqp://`, the embedded bus without a URL). `Err`
+    /// says why neither decides (a `redis://` URL without `kind`, another
+    /// scheme, or a kind the URL contradicts); `validate` reports the same.
+    pub fn bus_kind(&self) -> Result<BrokerKind, String> {
+        let scheme = self.url.as_ref().map(|url| {
+            let raw = url.expose();
+            if raw.starts_with("amqp://") || raw.starts_with("amqps://") {
+                Some(BrokerKind::RabbitMq)
+            } else if raw.starts_with("redis://") || raw.starts_with("rediss://") {
+                Some(BrokerKind::RedisStreams)
+            } else {
+                None
+            }
+        });
+        match (self.kind, scheme) {
+            (None | Some(BrokerKind::Embedded), None) => Ok(BrokerKind::Embedded),
+            (Some(BrokerKind::Embedded), Some(_)) => Err(format!(
+                "broker.kind: \"embedded\" takes no url, but broker.url is \"{}\"",
+                self.url.as_ref().map(Secret::redacted).unwrap_or_default()
+            )),
+            (Some(kind), None) => Err(format!(
+                "broker.kind: \"{kind}\" needs broker.url{}",
+                match kind {
+                    BrokerKind::RedisStreams => " (redis://…) or REDIS_BUS_URL",
+                    _ => " (amqp://…) or RABBITMQ_URL",
+                }
+            )),
+            (None, Some(Some(BrokerKind::RedisStreams))) => Err(
+                "broker.url: a redis:// url needs kind = \"redis-streams\" in [broker] \
+                 (REDIS_URL is the kv store's; the bus is chosen explicitly)"
+                    .into(),
+            ),
+            (kind, Some(None)) => Err(format!(
+                "broker.url: expected {}, got \"{}\"",
+                match kind {
+                    Some(BrokerKind::RedisStreams) => "a redis:// or rediss:// URL",
+                    _ => "an amqp:// or amqps:// URL",
+                },
+                self.url.as_ref().map(Secret::redacted).unwrap_or_default()
+            )),
+            (Some(kind), Some(Some(scheme))) if kind == scheme => Ok(kind),
+            (Some(kind), Some(Some(scheme))) => Err(format!(
+                "broker.kind: \"{kind}\" contradicts broker.url \"{}\", a {} URL",
+                self.url.as_ref().map(Secret::redacted).unwrap_or_default(),
+                scheme
+            )),
+            (None, Some(Some(scheme))) => Ok(scheme),
+        }
+    }
+
     pub fn dlq_retention(&self) -> DlqRetention {
         DlqRetention {
             ttl: self.dlq_ttl,

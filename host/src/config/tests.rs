@@ -973,3 +973,125 @@ fn dead_letter_retention_comes_from_the_file_or_rabbitmq_dlq_ttl() {
         "{errors}"
     );
 }
+
+// --- Broker kind (issue 21: Redis Streams) ------------------------------------------
+
+#[test]
+fn the_broker_kind_is_inferred_from_an_amqp_url_and_explicit_for_redis() {
+    let config = parse("").unwrap();
+    assert_eq!(config.broker.bus_kind(), Ok(BrokerKind::Embedded));
+    assert_eq!(config.broker.claim_idle, Duration::from_secs(30));
+    assert_eq!(config.broker.stream_max_length, 1_000_000);
+
+    let config = parse("[broker]\nurl = \"amqp://localhost\"\n").unwrap();
+    assert_eq!(config.broker.kind, None, "existing configs keep working");
+    assert_eq!(config.broker.bus_kind(), Ok(BrokerKind::RabbitMq));
+
+    let config = parse(
+        "[broker]\nkind = \"redis-streams\"\nurl = \"redis://cache:6379/1\"\n\
+         claim_idle = \"45s\"\nstream_max_length = 5000\n",
+    )
+    .unwrap();
+    assert_eq!(config.broker.bus_kind(), Ok(BrokerKind::RedisStreams));
+    assert_eq!(config.broker.claim_idle, Duration::from_secs(45));
+    assert_eq!(config.broker.stream_max_length, 5000);
+
+    let config = parse("[broker]\nkind = \"rabbitmq\"\nurl = \"amqps://h/v\"\n").unwrap();
+    assert_eq!(config.broker.bus_kind(), Ok(BrokerKind::RabbitMq));
+    let config = parse("[broker]\nkind = \"embedded\"\n").unwrap();
+    assert_eq!(config.broker.bus_kind(), Ok(BrokerKind::Embedded));
+}
+
+#[test]
+fn a_redis_url_without_kind_or_a_contradicting_kind_is_a_config_error() {
+    let errors = problems("[broker]\nurl = \"redis://:s3cret@cache:6379\"\n");
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(
+        errors[0].contains("needs kind = \"redis-streams\""),
+        "{errors:?}"
+    );
+    assert!(!errors[0].contains("s3cret"), "{errors:?}");
+
+    let errors = problems("[broker]\nkind = \"redis-streams\"\nurl = \"amqp://h\"\n");
+    assert!(
+        errors[0].starts_with("broker.kind: \"redis-streams\" contradicts broker.url"),
+        "{errors:?}"
+    );
+    let errors = problems("[broker]\nkind = \"rabbitmq\"\nurl = \"redis://h\"\n");
+    assert!(errors[0].contains("contradicts"), "{errors:?}");
+    let errors = problems("[broker]\nkind = \"embedded\"\nurl = \"amqp://h\"\n");
+    assert!(errors[0].contains("takes no url"), "{errors:?}");
+    let errors = problems("[broker]\nkind = \"redis-streams\"\n");
+    assert!(
+        errors[0].contains("needs broker.url (redis://…) or REDIS_BUS_URL"),
+        "{errors:?}"
+    );
+    let errors = problems("[broker]\nkind = \"redis-streams\"\nurl = \"http://h\"\n");
+    assert!(
+        errors[0].contains("expected a redis:// or rediss:// URL"),
+        "{errors:?}"
+    );
+    let (_, _, message) = parse_error("[broker]\nkind = \"kafka\"\n");
+    assert!(message.contains("redis-streams"), "{message}");
+}
+
+#[test]
+fn redis_bus_settings_are_checked() {
+    let errors = problems(
+        "[broker]\nkind = \"redis-streams\"\nurl = \"redis://h\"\nclaim_idle = \"10ms\"\n\
+         stream_max_length = 10\n",
+    );
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    assert!(errors[0].starts_with("broker.claim_idle: "), "{errors:?}");
+    assert!(
+        errors[1].starts_with("broker.stream_max_length: "),
+        "{errors:?}"
+    );
+}
+
+#[test]
+fn redis_bus_url_applies_only_to_the_redis_streams_kind() {
+    let vars = [
+        ("REDIS_BUS_URL", "redis://bus:6379/2"),
+        ("RABBITMQ_URL", "amqp://rabbit"),
+        ("REDIS_URL", "redis://kv:6379/0"),
+    ];
+    let mut config = parse("[broker]\nkind = \"redis-streams\"\nurl = \"redis://file\"\n").unwrap();
+    config.apply_env(env(&vars));
+    assert_eq!(
+        config.broker.url.as_ref().unwrap().expose(),
+        "redis://bus:6379/2",
+        "REDIS_BUS_URL, not RABBITMQ_URL nor REDIS_URL"
+    );
+    assert_eq!(config.broker.bus_kind(), Ok(BrokerKind::RedisStreams));
+    assert!(config.validate().is_ok());
+
+    // Without kind, REDIS_BUS_URL chooses nothing; RABBITMQ_URL still does.
+    let mut config = parse("").unwrap();
+    config.apply_env(env(&vars));
+    assert_eq!(
+        config.broker.url.as_ref().unwrap().expose(),
+        "amqp://rabbit"
+    );
+    let mut config = parse("").unwrap();
+    config.apply_env(env(&[("REDIS_BUS_URL", "redis://bus")]));
+    assert!(config.broker.url.is_none());
+    assert_eq!(config.broker.bus_kind(), Ok(BrokerKind::Embedded));
+
+    // An explicit embedded bus ignores RABBITMQ_URL.
+    let mut config = parse("[broker]\nkind = \"embedded\"\n").unwrap();
+    config.apply_env(env(&vars));
+    assert!(config.broker.url.is_none());
+
+    // kind = "redis-streams" with its URL only in the environment.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("router.toml");
+    std::fs::write(&path, "[broker]\nkind = \"redis-streams\"\n").unwrap();
+    let mut config = RouterConfig::load_unvalidated(&path).unwrap();
+    config.apply_env(env(&vars));
+    assert_eq!(
+        config.broker.url.as_ref().unwrap().expose(),
+        "redis://bus:6379/2"
+    );
+    assert!(config.validate().is_ok());
+}

@@ -90,13 +90,42 @@ impl RouterConfig {
         let mut errors = self.env_errors.clone();
         let e = &mut errors;
 
-        if let Some(url) = &self.broker.url {
-            let raw = url.expose();
-            if !(raw.starts_with("amqp://") || raw.starts_with("amqps://")) {
+        let kind = self.broker.bus_kind();
+        if let Err(why) = &kind {
+            e.push(why.clone());
+        }
+        if let (Some(url), Ok(super::BrokerKind::RedisStreams)) = (&self.broker.url, &kind) {
+            if let Err(why) = redis::Client::open(url.expose()) {
+                let why = url.scrub(&why.to_string());
                 e.push(format!(
-                    "broker.url: expected an amqp:// or amqps:// URL, got \"{url}\""
+                    "broker.url: \"{url}\" is not a valid Redis URL: {why}"
                 ));
-            } else if let Err(why) = raw.parse::<lapin::uri::AMQPUri>()
+            }
+            if self.archive.enabled {
+                e.push(
+                    "archive.enabled: the event archive is not available on the \
+                     redis-streams bus yet"
+                        .into(),
+                );
+            }
+        }
+        if self.broker.claim_idle < std::time::Duration::from_secs(1)
+            || self.broker.claim_idle > std::time::Duration::from_secs(24 * 3600)
+        {
+            e.push(format!(
+                "broker.claim_idle: must be between 1s and 24h, got {}",
+                super::duration_text(self.broker.claim_idle)
+            ));
+        }
+        if self.broker.stream_max_length < 1000 {
+            e.push(format!(
+                "broker.stream_max_length: must be at least 1000, got {}",
+                self.broker.stream_max_length
+            ));
+        }
+        if let (Some(url), Ok(super::BrokerKind::RabbitMq)) = (&self.broker.url, &kind) {
+            let raw = url.expose();
+            if let Err(why) = raw.parse::<lapin::uri::AMQPUri>()
                 // A malformed RABBITMQ_* variable is already reported by name.
                 && !self.env_errors.iter().any(|e| e.starts_with("RABBITMQ_"))
             {
