@@ -8,7 +8,7 @@ GUESTS  := scripted-guest noop-guest wrong-world-guest contract-0-1-0-guest tall
 SAGA    := inventory payment order-saga
 OUT     := target/$(WASM)/release
 
-.PHONY: run install test c-example reliability soak lint fmt console-screenshots plugins examples guests lang-plugins toolchains wasm-target bench bench-broker bench-kv bench-hostile bench-languages bench-appliance bench-growth bench-archive bench-delays bench-console fuzz clean image
+.PHONY: run install test c-example reliability soak lint fmt console-screenshots plugins examples guests lang-plugins toolchains wasm-target bench bench-broker bench-redis bench-kv bench-hostile bench-languages bench-appliance bench-growth bench-archive bench-delays bench-console fuzz clean image
 
 ## run: build the plugins and the appliance, then run it with router.toml
 run: plugins
@@ -117,6 +117,14 @@ bench: plugins guests
 bench-broker: plugins guests
 	$(CARGO) build --release -p switchboard -p switchboard-bench
 	./target/release/switchboard-bench broker $(ARGS)
+
+## bench-redis: Switchboard (the notification plugin) on Redis Streams against a
+## hand-written redis-rs consumer (XREADGROUP, one MULTI of XADDs and XACK per
+## batch), on the shared Redis at 127.0.0.1:6379 (each run under a key prefix of
+## its own, removed after; ARGS="--events 5000 --rounds 1" for a quick run)
+bench-redis: plugins
+	$(CARGO) build --release -p switchboard -p switchboard-bench
+	./target/release/switchboard-bench redis $(ARGS)
 
 ## bench-kv: one kv call on the embedded store vs Redis (needs Redis at 127.0.0.1:6379)
 bench-kv: plugins guests

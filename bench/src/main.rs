@@ -1,6 +1,7 @@
 //! Switchboard benchmarks. `cargo run --release -p switchboard-bench -- runtime`
 //! (or `make bench`) prints a Markdown table for BENCHMARKS.md; `-- broker`
-//! (`make bench-broker`) compares consumers against the real RabbitMQ;
+//! (`make bench-broker`) compares consumers against the real RabbitMQ; `-- redis`
+//! (`make bench-redis`) against a hand-written consumer on Redis Streams;
 //! `-- appliance`, `-- growth` and `-- delays` run the `switchboard` binary as a
 //! user does.
 //!
@@ -32,6 +33,7 @@ mod ingress;
 mod kv;
 mod languages;
 mod process;
+mod redis;
 
 const ROUNDS: usize = 7;
 
@@ -339,6 +341,9 @@ enum Bench {
     /// Consume, publish one output with a confirm, ack: raw lapin, Node.js
     /// amqplib and Switchboard against the same RabbitMQ.
     Broker(broker::BrokerArgs),
+    /// Consume (XREADGROUP), publish one output (XADD), ack (XACK): a
+    /// hand-written redis-rs consumer and Switchboard on the same Redis.
+    Redis(redis::RedisArgs),
     /// One kv call's cost, embedded store vs Redis, side by side.
     Kv(kv::KvArgs),
     /// A healthy plugin's throughput alone and beside each hostile plugin.
@@ -362,6 +367,9 @@ enum Bench {
     /// The pipelined hand-written lapin consumer of `broker`, run as its child.
     #[command(hide = true)]
     PipelinedConsumer(broker::RawArgs),
+    /// The hand-written Redis Streams consumer of `redis`, run as its child.
+    #[command(hide = true)]
+    RedisConsumer(redis::ConsumerArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -381,6 +389,8 @@ fn main() -> anyhow::Result<()> {
         Some(Bench::Broker(args)) => broker::run(args),
         Some(Bench::RawPassthrough(args)) => broker::raw_passthrough(args),
         Some(Bench::PipelinedConsumer(args)) => broker::pipelined_consumer(args),
+        Some(Bench::Redis(args)) => redis::run(args),
+        Some(Bench::RedisConsumer(args)) => redis::consumer(args),
         Some(Bench::Kv(args)) => kv::run(&args),
         Some(Bench::Hostile(args)) => hostile::run_all(&args),
         Some(Bench::Languages(args)) => languages::run(&args),

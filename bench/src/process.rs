@@ -61,6 +61,7 @@ pub(crate) fn spawn(
         "RABBITMQ_PASSWORD",
         "RABBITMQ_VHOST",
         "REDIS_URL",
+        "REDIS_BUS_URL",
         "SWITCHBOARD_HTTP_LISTEN",
         "SWITCHBOARD_ADMIN_TOKEN",
     ] {
