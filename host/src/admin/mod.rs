@@ -318,11 +318,12 @@ struct RedriveQuery {
     limit: Option<usize>,
 }
 
-/// The body of a redrive of chosen letters.
-#[derive(Debug, Deserialize)]
+/// The body of a redrive: `{"ids": [...]}` picks letters; no body, or one
+/// without `ids` (say `{}`), redrives by `limit`.
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RedriveIds {
-    ids: std::collections::BTreeSet<String>,
+struct RedriveBody {
+    ids: Option<std::collections::BTreeSet<String>>,
 }
 
 /// `POST /api/dlq/{plugin}/redrive`: the oldest `limit` letters (all without
@@ -335,31 +336,39 @@ async fn redrive(
     body: Bytes,
 ) -> Response {
     let transport = appliance.transport().clone();
-    if body.iter().all(u8::is_ascii_whitespace) {
-        let limit = query.limit.unwrap_or(usize::MAX);
-        return match tokio::task::spawn_blocking(move || transport.redrive(&plugin, limit)).await {
-            Ok(Ok(moved)) => Json(json!({"redriven": moved})).into_response(),
-            Ok(Err(e)) => redrive_refused(e),
-            Err(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "the redrive task failed"),
-        };
-    }
-    let ids = match serde_json::from_slice::<RedriveIds>(&body) {
-        Ok(_) if query.limit.is_some() => {
+    let body = if body.iter().all(u8::is_ascii_whitespace) {
+        RedriveBody::default()
+    } else {
+        match serde_json::from_slice::<RedriveBody>(&body) {
+            Ok(body) => body,
+            Err(e) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!("the body must be {{\"ids\": [\"<event id>\", …]}} or none: {e}"),
+                );
+            }
+        }
+    };
+    let ids = match body.ids {
+        None => {
+            let limit = query.limit.unwrap_or(usize::MAX);
+            let moved = tokio::task::spawn_blocking(move || transport.redrive(&plugin, limit));
+            return match moved.await {
+                Ok(Ok(moved)) => Json(json!({"redriven": moved})).into_response(),
+                Ok(Err(e)) => redrive_refused(e),
+                Err(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "the redrive task failed"),
+            };
+        }
+        Some(_) if query.limit.is_some() => {
             return error(
                 StatusCode::BAD_REQUEST,
                 "give either ?limit or a body of ids, not both",
             );
         }
-        Ok(chosen) if chosen.ids.is_empty() => {
+        Some(ids) if ids.is_empty() => {
             return error(StatusCode::BAD_REQUEST, "\"ids\" names no letter");
         }
-        Ok(chosen) => chosen.ids,
-        Err(e) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                format!("the body must be {{\"ids\": [\"<event id>\", …]}}: {e}"),
-            );
-        }
+        Some(ids) => ids,
     };
     let done = tokio::task::spawn_blocking(move || {
         let moved = transport.redrive_ids(&plugin, &ids)?;
