@@ -39,6 +39,7 @@ pub mod dispatch;
 pub mod envelope;
 pub mod kv;
 pub mod metrics;
+mod redis_pool;
 pub mod replay;
 pub mod route;
 pub mod runtime;

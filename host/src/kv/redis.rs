@@ -16,10 +16,11 @@
 
 use std::time::Duration;
 
-use redis::{ConnectionLike, ErrorKind, RedisError, Value};
+use redis::{ConnectionLike, RedisError, Value};
 
 use super::{KvError, KvStore};
 use crate::config::Secret;
+use crate::redis_pool;
 
 /// Longest expiry passed to Redis (a hundred years): far beyond any useful ttl,
 /// and far from overflowing Redis's clock arithmetic.
@@ -58,7 +59,7 @@ pub struct RedisSettings {
 
 /// A [`KvStore`] on a Redis server shared by every replica.
 pub struct RedisStore {
-    pool: r2d2::Pool<Connector>,
+    pool: r2d2::Pool<redis_pool::Connector>,
     prefix: String,
     url: Secret,
     compare_and_set: redis::Script,
@@ -73,93 +74,13 @@ impl std::fmt::Debug for RedisStore {
     }
 }
 
-/// One pooled connection, and whether it may be reused.
-pub struct Conn {
-    inner: redis::Connection,
-    /// Set when a command failed other than by Redis answering with an error:
-    /// the connection's state is unknown, so the pool drops it.
-    broken: bool,
-}
-
-/// Opens connections for the pool, each with its timeouts set.
-struct Connector {
-    client: redis::Client,
-    timeout: Duration,
-}
-
-impl r2d2::ManageConnection for Connector {
-    type Connection = Conn;
-    type Error = RedisError;
-
-    fn connect(&self) -> Result<Conn, RedisError> {
-        let inner = self.client.get_connection_with_timeout(self.timeout)?;
-        inner.set_read_timeout(Some(self.timeout))?;
-        inner.set_write_timeout(Some(self.timeout))?;
-        Ok(Conn {
-            inner,
-            broken: false,
-        })
-    }
-
-    fn is_valid(&self, conn: &mut Conn) -> Result<(), RedisError> {
-        redis::cmd("PING")
-            .query::<String>(&mut conn.inner)
-            .map(drop)
-    }
-
-    fn has_broken(&self, conn: &mut Conn) -> bool {
-        conn.broken || !conn.inner.is_open()
-    }
-}
-
-/// Connection errors go to the log at debug level: the failed event already
-/// reports the outage (as `kv_unavailable`), once per event rather than once
-/// per connection attempt.
-#[derive(Debug)]
-struct LogErrors {
-    url: Secret,
-}
-
-impl r2d2::HandleError<RedisError> for LogErrors {
-    fn handle_error(&self, error: RedisError) {
-        tracing::debug!(
-            redis = %self.url.redacted(),
-            error = %self.url.scrub(&error.to_string()),
-            "redis connection failed"
-        );
-    }
-}
-
-/// Redis answered, with an error: the connection is fine.
-fn is_reply(error: &RedisError) -> bool {
-    matches!(error.kind(), ErrorKind::Server(_) | ErrorKind::Extension)
-}
-
 impl RedisStore {
     /// A store for `settings`. Connects lazily: a Redis that is down now only
     /// fails the calls made while it is (see [`RedisStore::ping`]).
     pub fn new(settings: &RedisSettings) -> Result<Self, KvError> {
-        let client = redis::Client::open(settings.url.expose()).map_err(|e| {
-            KvError::Unavailable(format!(
-                "kv.url \"{}\" is not a Redis URL: {}",
-                settings.url.redacted(),
-                settings.url.scrub(&e.to_string())
-            ))
-        })?;
-        let pool = r2d2::Pool::builder()
-            .max_size(settings.pool_size)
-            .min_idle(Some(0))
-            .connection_timeout(settings.timeout)
-            // A ping per call would double the round trips; a connection that
-            // fails a command is dropped instead (`Conn::broken`).
-            .test_on_check_out(false)
-            .error_handler(Box::new(LogErrors {
-                url: settings.url.clone(),
-            }))
-            .build_unchecked(Connector {
-                client,
-                timeout: settings.timeout,
-            });
+        let (pool, _) =
+            redis_pool::open(&settings.url, settings.pool_size, settings.timeout, "redis")
+                .map_err(|why| KvError::Unavailable(format!("kv.url {why}")))?;
         Ok(Self {
             pool,
             prefix: settings.prefix.clone(),
@@ -241,15 +162,13 @@ impl RedisStore {
                 self.url.scrub(&e.to_string())
             ))
         })?;
-        match command(&mut conn.inner) {
+        match conn.run(|c| command(c)) {
             Ok(value) => Ok(value),
             Err(error) => {
-                if is_reply(&error) {
-                    if let Some(mapped) = reply_error(&error) {
-                        return Err(mapped);
-                    }
-                } else {
-                    conn.broken = true;
+                if redis_pool::is_reply(&error)
+                    && let Some(mapped) = reply_error(&error)
+                {
+                    return Err(mapped);
                 }
                 Err(KvError::Unavailable(format!(
                     "redis {} {what}: {}",

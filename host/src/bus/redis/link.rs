@@ -10,117 +10,28 @@
 
 use std::time::Duration;
 
-use redis::{ConnectionLike, ErrorKind, RedisError, Value};
+use redis::{RedisError, Value};
 
 use super::entry::Entry;
 use crate::bus::BusError;
 use crate::config::Secret;
-
-/// One pooled connection, and whether it may be reused.
-pub struct Conn {
-    pub inner: redis::Connection,
-    broken: bool,
-}
-
-impl Conn {
-    /// Runs `f` on the connection; marks it broken when the failure was not
-    /// Redis answering.
-    pub fn run<T>(
-        &mut self,
-        f: impl FnOnce(&mut redis::Connection) -> redis::RedisResult<T>,
-    ) -> redis::RedisResult<T> {
-        let result = f(&mut self.inner);
-        if let Err(e) = &result
-            && !is_reply(e)
-        {
-            self.broken = true;
-        }
-        result
-    }
-}
-
-/// Opens connections for the pool, each with its timeouts set.
-pub struct Connector {
-    client: redis::Client,
-    timeout: Duration,
-}
-
-impl Connector {
-    pub fn connect(&self, read_timeout: Duration) -> Result<redis::Connection, RedisError> {
-        let inner = self.client.get_connection_with_timeout(self.timeout)?;
-        inner.set_read_timeout(Some(read_timeout))?;
-        inner.set_write_timeout(Some(self.timeout))?;
-        Ok(inner)
-    }
-}
-
-impl r2d2::ManageConnection for Connector {
-    type Connection = Conn;
-    type Error = RedisError;
-
-    fn connect(&self) -> Result<Conn, RedisError> {
-        Ok(Conn {
-            inner: Connector::connect(self, self.timeout)?,
-            broken: false,
-        })
-    }
-
-    fn is_valid(&self, conn: &mut Conn) -> Result<(), RedisError> {
-        redis::cmd("PING")
-            .query::<String>(&mut conn.inner)
-            .map(drop)
-    }
-
-    fn has_broken(&self, conn: &mut Conn) -> bool {
-        conn.broken || !conn.inner.is_open()
-    }
-}
-
-#[derive(Debug)]
-struct LogErrors {
-    url: Secret,
-}
-
-impl r2d2::HandleError<RedisError> for LogErrors {
-    fn handle_error(&self, error: RedisError) {
-        tracing::debug!(
-            redis = %self.url.redacted(),
-            error = %self.url.scrub(&error.to_string()),
-            "redis bus connection failed"
-        );
-    }
-}
+use crate::redis_pool;
 
 /// The pool and how to open a dedicated connection.
 pub struct Link {
-    pool: r2d2::Pool<Connector>,
-    dedicated: Connector,
+    pool: r2d2::Pool<redis_pool::Connector>,
+    dedicated: redis_pool::Connector,
     pub url: Secret,
     pub timeout: Duration,
 }
 
 impl Link {
     pub fn new(url: &Secret, timeout: Duration, size: u32) -> Result<Self, String> {
-        let client = redis::Client::open(url.expose()).map_err(|e| {
-            format!(
-                "broker.url \"{}\" is not a Redis URL: {}",
-                url.redacted(),
-                url.scrub(&e.to_string())
-            )
-        })?;
-        let pool = r2d2::Pool::builder()
-            .max_size(size)
-            .min_idle(Some(0))
-            .connection_timeout(timeout)
-            .test_on_check_out(false)
-            .error_handler(Box::new(LogErrors { url: url.clone() }))
-            .build_unchecked(Connector {
-                client: client.clone(),
-                timeout,
-            });
+        let (pool, dedicated) = redis_pool::open(url, size, timeout, "redis bus")
+            .map_err(|why| format!("broker.url {why}"))?;
         Ok(Self {
             pool,
-            dedicated: Connector { client, timeout },
+            dedicated,
             url: url.clone(),
             timeout,
         })
@@ -160,10 +71,7 @@ impl Link {
     }
 }
 
-/// Redis answered, with an error: the connection is fine.
-pub fn is_reply(error: &RedisError) -> bool {
-    matches!(error.kind(), ErrorKind::Server(_) | ErrorKind::Extension)
-}
+pub use crate::redis_pool::is_reply;
 
 /// Whether `error` is Redis saying the group already exists.
 pub fn is_busy_group(error: &RedisError) -> bool {
