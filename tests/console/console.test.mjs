@@ -74,7 +74,7 @@ const scenarios = {
     await page.goto(`${url}/ui/?poll=500#/dlq/worker`);
     await until('2 dead letters', async () => (await text(page, 'dlq-count')) === '2');
     const handled = await number(page, 'handled-count');
-    assert((await page.getByTestId('dlq-row').count()) === 2, 'two rows');
+    await until('two rows', async () => (await page.getByTestId('dlq-row').count()) === 2);
     await page.getByTestId('dlq-open').first().click();
     const body = page.getByTestId('dlq-body').first();
     assert(await body.isVisible(), 'the body opens');
@@ -93,7 +93,10 @@ const scenarios = {
     await page.goto(`${url}/ui/?poll=500#/dlq/worker`);
     await until('3 dead letters', async () => (await text(page, 'dlq-count')) === '3');
     const handled = await number(page, 'handled-count');
-    const ids = await page.getByTestId('dlq-row').evaluateAll((rows) => rows.map((r) => r.dataset.id));
+    const ids = await until('3 rows', async () => {
+      const shown = await page.getByTestId('dlq-row').evaluateAll((rows) => rows.map((r) => r.dataset.id));
+      return shown.length === 3 && shown;
+    });
     assert(JSON.stringify(ids) === JSON.stringify(['sel-0', 'sel-1', 'sel-2']), `rows by event id, oldest first: ${ids}`);
     assert(await page.getByTestId('redrive-selected').isDisabled(), 'nothing selected yet');
     await page.locator('[data-testid=dlq-pick][data-id="sel-0"]').check();

@@ -344,9 +344,17 @@ async function dlqView(name) {
     count.textContent = p ? fmtNum(dlqSize(p)) : '–';
     handled.textContent = p ? fmtNum(p.dispatch?.handled) : '–';
   };
+  // The rows follow the count: a poll that sees another DLQ size reloads
+  // the page of letters (one load at a time).
+  let loadedAt = null;
+  let loading = false;
   const load = async () => {
-    if (!name) return;
-    const r = await json(`/api/dlq/${enc(name)}?offset=${offset}&limit=${PAGE}`);
+    if (!name || loading) return;
+    loading = true;
+    const p = plugins.find((x) => x.name === name);
+    loadedAt = p ? dlqSize(p) : null;
+    let r;
+    try { r = await json(`/api/dlq/${enc(name)}?offset=${offset}&limit=${PAGE}`); } finally { loading = false; }
     if (!r.ok) return table.replaceChildren(h('tr', {}, h('td.error', { colspan: COLS }, r.body.error)));
     const items = r.body.items || [];
     const present = new Set(items.map((d) => d.id));
@@ -394,7 +402,11 @@ async function dlqView(name) {
       ['', 'Event id', 'Routing key', 'Kind', 'Reason', 'Attempts', 'Plugin version', 'First failure', 'Dead-lettered at'].map((c) => h('th', { scope: 'col' }, c)))), table)), pager);
   counts();
   await load();
-  return () => counts();
+  return () => {
+    counts();
+    const p = plugins.find((x) => x.name === name);
+    if (p && dlqSize(p) !== loadedAt) load();
+  };
 }
 
 function pluginView(name) {
